@@ -1,0 +1,6 @@
+//! The client subcommands of `tributary`.
+
+pub mod device;
+pub mod listen;
+pub mod send;
+pub mod sql;

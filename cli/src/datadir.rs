@@ -1,0 +1,139 @@
+//! The data directory: where the server keeps everything, and where clients
+//! on the same machine find the server's addresses, CA and admin token.
+//!
+//! ```text
+//! <data-dir>/
+//!   admin.token      the admin bearer token for the HTTP API (mode 0600)
+//!   server.json      the addresses the running server listens on
+//!   tls/             development CA and server certificate
+//!   registry.db      the device registry (SQLite)
+//!   commands.db      the command queue (SQLite)
+//!   catalog.json     declared streams and rules
+//!   log/             the event stream
+//!   storage/         Parquet files: <stream>/date=YYYY-MM-DD/hour=HH/*.parquet
+//! ```
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use ring::rand::SecureRandom;
+use serde::{Deserialize, Serialize};
+
+/// The default data directory, relative to where the command runs.
+pub const DEFAULT_DATA_DIR: &str = "tributary-data";
+
+/// Paths inside a data directory.
+#[derive(Debug, Clone)]
+pub struct DataDir {
+    pub root: PathBuf,
+}
+
+/// What a running server writes to `server.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ServerInfo {
+    pub quic: SocketAddr,
+    pub http: SocketAddr,
+    pub pid: u32,
+}
+
+impl DataDir {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        DataDir { root: root.into() }
+    }
+
+    pub fn admin_token(&self) -> PathBuf {
+        self.root.join("admin.token")
+    }
+    pub fn server_info(&self) -> PathBuf {
+        self.root.join("server.json")
+    }
+    pub fn tls(&self) -> PathBuf {
+        self.root.join("tls")
+    }
+    pub fn ca_cert(&self) -> PathBuf {
+        self.tls().join("ca.pem")
+    }
+    pub fn registry(&self) -> PathBuf {
+        self.root.join("registry.db")
+    }
+    pub fn commands(&self) -> PathBuf {
+        self.root.join("commands.db")
+    }
+    pub fn catalog(&self) -> PathBuf {
+        self.root.join("catalog.json")
+    }
+    pub fn log(&self) -> PathBuf {
+        self.root.join("log")
+    }
+    pub fn storage(&self) -> PathBuf {
+        self.root.join("storage")
+    }
+
+    /// Reads the admin token, creating one on first use.
+    pub fn ensure_admin_token(&self) -> Result<String> {
+        let path = self.admin_token();
+        if let Ok(token) = std::fs::read_to_string(&path) {
+            return Ok(token.trim().to_string());
+        }
+        std::fs::create_dir_all(&self.root)
+            .with_context(|| format!("creating the data directory {}", self.root.display()))?;
+        let mut bytes = [0u8; 32];
+        ring::rand::SystemRandom::new()
+            .fill(&mut bytes)
+            .map_err(|_| anyhow::anyhow!("the operating system gave no random bytes"))?;
+        let token = format!("trb_admin_{}", hex(&bytes));
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .with_context(|| format!("creating {}", path.display()))?;
+        writeln!(f, "{token}")
+            .and_then(|()| f.sync_all())
+            .with_context(|| format!("writing {}", path.display()))?;
+        Ok(token)
+    }
+
+    /// Reads the admin token of an existing data directory.
+    pub fn read_admin_token(&self) -> Result<String> {
+        let path = self.admin_token();
+        let token = std::fs::read_to_string(&path).with_context(|| {
+            format!(
+                "no admin token at {} (start the server with `tributary serve --data-dir {}` or pass --token)",
+                path.display(),
+                self.root.display()
+            )
+        })?;
+        Ok(token.trim().to_string())
+    }
+
+    /// Records where the running server listens.
+    pub fn write_server_info(&self, info: &ServerInfo) -> Result<()> {
+        let bytes = serde_json::to_vec_pretty(info)?;
+        tributary_engine::fsutil::write_atomic(&self.server_info(), &bytes)?;
+        Ok(())
+    }
+
+    /// Where a server using this data directory listens, if one wrote it down.
+    pub fn read_server_info(&self) -> Option<ServerInfo> {
+        let bytes = std::fs::read(self.server_info()).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+
+    /// Removes `server.json` when the server stops.
+    pub fn clear_server_info(&self) {
+        let _ = std::fs::remove_file(self.server_info());
+    }
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// True when `path` exists and looks like a data directory.
+pub fn looks_like_data_dir(path: &Path) -> bool {
+    path.join("catalog.json").exists() || path.join("admin.token").exists()
+}

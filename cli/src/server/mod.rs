@@ -1,0 +1,266 @@
+//! `tributary serve`: every part of Tributary in one process.
+
+pub mod http;
+pub mod sql;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use async_trait::async_trait;
+use tokio::sync::watch;
+use tributary_engine::catalog::Catalog;
+use tributary_engine::commands::CommandQueue;
+use tributary_engine::event::now_millis;
+use tributary_engine::log::{EmbeddedLog, LogOptions, SharedEventStream};
+use tributary_engine::rule::RuleRuntime;
+use tributary_ingest::gateway::{Gateway, GatewayConfig, GatewayDeps};
+use tributary_ingest::tls::TlsFiles;
+use tributary_registry::{SharedRegistry, SqliteRegistry};
+use tributary_sinks::parquet::{ParquetSinks, SinkOptions, Storage};
+use tributary_sql::query::{QueryEngine, StreamData, StreamSource};
+
+use crate::datadir::{DataDir, ServerInfo};
+
+/// Options of `tributary serve`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// Where everything is kept.
+    #[arg(long, env = "TRIBUTARY_DATA_DIR", default_value = crate::datadir::DEFAULT_DATA_DIR)]
+    pub data_dir: PathBuf,
+    /// UDP address of the QUIC gateway.
+    #[arg(long, default_value = "127.0.0.1:7700")]
+    pub quic_listen: SocketAddr,
+    /// TCP address of the HTTP API.
+    #[arg(long, default_value = "127.0.0.1:7701")]
+    pub http_listen: SocketAddr,
+    /// Write a Parquet file once events have waited this long (e.g. 500ms, 5s, 1m).
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub flush_interval: Duration,
+    /// Write a Parquet file once this many events are buffered.
+    #[arg(long, default_value_t = 100_000)]
+    pub flush_rows: usize,
+    /// fsync the event log before acknowledging: `always` (safe against power
+    /// loss) or `never` (safe against a crash of the process only).
+    #[arg(long, value_enum, default_value_t = Fsync::Always)]
+    pub fsync: Fsync,
+}
+
+/// When the log fsyncs.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fsync {
+    Always,
+    Never,
+}
+
+/// Parses `250ms`, `5s`, `2m`, `1h`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("'{text}' is not a duration like 500ms, 5s, 2m or 1h"))?;
+    Ok(match unit {
+        "ms" => Duration::from_millis(n),
+        "s" | "" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n * 60),
+        "h" => Duration::from_secs(n * 3600),
+        _ => return Err(format!("'{text}': the unit must be ms, s, m or h")),
+    })
+}
+
+/// Reads a stream's stored events for queries: its Parquet files plus the
+/// log's tail past what the sink has written.
+pub struct StoredStreams {
+    pub storage: Storage,
+    pub log: SharedEventStream,
+}
+
+#[async_trait]
+impl StreamSource for StoredStreams {
+    async fn stream_data(&self, stream: &str) -> tributary_sql::Result<StreamData> {
+        let snapshot = self
+            .storage
+            .snapshot(self.log.as_ref(), stream)
+            .await
+            .map_err(|e| tributary_sql::Error::Storage(e.to_string()))?;
+        Ok(StreamData {
+            files: snapshot.files,
+            tail: snapshot.tail,
+        })
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,quinn=warn,rustls=warn"));
+    use std::io::IsTerminal;
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Runs the server until Ctrl-C or SIGTERM.
+pub async fn serve(args: ServeArgs) -> Result<std::process::ExitCode> {
+    init_tracing();
+    let dir = DataDir::new(&args.data_dir);
+    std::fs::create_dir_all(&dir.root)
+        .with_context(|| format!("creating the data directory {}", dir.root.display()))?;
+    let admin_token = dir.ensure_admin_token()?;
+    let tls = TlsFiles::in_dir(&dir.tls());
+    if tls.ensure()? {
+        tracing::info!(ca = %tls.ca_cert.display(), "created a development CA and server certificate");
+    }
+
+    let log: SharedEventStream = Arc::new(EmbeddedLog::open(
+        dir.log(),
+        LogOptions {
+            fsync: args.fsync == Fsync::Always,
+            ..LogOptions::default()
+        },
+    )?);
+    let catalog = Arc::new(Catalog::open(&dir.catalog())?);
+    let registry: SharedRegistry = Arc::new(SqliteRegistry::open(&dir.registry())?);
+    let commands = Arc::new(CommandQueue::open(&dir.commands())?);
+    let storage = Storage::local(dir.storage())?;
+    let sinks = Arc::new(ParquetSinks::new(
+        storage.clone(),
+        log.clone(),
+        SinkOptions {
+            flush_interval: args.flush_interval,
+            flush_rows: args.flush_rows,
+            ..SinkOptions::default()
+        },
+    ));
+    let rules = Arc::new(RuleRuntime::new(log.clone(), commands.clone()));
+    let queries = QueryEngine::new(
+        catalog.clone(),
+        Arc::new(StoredStreams {
+            storage,
+            log: log.clone(),
+        }),
+    );
+    let sql = Arc::new(sql::SqlService {
+        catalog: catalog.clone(),
+        log: log.clone(),
+        rules: rules.clone(),
+        sinks: sinks.clone(),
+        queries,
+    });
+    sql.resume().await?;
+
+    let gateway = Gateway::bind(
+        GatewayConfig::new(args.quic_listen, tls.clone()),
+        GatewayDeps {
+            registry: registry.clone(),
+            catalog: catalog.clone(),
+            log: log.clone(),
+            commands: commands.clone(),
+        },
+    )?;
+    let quic_addr = gateway.local_addr()?;
+    let listener = tokio::net::TcpListener::bind(args.http_listen)
+        .await
+        .with_context(|| format!("cannot listen on TCP {}", args.http_listen))?;
+    let http_addr = listener.local_addr()?;
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let router = http::router(http::ApiState {
+        sql: sql.clone(),
+        registry,
+        commands: commands.clone(),
+        gateway: gateway.handle(),
+        admin_token: Arc::new(admin_token),
+    });
+    let gateway_task = tokio::spawn(gateway.run(shutdown_rx.clone()));
+    let mut http_shutdown = shutdown_rx.clone();
+    let http_task = tokio::spawn(async move {
+        axum::serve(listener, router)
+            .with_graceful_shutdown(async move {
+                let _ = http_shutdown.changed().await;
+            })
+            .await
+    });
+    let expiry = tokio::spawn(expire_commands(commands.clone(), shutdown_rx.clone()));
+
+    dir.write_server_info(&ServerInfo {
+        quic: quic_addr,
+        http: http_addr,
+        pid: std::process::id(),
+    })?;
+    tracing::info!(
+        quic = %quic_addr,
+        http = %http_addr,
+        data_dir = %dir.root.display(),
+        "Tributary is ready"
+    );
+
+    wait_for_signal().await;
+    tracing::info!("shutting down: closing connections, flushing Parquet");
+    let _ = shutdown_tx.send(true);
+    let _ = gateway_task.await;
+    let _ = http_task.await;
+    let _ = expiry.await;
+    rules.shutdown().await;
+    sinks.shutdown().await;
+    dir.clear_server_info();
+    tracing::info!("stopped");
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+/// Marks commands whose time-to-live passed as expired, even for devices
+/// that never connect.
+async fn expire_commands(commands: Arc<CommandQueue>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        if let Err(e) = commands.expire(now_millis()) {
+            tracing::error!(error = %e, "expiring commands failed");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(10)) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("5s").unwrap(), Duration::from_secs(5));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("5 parsecs").is_err());
+    }
+}

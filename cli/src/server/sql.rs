@@ -1,0 +1,271 @@
+//! Runs every SQL statement the API receives: declares streams and rules,
+//! shows them, and answers queries.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use arrow::array::{ArrayRef, BooleanArray, RecordBatch, StringArray, UInt64Array};
+use arrow::datatypes::{DataType, Field, Schema};
+use tributary_engine::catalog::Catalog;
+use tributary_engine::event::{SYSTEM_COLUMNS, StreamDef, now_millis};
+use tributary_engine::log::SharedEventStream;
+use tributary_engine::rule::RuleRuntime;
+use tributary_sinks::parquet::ParquetSinks;
+use tributary_sql::query::{QueryEngine, QueryResult};
+use tributary_sql::rule::compile_rule;
+use tributary_sql::statement::{Statement, parse};
+
+/// The part of the server that executes SQL.
+pub struct SqlService {
+    pub catalog: Arc<Catalog>,
+    pub log: SharedEventStream,
+    pub rules: Arc<RuleRuntime>,
+    pub sinks: Arc<ParquetSinks>,
+    pub queries: QueryEngine,
+}
+
+impl SqlService {
+    /// Opens every declared stream and starts every rule, after a (re)start.
+    pub async fn resume(&self) -> anyhow::Result<()> {
+        for def in self.catalog.streams() {
+            self.log
+                .create_stream(&def)
+                .await
+                .with_context(|| format!("opening stream '{}'", def.name))?;
+            self.sinks.start(&def)?;
+        }
+        for rule in self.catalog.rules() {
+            let started = async {
+                let Statement::CreateRule(stmt) = parse(&rule.sql)? else {
+                    return Err(tributary_sql::Error::Internal(
+                        "stored rule is not a CREATE RULE".into(),
+                    ));
+                };
+                let compiled = compile_rule(&stmt, &self.catalog, rule.created_at).await?;
+                self.rules.start(&rule, compiled.program)?;
+                Ok(())
+            };
+            if let Err(e) = started.await {
+                tracing::error!(rule = %rule.name, error = %e, "rule could not be restarted");
+            }
+        }
+        Ok(())
+    }
+
+    /// Executes one statement.
+    pub async fn execute(&self, sql: &str) -> tributary_sql::Result<QueryResult> {
+        match parse(sql)? {
+            Statement::CreateStream { def, if_not_exists } => {
+                if let Some(existing) = self.catalog.stream(&def.name) {
+                    if if_not_exists {
+                        return Ok(message(format!("stream {} already exists", existing.name)));
+                    }
+                    return Err(tributary_engine::Error::AlreadyExists {
+                        kind: "stream",
+                        name: def.name,
+                    }
+                    .into());
+                }
+                self.log.create_stream(&def).await?;
+                self.catalog.add_stream(def.clone())?;
+                self.sinks
+                    .start(&def)
+                    .map_err(|e| tributary_sql::Error::Storage(e.to_string()))?;
+                Ok(message(format!("stream {} created", def.name)))
+            }
+            Statement::CreateRule(stmt) => {
+                if self.catalog.rule(&stmt.name).is_some() {
+                    return Err(tributary_engine::Error::AlreadyExists {
+                        kind: "rule",
+                        name: stmt.name,
+                    }
+                    .into());
+                }
+                let compiled = compile_rule(&stmt, &self.catalog, now_millis()).await?;
+                self.rules.position_at_end(&compiled.def).await?;
+                self.catalog.add_rule(compiled.def.clone())?;
+                self.rules.start(&compiled.def, compiled.program)?;
+                Ok(message(format!(
+                    "rule {} created: reads {}, writes {}",
+                    compiled.def.name, compiled.def.source, compiled.def.target
+                )))
+            }
+            Statement::DropRule { name, if_exists } => {
+                if self.catalog.rule(&name).is_none() && if_exists {
+                    return Ok(message(format!("rule {name} does not exist")));
+                }
+                self.rules.stop(&name).await;
+                self.catalog.remove_rule(&name)?;
+                Ok(message(format!("rule {name} dropped")))
+            }
+            Statement::ShowStreams => self.show_streams(),
+            Statement::ShowRules => Ok(self.show_rules()),
+            Statement::Describe { stream } => {
+                let def =
+                    self.catalog
+                        .stream(&stream)
+                        .ok_or(tributary_engine::Error::NotFound {
+                            kind: "stream",
+                            name: stream,
+                        })?;
+                Ok(describe(&def))
+            }
+            Statement::Query(statement) => self.queries.run(*statement).await,
+        }
+    }
+
+    fn show_streams(&self) -> tributary_sql::Result<QueryResult> {
+        let streams = self.catalog.streams();
+        let mut events = Vec::with_capacity(streams.len());
+        for s in &streams {
+            let mut n = 0;
+            for p in 0..s.partitions {
+                n += self.log.end_offset(&s.name, p).unwrap_or(0);
+            }
+            events.push(n);
+        }
+        let columns: Vec<String> = streams
+            .iter()
+            .map(|s| {
+                s.columns
+                    .iter()
+                    .map(|c| format!("{} {}", c.name, c.ty))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            })
+            .collect();
+        table(vec![
+            text("name", streams.iter().map(|s| s.name.clone())),
+            text("columns", columns),
+            (
+                Field::new("partitions", DataType::UInt64, false),
+                Arc::new(UInt64Array::from_iter_values(
+                    streams.iter().map(|s| u64::from(s.partitions)),
+                )),
+            ),
+            (
+                Field::new("events", DataType::UInt64, false),
+                Arc::new(UInt64Array::from(events)),
+            ),
+        ])
+    }
+
+    fn show_rules(&self) -> QueryResult {
+        let rules = self.catalog.rules();
+        let stats: Vec<_> = rules.iter().map(|r| self.rules.stats(&r.name)).collect();
+        let count = |f: fn(&tributary_engine::rule::RuleStatsSnapshot) -> u64| -> ArrayRef {
+            Arc::new(UInt64Array::from(
+                stats
+                    .iter()
+                    .map(|s| s.as_ref().map(f).unwrap_or(0))
+                    .collect::<Vec<_>>(),
+            ))
+        };
+        let columns = vec![
+            text("name", rules.iter().map(|r| r.name.clone())),
+            text("source", rules.iter().map(|r| r.source.clone())),
+            text("target", rules.iter().map(|r| r.target.to_string())),
+            text(
+                "status",
+                stats
+                    .iter()
+                    .map(|s| if s.is_some() { "running" } else { "stopped" }.to_string()),
+            ),
+            (
+                Field::new("events_in", DataType::UInt64, false),
+                count(|s| s.events_in),
+            ),
+            (
+                Field::new("rows_out", DataType::UInt64, false),
+                count(|s| s.rows_out),
+            ),
+            (
+                Field::new("commands_queued", DataType::UInt64, false),
+                count(|s| s.commands_queued),
+            ),
+            (
+                Field::new("errors", DataType::UInt64, false),
+                count(|s| s.errors),
+            ),
+            (
+                Field::new("last_error", DataType::Utf8, true),
+                Arc::new(StringArray::from(
+                    stats
+                        .iter()
+                        .map(|s| s.as_ref().and_then(|s| s.last_error.clone()))
+                        .collect::<Vec<_>>(),
+                )),
+            ),
+            text("sql", rules.iter().map(|r| r.sql.clone())),
+        ];
+        // Every column is built from the same rules, so this cannot fail.
+        table(columns).unwrap_or_else(|_| message("no rules".into()))
+    }
+}
+
+fn text(name: &str, values: impl IntoIterator<Item = String>) -> (Field, ArrayRef) {
+    (
+        Field::new(name, DataType::Utf8, false),
+        Arc::new(StringArray::from_iter_values(values)),
+    )
+}
+
+fn table(columns: Vec<(Field, ArrayRef)>) -> tributary_sql::Result<QueryResult> {
+    let (fields, arrays): (Vec<_>, Vec<_>) = columns.into_iter().unzip();
+    let schema = Arc::new(Schema::new(fields));
+    let batch = RecordBatch::try_new(schema.clone(), arrays)
+        .map_err(|e| tributary_sql::Error::Internal(e.to_string()))?;
+    Ok(QueryResult {
+        schema,
+        batches: vec![batch],
+    })
+}
+
+/// A statement's one-line outcome, as a one-row `result` table.
+pub fn message(text_value: String) -> QueryResult {
+    let schema = Arc::new(Schema::new(vec![Field::new(
+        "result",
+        DataType::Utf8,
+        false,
+    )]));
+    let batch = RecordBatch::try_new(
+        schema.clone(),
+        vec![Arc::new(StringArray::from(vec![text_value]))],
+    );
+    QueryResult {
+        schema,
+        batches: batch.into_iter().collect(),
+    }
+}
+
+fn describe(def: &StreamDef) -> QueryResult {
+    let schema = def.schema();
+    let names: Vec<String> = schema.fields().iter().map(|f| f.name().clone()).collect();
+    let types: Vec<String> = schema
+        .fields()
+        .iter()
+        .map(|f| match def.column(f.name()) {
+            Some(c) => c.ty.sql_name().to_string(),
+            None if f.name() == "device_id" => "VARCHAR".to_string(),
+            None => "TIMESTAMP".to_string(),
+        })
+        .collect();
+    let system: Vec<bool> = names
+        .iter()
+        .map(|n| SYSTEM_COLUMNS.contains(&n.as_str()))
+        .collect();
+    let nullable: Vec<bool> = schema.fields().iter().map(|f| f.is_nullable()).collect();
+    table(vec![
+        text("column", names),
+        text("type", types),
+        (
+            Field::new("nullable", DataType::Boolean, false),
+            Arc::new(BooleanArray::from(nullable)),
+        ),
+        (
+            Field::new("system", DataType::Boolean, false),
+            Arc::new(BooleanArray::from(system)),
+        ),
+    ])
+    .unwrap_or_else(|e| message(e.to_string()))
+}

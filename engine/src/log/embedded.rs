@@ -1,0 +1,1023 @@
+//! The embedded log: the default [`EventStream`], in the data directory.
+//!
+//! Layout: `<dir>/<stream>/meta.json`, `<dir>/<stream>/offsets.json` (consumer
+//! offsets) and `<dir>/<stream>/p<N>/<base offset>.seg` (see [`super::segment`]).
+//!
+//! Each stream has one writer thread. Appends queue up for it; it takes every
+//! append waiting, writes them, fsyncs each touched partition once, and only
+//! then answers them all (group commit). Readers share an index of record
+//! positions and a cache of the newest batches, so consumers following the
+//! tail never touch the disk.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::fs::{self, File, OpenOptions};
+use std::io::{Cursor, Write};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, RwLock};
+
+use arrow::datatypes::SchemaRef;
+use arrow::ipc::reader::StreamReader;
+use arrow::ipc::writer::StreamWriter;
+use arrow::record_batch::RecordBatch;
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{oneshot, watch};
+
+use super::segment::{self, Entry};
+use super::{AppendFuture, AppendReceipt, EventStream, Record, partition_for};
+use crate::event::StreamDef;
+use crate::fsutil::{sync_dir, write_atomic};
+use crate::{Error, Result};
+
+/// How the embedded log behaves.
+#[derive(Debug, Clone)]
+pub struct LogOptions {
+    /// fsync every group of appends before acknowledging them. Turning it off
+    /// keeps acknowledged events safe from a crash of the process but not from
+    /// a crash of the machine.
+    pub fsync: bool,
+    /// A partition starts a new segment once its current one reaches this size.
+    pub segment_bytes: u64,
+    /// Memory for the newest batches of each partition, served to readers
+    /// without touching the disk.
+    pub cache_bytes_per_partition: usize,
+    /// Open without a writer: for reading a data directory another process may own.
+    pub read_only: bool,
+}
+
+impl Default for LogOptions {
+    fn default() -> Self {
+        LogOptions {
+            fsync: true,
+            segment_bytes: 128 << 20,
+            cache_bytes_per_partition: 16 << 20,
+            read_only: false,
+        }
+    }
+}
+
+/// The embedded, durable, partitioned log.
+pub struct EmbeddedLog {
+    dir: PathBuf,
+    options: LogOptions,
+    streams: RwLock<HashMap<String, Arc<StreamLog>>>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct StreamMeta {
+    def: StreamDef,
+}
+
+type ConsumerOffsets = BTreeMap<String, BTreeMap<u32, u64>>;
+
+struct StreamLog {
+    schema: SchemaRef,
+    partitions: Vec<Mutex<PartitionIndex>>,
+    writer: Option<mpsc::Sender<WriteRequest>>,
+    appended: watch::Sender<u64>,
+    offsets: Mutex<ConsumerOffsets>,
+    offsets_path: PathBuf,
+}
+
+struct SegmentIndex {
+    base: u64,
+    path: PathBuf,
+    file: Arc<File>,
+    entries: Vec<Entry>,
+}
+
+struct PartitionIndex {
+    segments: Vec<SegmentIndex>,
+    end: u64,
+    cache: VecDeque<Record>,
+    cache_bytes: usize,
+}
+
+struct WriteRequest {
+    partition: u32,
+    count: u32,
+    body: Vec<u8>,
+    batch: RecordBatch,
+    reply: oneshot::Sender<Result<AppendReceipt>>,
+}
+
+impl EmbeddedLog {
+    /// Opens (or creates) the log in `dir`, recovering every stream found there.
+    pub fn open(dir: impl Into<PathBuf>, options: LogOptions) -> Result<Self> {
+        let dir = dir.into();
+        if !options.read_only {
+            fs::create_dir_all(&dir)
+                .map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
+        }
+        let log = EmbeddedLog {
+            dir,
+            options,
+            streams: RwLock::new(HashMap::new()),
+        };
+        let entries = match fs::read_dir(&log.dir) {
+            Ok(entries) => entries.collect::<std::io::Result<Vec<_>>>(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && log.options.read_only => {
+                Ok(vec![])
+            }
+            Err(e) => Err(e),
+        }
+        .map_err(|e| Error::io(format!("list {}", log.dir.display()), e))?;
+        for entry in entries {
+            let meta_path = entry.path().join("meta.json");
+            if !meta_path.exists() {
+                continue;
+            }
+            let bytes = fs::read(&meta_path)
+                .map_err(|e| Error::io(format!("read {}", meta_path.display()), e))?;
+            let meta: StreamMeta = serde_json::from_slice(&bytes).map_err(|e| Error::Corrupt {
+                path: meta_path.clone(),
+                reason: e.to_string(),
+            })?;
+            let stream = log.open_stream(&meta.def)?;
+            log.write_streams().insert(meta.def.name.clone(), stream);
+        }
+        Ok(log)
+    }
+
+    fn write_streams(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Arc<StreamLog>>> {
+        self.streams.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn stream(&self, name: &str) -> Result<Arc<StreamLog>> {
+        self.streams
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
+            .ok_or_else(|| Error::NotFound {
+                kind: "stream",
+                name: name.to_string(),
+            })
+    }
+
+    /// Names of the streams the log holds.
+    pub fn stream_names(&self) -> Vec<String> {
+        let mut names: Vec<_> = self
+            .streams
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        names.sort();
+        names
+    }
+
+    fn open_stream(&self, def: &StreamDef) -> Result<Arc<StreamLog>> {
+        let stream_dir = self.dir.join(&def.name);
+        let mut partitions = Vec::with_capacity(def.partitions as usize);
+        let mut writers = Vec::with_capacity(def.partitions as usize);
+        for p in 0..def.partitions {
+            let (index, writer) = open_partition(&stream_dir.join(format!("p{p}")), &self.options)?;
+            partitions.push(Mutex::new(index));
+            writers.push(writer);
+        }
+        let offsets_path = stream_dir.join("offsets.json");
+        let offsets: ConsumerOffsets = match fs::read(&offsets_path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| Error::Corrupt {
+                path: offsets_path.clone(),
+                reason: e.to_string(),
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
+            Err(e) => return Err(Error::io(format!("read {}", offsets_path.display()), e)),
+        };
+        let (appended, _) = watch::channel(0);
+        let mut stream = StreamLog {
+            schema: def.schema(),
+            partitions,
+            writer: None,
+            appended,
+            offsets: Mutex::new(offsets),
+            offsets_path,
+        };
+        if !self.options.read_only {
+            let (tx, rx) = mpsc::channel();
+            stream.writer = Some(tx);
+            let stream = Arc::new(stream);
+            let writer = Writer {
+                stream: Arc::downgrade(&stream),
+                dir: stream_dir,
+                options: self.options.clone(),
+                partitions: writers,
+            };
+            std::thread::Builder::new()
+                .name(format!("log-{}", def.name))
+                .spawn(move || writer.run(rx))
+                .map_err(|e| Error::io("start the log writer thread", e))?;
+            return Ok(stream);
+        }
+        Ok(Arc::new(stream))
+    }
+}
+
+/// Recovers one partition: scans its segments, cuts a torn tail off the last one.
+fn open_partition(dir: &Path, options: &LogOptions) -> Result<(PartitionIndex, ActiveSegment)> {
+    if !options.read_only {
+        fs::create_dir_all(dir).map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
+    }
+    let mut bases: Vec<u64> = match fs::read_dir(dir) {
+        Ok(rd) => rd
+            .filter_map(|e| e.ok())
+            .filter_map(|e| segment::parse_segment_name(&e.file_name().to_string_lossy()))
+            .collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => vec![],
+        Err(e) => return Err(Error::io(format!("list {}", dir.display()), e)),
+    };
+    bases.sort_unstable();
+    let mut segments = Vec::with_capacity(bases.len());
+    let mut end = bases.first().copied().unwrap_or(0);
+    let last = bases.len().saturating_sub(1);
+    for (i, base) in bases.iter().copied().enumerate() {
+        let path = dir.join(segment::segment_name(base));
+        if base != end {
+            return Err(Error::Corrupt {
+                path,
+                reason: format!(
+                    "segment starts at offset {base}, but the previous one ends at {end}"
+                ),
+            });
+        }
+        let scan = segment::scan(&path, base)?;
+        if let Some(reason) = &scan.torn {
+            if i != last {
+                return Err(Error::Corrupt {
+                    path,
+                    reason: format!("{reason} in a segment that is not the last"),
+                });
+            }
+            if !options.read_only {
+                tracing::warn!(path = %path.display(), reason, kept_bytes = scan.valid_len, "cutting a torn record off the log");
+                let f = OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .map_err(|e| Error::io(format!("open {}", path.display()), e))?;
+                let keep = scan.valid_len.max(segment::MAGIC.len() as u64);
+                if scan.valid_len < segment::MAGIC.len() as u64 {
+                    f.set_len(0)
+                        .and_then(|()| (&f).write_all(segment::MAGIC))
+                        .map_err(|e| Error::io(format!("repair {}", path.display()), e))?;
+                }
+                f.set_len(keep)
+                    .and_then(|()| f.sync_all())
+                    .map_err(|e| Error::io(format!("truncate {}", path.display()), e))?;
+            }
+        }
+        if let Some(e) = scan.entries.last() {
+            end = e.offset + u64::from(e.count);
+        }
+        let file =
+            File::open(&path).map_err(|e| Error::io(format!("open {}", path.display()), e))?;
+        segments.push(SegmentIndex {
+            base,
+            path,
+            file: Arc::new(file),
+            entries: scan.entries,
+        });
+    }
+    let active = match segments.last() {
+        Some(seg) if !options.read_only => {
+            let file = OpenOptions::new()
+                .append(true)
+                .open(&seg.path)
+                .map_err(|e| Error::io(format!("open {}", seg.path.display()), e))?;
+            let len = file
+                .metadata()
+                .map_err(|e| Error::io(format!("stat {}", seg.path.display()), e))?
+                .len();
+            Some(ActiveSegment {
+                file: Some(file),
+                len,
+                records: seg.entries.len(),
+                end,
+            })
+        }
+        _ => None,
+    };
+    Ok((
+        PartitionIndex {
+            segments,
+            end,
+            cache: VecDeque::new(),
+            cache_bytes: 0,
+        },
+        active.unwrap_or(ActiveSegment {
+            file: None,
+            len: 0,
+            records: 0,
+            end,
+        }),
+    ))
+}
+
+/// The writer thread's view of a partition's newest segment.
+struct ActiveSegment {
+    file: Option<File>,
+    len: u64,
+    records: usize,
+    end: u64,
+}
+
+struct Writer {
+    stream: std::sync::Weak<StreamLog>,
+    dir: PathBuf,
+    options: LogOptions,
+    partitions: Vec<ActiveSegment>,
+}
+
+/// Most appends written under one fsync.
+const MAX_GROUP: usize = 4096;
+
+impl Writer {
+    fn run(mut self, rx: mpsc::Receiver<WriteRequest>) {
+        while let Ok(first) = rx.recv() {
+            let mut group = vec![first];
+            while group.len() < MAX_GROUP {
+                match rx.try_recv() {
+                    Ok(r) => group.push(r),
+                    Err(_) => break,
+                }
+            }
+            let Some(stream) = self.stream.upgrade() else {
+                return;
+            };
+            self.write_group(&stream, group);
+        }
+    }
+
+    fn write_group(&mut self, stream: &StreamLog, group: Vec<WriteRequest>) {
+        let mut by_partition: BTreeMap<u32, Vec<WriteRequest>> = BTreeMap::new();
+        for req in group {
+            by_partition.entry(req.partition).or_default().push(req);
+        }
+        let mut done = Vec::new();
+        // Write every partition first, then make them durable, so one fsync
+        // per partition covers the whole group.
+        let mut written = Vec::new();
+        for (p, reqs) in by_partition {
+            match self.write_partition(stream, p, &reqs) {
+                Ok(entries) => written.push((p, reqs, entries)),
+                Err(e) => fail_all(reqs, &e),
+            }
+        }
+        for (p, reqs, entries) in written {
+            let active = &mut self.partitions[p as usize];
+            let synced = match (&active.file, self.options.fsync) {
+                (Some(f), true) => f
+                    .sync_data()
+                    .map_err(|e| Error::io(format!("fsync {}/p{p}", self.dir.display()), e)),
+                _ => Ok(()),
+            };
+            if let Err(e) = synced {
+                // The bytes may or may not be on disk; cut them off so the
+                // log never holds records nobody was told about.
+                let first = entries.first().map(|e| e.pos);
+                if let (Some(f), Some(pos)) = (&active.file, first) {
+                    let _ = f.set_len(pos);
+                    active.len = pos;
+                    active.records -= entries.len();
+                    active.end = entries[0].offset;
+                }
+                fail_all(reqs, &e);
+                continue;
+            }
+            done.push((p, reqs, entries));
+        }
+        let mut notify = false;
+        for (p, reqs, entries) in done {
+            let mut index = lock(&stream.partitions[p as usize]);
+            for (req, entry) in reqs.into_iter().zip(entries) {
+                if let Some(seg) = index.segments.last_mut() {
+                    seg.entries.push(entry);
+                }
+                index.end = entry.offset + u64::from(entry.count);
+                index.push_cache(
+                    Record {
+                        partition: p,
+                        offset: entry.offset,
+                        batch: req.batch,
+                    },
+                    self.options.cache_bytes_per_partition,
+                );
+                let _ = req.reply.send(Ok(AppendReceipt {
+                    partition: p,
+                    offset: entry.offset,
+                    count: entry.count,
+                }));
+                notify = true;
+            }
+        }
+        if notify {
+            stream.appended.send_modify(|n| *n += 1);
+        }
+    }
+
+    /// Writes the requests of one partition; on failure leaves the file as it was.
+    fn write_partition(
+        &mut self,
+        stream: &StreamLog,
+        p: u32,
+        reqs: &[WriteRequest],
+    ) -> Result<Vec<Entry>> {
+        let needs_roll = {
+            let a = &self.partitions[p as usize];
+            a.file.is_none() || (a.len >= self.options.segment_bytes && a.records > 0)
+        };
+        if needs_roll {
+            self.roll(stream, p)?;
+        }
+        let active = &mut self.partitions[p as usize];
+        let mut buf = Vec::with_capacity(reqs.iter().map(|r| r.body.len() + 20).sum());
+        let mut entries = Vec::with_capacity(reqs.len());
+        let mut next = active.end;
+        for r in reqs {
+            let pos = active.len + buf.len() as u64;
+            segment::encode_record(&mut buf, next, r.count, &r.body);
+            entries.push(Entry {
+                offset: next,
+                count: r.count,
+                pos,
+                len: r.body.len() as u32,
+            });
+            next += u64::from(r.count);
+        }
+        let file = active
+            .file
+            .as_mut()
+            .ok_or_else(|| Error::Internal("log partition has no open segment".into()))?;
+        if let Err(e) = file.write_all(&buf) {
+            let _ = file.set_len(active.len);
+            return Err(Error::io(format!("write {}/p{p}", self.dir.display()), e));
+        }
+        active.len += buf.len() as u64;
+        active.records += entries.len();
+        active.end = next;
+        Ok(entries)
+    }
+
+    fn roll(&mut self, stream: &StreamLog, p: u32) -> Result<()> {
+        let dir = self.dir.join(format!("p{p}"));
+        let base = self.partitions[p as usize].end;
+        let path = dir.join(segment::segment_name(base));
+        let mut file = OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .open(&path)
+            .map_err(|e| Error::io(format!("create {}", path.display()), e))?;
+        file.write_all(segment::MAGIC)
+            .and_then(|()| file.sync_all())
+            .map_err(|e| Error::io(format!("write {}", path.display()), e))?;
+        sync_dir(&dir)?;
+        let read =
+            File::open(&path).map_err(|e| Error::io(format!("open {}", path.display()), e))?;
+        let file = OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .map_err(|e| Error::io(format!("open {}", path.display()), e))?;
+        lock(&stream.partitions[p as usize])
+            .segments
+            .push(SegmentIndex {
+                base,
+                path,
+                file: Arc::new(read),
+                entries: Vec::new(),
+            });
+        self.partitions[p as usize] = ActiveSegment {
+            file: Some(file),
+            len: segment::MAGIC.len() as u64,
+            records: 0,
+            end: base,
+        };
+        Ok(())
+    }
+}
+
+fn fail_all(reqs: Vec<WriteRequest>, e: &Error) {
+    for r in reqs {
+        let _ = r.reply.send(Err(Error::io(
+            "append to the event log",
+            std::io::Error::other(e.to_string()),
+        )));
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl PartitionIndex {
+    fn push_cache(&mut self, record: Record, budget: usize) {
+        self.cache_bytes += record.batch.get_array_memory_size();
+        self.cache.push_back(record);
+        while self.cache_bytes > budget && self.cache.len() > 1 {
+            if let Some(old) = self.cache.pop_front() {
+                self.cache_bytes -= old.batch.get_array_memory_size();
+            }
+        }
+    }
+
+    /// Serves `from..` out of the cache when the cache reaches back that far.
+    fn read_cached(&self, from: u64, max_events: usize) -> Option<Vec<Record>> {
+        let front = self.cache.front()?;
+        if front.offset > from {
+            return None;
+        }
+        let start = self.cache.partition_point(|r| r.end_offset() <= from);
+        let mut out = Vec::new();
+        let mut events = 0;
+        for r in self.cache.iter().skip(start) {
+            if events >= max_events {
+                break;
+            }
+            let r = slice_from(r.clone(), from);
+            events += r.batch.num_rows();
+            out.push(r);
+        }
+        Some(out)
+    }
+
+    /// The records holding `from..`, to be read from disk.
+    fn locate(&self, from: u64, max_events: usize) -> Vec<(Arc<File>, PathBuf, Entry)> {
+        let mut out = Vec::new();
+        let first_seg = self
+            .segments
+            .partition_point(|s| s.base <= from)
+            .saturating_sub(1);
+        let mut events = 0usize;
+        for seg in &self.segments[first_seg..] {
+            let start = seg
+                .entries
+                .partition_point(|e| e.offset + u64::from(e.count) <= from);
+            for e in &seg.entries[start..] {
+                if events >= max_events {
+                    return out;
+                }
+                events += e.count as usize;
+                out.push((seg.file.clone(), seg.path.clone(), *e));
+            }
+        }
+        out
+    }
+}
+
+fn slice_from(record: Record, from: u64) -> Record {
+    if record.offset >= from {
+        return record;
+    }
+    let skip = (from - record.offset) as usize;
+    let len = record.batch.num_rows().saturating_sub(skip);
+    Record {
+        partition: record.partition,
+        offset: from,
+        batch: record.batch.slice(skip.min(record.batch.num_rows()), len),
+    }
+}
+
+/// Encodes one batch as the body of a log record.
+pub(crate) fn encode_batch(batch: &RecordBatch) -> Result<Vec<u8>> {
+    let mut writer = StreamWriter::try_new(Vec::with_capacity(1024), &batch.schema())?;
+    writer.write(batch)?;
+    writer.finish()?;
+    Ok(writer.into_inner()?)
+}
+
+fn decode_batch(body: &[u8], path: &Path) -> Result<RecordBatch> {
+    let corrupt = |reason: String| Error::Corrupt {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let mut reader =
+        StreamReader::try_new(Cursor::new(body), None).map_err(|e| corrupt(e.to_string()))?;
+    match reader.next() {
+        Some(Ok(batch)) => Ok(batch),
+        Some(Err(e)) => Err(corrupt(e.to_string())),
+        None => Err(corrupt("record holds no batch".into())),
+    }
+}
+
+#[async_trait]
+impl EventStream for EmbeddedLog {
+    async fn create_stream(&self, def: &StreamDef) -> Result<()> {
+        if self.options.read_only {
+            return Err(Error::User("the log is open read-only".into()));
+        }
+        if let Ok(existing) = self.stream(&def.name) {
+            if existing.partitions.len() == def.partitions as usize
+                && existing.schema == def.schema()
+            {
+                return Ok(());
+            }
+            return Err(Error::AlreadyExists {
+                kind: "stream",
+                name: def.name.clone(),
+            });
+        }
+        let meta = serde_json::to_vec_pretty(&StreamMeta { def: def.clone() })
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        write_atomic(&self.dir.join(&def.name).join("meta.json"), &meta)?;
+        let stream = self.open_stream(def)?;
+        self.write_streams().insert(def.name.clone(), stream);
+        Ok(())
+    }
+
+    fn submit(&self, stream: &str, key: &str, batch: RecordBatch) -> Result<AppendFuture> {
+        let s = self.stream(stream)?;
+        if batch.schema() != s.schema {
+            return Err(Error::User(format!(
+                "batch does not match the schema of stream '{stream}'"
+            )));
+        }
+        let count = u32::try_from(batch.num_rows())
+            .ok()
+            .filter(|c| *c > 0)
+            .ok_or_else(|| Error::User("a batch must hold between 1 and 2^32-1 events".into()))?;
+        let body = encode_batch(&batch)?;
+        let partition = partition_for(key, s.partitions.len() as u32);
+        let (reply, rx) = oneshot::channel();
+        let writer = s
+            .writer
+            .as_ref()
+            .ok_or_else(|| Error::User("the log is open read-only".into()))?;
+        writer
+            .send(WriteRequest {
+                partition,
+                count,
+                body,
+                batch,
+                reply,
+            })
+            .map_err(|_| Error::ShuttingDown)?;
+        Ok(Box::pin(async move {
+            rx.await.map_err(|_| Error::ShuttingDown)?
+        }))
+    }
+
+    fn partitions(&self, stream: &str) -> Result<u32> {
+        Ok(self.stream(stream)?.partitions.len() as u32)
+    }
+
+    async fn read(
+        &self,
+        stream: &str,
+        partition: u32,
+        from: u64,
+        max_events: usize,
+    ) -> Result<Vec<Record>> {
+        let s = self.stream(stream)?;
+        let part = s.partitions.get(partition as usize).ok_or_else(|| {
+            Error::User(format!("stream '{stream}' has no partition {partition}"))
+        })?;
+        let located = {
+            let index = lock(part);
+            if from >= index.end {
+                return Ok(Vec::new());
+            }
+            if let Some(records) = index.read_cached(from, max_events) {
+                return Ok(records);
+            }
+            index.locate(from, max_events)
+        };
+        tokio::task::spawn_blocking(move || {
+            located
+                .into_iter()
+                .map(|(file, path, entry)| {
+                    let body = segment::read_body(&file, &path, &entry)?;
+                    let batch = decode_batch(&body, &path)?;
+                    Ok(slice_from(
+                        Record {
+                            partition,
+                            offset: entry.offset,
+                            batch,
+                        },
+                        from,
+                    ))
+                })
+                .collect()
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("log reader task failed: {e}")))?
+    }
+
+    fn end_offset(&self, stream: &str, partition: u32) -> Result<u64> {
+        let s = self.stream(stream)?;
+        let part = s.partitions.get(partition as usize).ok_or_else(|| {
+            Error::User(format!("stream '{stream}' has no partition {partition}"))
+        })?;
+        Ok(lock(part).end)
+    }
+
+    fn watch(&self, stream: &str) -> Result<watch::Receiver<u64>> {
+        Ok(self.stream(stream)?.appended.subscribe())
+    }
+
+    async fn commit(
+        &self,
+        consumer: &str,
+        stream: &str,
+        partition: u32,
+        offset: u64,
+    ) -> Result<()> {
+        if self.options.read_only {
+            return Err(Error::User("the log is open read-only".into()));
+        }
+        let s = self.stream(stream)?;
+        let consumer = consumer.to_string();
+        tokio::task::spawn_blocking(move || {
+            let mut offsets = lock(&s.offsets);
+            let slot = offsets
+                .entry(consumer)
+                .or_default()
+                .entry(partition)
+                .or_insert(0);
+            if *slot == offset {
+                return Ok(());
+            }
+            *slot = offset;
+            let bytes =
+                serde_json::to_vec(&*offsets).map_err(|e| Error::Internal(e.to_string()))?;
+            write_atomic(&s.offsets_path, &bytes)
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("offset commit task failed: {e}")))?
+    }
+
+    async fn committed(&self, consumer: &str, stream: &str, partition: u32) -> Result<Option<u64>> {
+        let s = self.stream(stream)?;
+        let offsets = lock(&s.offsets);
+        Ok(offsets
+            .get(consumer)
+            .and_then(|m| m.get(&partition))
+            .copied())
+    }
+}
+
+impl std::fmt::Debug for EmbeddedLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedLog")
+            .field("dir", &self.dir)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{ColumnDef, ColumnType};
+    use arrow::array::{Float64Array, StringArray, TimestampMillisecondArray};
+
+    fn def(partitions: u32) -> StreamDef {
+        StreamDef::new(
+            "telemetry",
+            vec![ColumnDef {
+                name: "temp".into(),
+                ty: ColumnType::Float64,
+            }],
+            partitions,
+        )
+        .unwrap()
+    }
+
+    fn batch(device: &str, temps: &[f64]) -> RecordBatch {
+        let n = temps.len();
+        RecordBatch::try_new(
+            def(1).schema(),
+            vec![
+                Arc::new(StringArray::from(vec![device; n])),
+                Arc::new(TimestampMillisecondArray::from(vec![1_000i64; n]).with_timezone("UTC")),
+                Arc::new(TimestampMillisecondArray::from(vec![2_000i64; n]).with_timezone("UTC")),
+                Arc::new(Float64Array::from(temps.to_vec())),
+            ],
+        )
+        .unwrap()
+    }
+
+    fn temps(records: &[Record]) -> Vec<f64> {
+        records
+            .iter()
+            .flat_map(|r| {
+                let a = r
+                    .batch
+                    .column(3)
+                    .as_any()
+                    .downcast_ref::<Float64Array>()
+                    .unwrap();
+                a.values().to_vec()
+            })
+            .collect()
+    }
+
+    fn no_cache() -> LogOptions {
+        LogOptions {
+            cache_bytes_per_partition: 0,
+            ..LogOptions::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn appends_are_read_back_from_cache_and_disk_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let log = EmbeddedLog::open(dir.path(), LogOptions::default()).unwrap();
+            log.create_stream(&def(1)).await.unwrap();
+            let a = log
+                .append("telemetry", "d1", batch("d1", &[1.0, 2.0]))
+                .await
+                .unwrap();
+            let b = log
+                .append("telemetry", "d1", batch("d1", &[3.0]))
+                .await
+                .unwrap();
+            assert_eq!((a.offset, a.count, b.offset), (0, 2, 2));
+            let all = log.read("telemetry", 0, 0, 100).await.unwrap();
+            assert_eq!(temps(&all), [1.0, 2.0, 3.0]);
+            let sliced = log.read("telemetry", 0, 1, 100).await.unwrap();
+            assert_eq!(sliced[0].offset, 1);
+            assert_eq!(temps(&sliced), [2.0, 3.0]);
+        }
+        let log = EmbeddedLog::open(dir.path(), no_cache()).unwrap();
+        assert_eq!(log.end_offset("telemetry", 0).unwrap(), 3);
+        assert_eq!(
+            temps(&log.read("telemetry", 0, 1, 100).await.unwrap()),
+            [2.0, 3.0]
+        );
+        assert_eq!(
+            temps(&log.read("telemetry", 0, 3, 100).await.unwrap()),
+            Vec::<f64>::new()
+        );
+        let next = log
+            .append("telemetry", "d1", batch("d1", &[4.0]))
+            .await
+            .unwrap();
+        assert_eq!(next.offset, 3);
+    }
+
+    #[tokio::test]
+    async fn a_torn_tail_is_cut_and_appends_continue() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let log = EmbeddedLog::open(dir.path(), LogOptions::default()).unwrap();
+            log.create_stream(&def(1)).await.unwrap();
+            log.append("telemetry", "d", batch("d", &[1.0]))
+                .await
+                .unwrap();
+            log.append("telemetry", "d", batch("d", &[2.0]))
+                .await
+                .unwrap();
+        }
+        let seg = dir
+            .path()
+            .join("telemetry/p0")
+            .join(segment::segment_name(0));
+        let len = fs::metadata(&seg).unwrap().len();
+        OpenOptions::new()
+            .write(true)
+            .open(&seg)
+            .unwrap()
+            .set_len(len - 7)
+            .unwrap();
+        let log = EmbeddedLog::open(dir.path(), no_cache()).unwrap();
+        assert_eq!(log.end_offset("telemetry", 0).unwrap(), 1);
+        log.append("telemetry", "d", batch("d", &[3.0]))
+            .await
+            .unwrap();
+        drop(log);
+        let log = EmbeddedLog::open(dir.path(), no_cache()).unwrap();
+        assert_eq!(
+            temps(&log.read("telemetry", 0, 0, 10).await.unwrap()),
+            [1.0, 3.0]
+        );
+    }
+
+    #[tokio::test]
+    async fn segments_roll_and_reads_cross_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = LogOptions {
+            segment_bytes: 64,
+            ..no_cache()
+        };
+        let log = EmbeddedLog::open(dir.path(), opts.clone()).unwrap();
+        log.create_stream(&def(1)).await.unwrap();
+        for i in 0..5 {
+            log.append("telemetry", "d", batch("d", &[f64::from(i)]))
+                .await
+                .unwrap();
+        }
+        let segments = fs::read_dir(dir.path().join("telemetry/p0"))
+            .unwrap()
+            .count();
+        assert!(segments >= 5, "{segments} segments");
+        drop(log);
+        let log = EmbeddedLog::open(dir.path(), opts).unwrap();
+        assert_eq!(
+            temps(&log.read("telemetry", 0, 2, 100).await.unwrap()),
+            [2.0, 3.0, 4.0]
+        );
+        assert_eq!(
+            temps(&log.read("telemetry", 0, 0, 2).await.unwrap()),
+            [0.0, 1.0]
+        );
+    }
+
+    #[tokio::test]
+    async fn concurrent_appends_get_distinct_contiguous_offsets() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Arc::new(EmbeddedLog::open(dir.path(), LogOptions::default()).unwrap());
+        log.create_stream(&def(1)).await.unwrap();
+        let mut tasks = Vec::new();
+        for t in 0..8 {
+            let log = log.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut offsets = Vec::new();
+                for i in 0..20 {
+                    let r = log
+                        .append("telemetry", "d", batch("d", &[f64::from(t * 100 + i), 0.0]))
+                        .await
+                        .unwrap();
+                    offsets.push(r.offset);
+                }
+                offsets
+            }));
+        }
+        let mut all = Vec::new();
+        for t in tasks {
+            all.extend(t.await.unwrap());
+        }
+        all.sort_unstable();
+        assert_eq!(all, (0..160).map(|i| i * 2).collect::<Vec<u64>>());
+    }
+
+    #[tokio::test]
+    async fn devices_keep_their_partition_and_consumer_offsets_persist() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let log = EmbeddedLog::open(dir.path(), LogOptions::default()).unwrap();
+            log.create_stream(&def(4)).await.unwrap();
+            let a = log
+                .append("telemetry", "dev-a", batch("dev-a", &[1.0]))
+                .await
+                .unwrap();
+            let b = log
+                .append("telemetry", "dev-a", batch("dev-a", &[2.0]))
+                .await
+                .unwrap();
+            assert_eq!(a.partition, b.partition);
+            assert_eq!(b.offset, 1);
+            assert_eq!(
+                log.committed("sink", "telemetry", a.partition)
+                    .await
+                    .unwrap(),
+                None
+            );
+            log.commit("sink", "telemetry", a.partition, 2)
+                .await
+                .unwrap();
+        }
+        let log = EmbeddedLog::open(dir.path(), LogOptions::default()).unwrap();
+        let p = partition_for("dev-a", 4);
+        assert_eq!(
+            log.committed("sink", "telemetry", p).await.unwrap(),
+            Some(2)
+        );
+        let ro = EmbeddedLog::open(
+            dir.path(),
+            LogOptions {
+                read_only: true,
+                ..LogOptions::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            temps(&ro.read("telemetry", p, 0, 10).await.unwrap()),
+            [1.0, 2.0]
+        );
+        assert!(
+            ro.append("telemetry", "x", batch("x", &[1.0]))
+                .await
+                .is_err()
+        );
+    }
+
+    #[tokio::test]
+    async fn wrong_schema_and_unknown_stream_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = EmbeddedLog::open(dir.path(), LogOptions::default()).unwrap();
+        let err = log
+            .append("nope", "d", batch("d", &[1.0]))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("'nope' does not exist"), "{err}");
+        let other = StreamDef::new("other", vec![], 1).unwrap();
+        log.create_stream(&other).await.unwrap();
+        let err = log
+            .append("other", "d", batch("d", &[1.0]))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("schema"), "{err}");
+    }
+}

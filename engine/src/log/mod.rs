@@ -1,0 +1,131 @@
+//! The event stream: a durable, partitioned, append-only log of Arrow batches
+//! with consumer offsets.
+//!
+//! [`EventStream`] is the seam; [`EmbeddedLog`] is the implementation that
+//! lives in the data directory. Offsets count events, not batches: a batch of
+//! 10 events appended at offset 100 holds offsets 100..110, and the next append
+//! to that partition starts at 110. A device's events always go to the same
+//! partition ([`partition_for`]), so they stay in the order the device sent them.
+
+mod embedded;
+mod segment;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use arrow::record_batch::RecordBatch;
+use async_trait::async_trait;
+use tokio::sync::watch;
+
+use crate::Result;
+use crate::event::StreamDef;
+
+pub use embedded::{EmbeddedLog, LogOptions};
+
+/// Where an append landed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AppendReceipt {
+    pub partition: u32,
+    /// Offset of the batch's first event.
+    pub offset: u64,
+    /// Number of events appended.
+    pub count: u32,
+}
+
+/// One batch read back from the log.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub partition: u32,
+    /// Offset of the batch's first event.
+    pub offset: u64,
+    pub batch: RecordBatch,
+}
+
+impl Record {
+    /// The offset just past this record's last event.
+    pub fn end_offset(&self) -> u64 {
+        self.offset + self.batch.num_rows() as u64
+    }
+}
+
+/// The durable event stream.
+///
+/// Consumers read a partition from their committed offset, produce their own
+/// durable output, and only then [`commit`](EventStream::commit): after a crash
+/// they replay from the last commit, so what they produce must tolerate replays.
+#[async_trait]
+pub trait EventStream: Send + Sync + 'static {
+    /// Creates the storage for a stream; a no-op when it already exists with
+    /// the same number of partitions.
+    async fn create_stream(&self, def: &StreamDef) -> Result<()>;
+
+    /// Queues one batch of the device `key` for appending and returns at once
+    /// with a future that resolves when the batch is durable. Batches submitted
+    /// one after another are appended in that order, which is how a gateway
+    /// keeps a device's frames in order while many are in flight.
+    fn submit(&self, stream: &str, key: &str, batch: RecordBatch) -> Result<AppendFuture>;
+
+    /// Appends one batch for the device `key`; returns only once the batch is durable.
+    async fn append(&self, stream: &str, key: &str, batch: RecordBatch) -> Result<AppendReceipt> {
+        self.submit(stream, key, batch)?.await
+    }
+
+    /// The number of partitions of `stream`.
+    fn partitions(&self, stream: &str) -> Result<u32>;
+
+    /// Reads batches holding events at or after `from`, at most about
+    /// `max_events` events (always at least one batch when there is data).
+    /// A batch that starts before `from` is sliced so it starts at `from`.
+    async fn read(
+        &self,
+        stream: &str,
+        partition: u32,
+        from: u64,
+        max_events: usize,
+    ) -> Result<Vec<Record>>;
+
+    /// The offset the next append to the partition will get.
+    fn end_offset(&self, stream: &str, partition: u32) -> Result<u64>;
+
+    /// A receiver that changes whenever anything is appended to `stream`.
+    fn watch(&self, stream: &str) -> Result<watch::Receiver<u64>>;
+
+    /// Records that `consumer` has durably handled everything before `offset`.
+    async fn commit(&self, consumer: &str, stream: &str, partition: u32, offset: u64)
+    -> Result<()>;
+
+    /// The committed offset of `consumer` on a partition; `None` if it never committed.
+    async fn committed(&self, consumer: &str, stream: &str, partition: u32) -> Result<Option<u64>>;
+}
+
+/// Resolves when a submitted batch is durable.
+pub type AppendFuture = Pin<Box<dyn Future<Output = Result<AppendReceipt>> + Send>>;
+
+/// A shared event stream.
+pub type SharedEventStream = Arc<dyn EventStream>;
+
+/// The partition a device's events go to: FNV-1a of the device id, so the
+/// mapping is stable across restarts, machines and Rust versions.
+pub fn partition_for(key: &str, partitions: u32) -> u32 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in key.as_bytes() {
+        hash ^= u64::from(*b);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    (hash % u64::from(partitions.max(1))) as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partition_is_stable_and_in_range() {
+        assert_eq!(partition_for("sensor-1", 4), partition_for("sensor-1", 4));
+        for i in 0..100 {
+            assert!(partition_for(&format!("d{i}"), 7) < 7);
+        }
+        assert_eq!(partition_for("anything", 1), 0);
+    }
+}

@@ -1,0 +1,21 @@
+//! tributary-ingest: the Tributary wire protocol and the cloud gateway.
+//!
+//! - [`protocol`]: the sans-IO codec for protocol version 1 (frames in and
+//!   out of bytes, error and close codes); the specification is
+//!   `docs/protocol.md`, also rendered as [`protocol::spec`].
+//! - [`decode`]: EVENTS payloads (JSON) into Arrow record batches with a
+//!   stream's schema.
+//! - [`gateway`]: the QUIC endpoint on quinn: authentication against the
+//!   registry, events into the event stream, commands out to devices.
+//! - [`client`]: the device side, used by `tributary send` / `listen` and
+//!   by anyone embedding a device in Rust.
+//! - [`tls`]: the development CA and the rustls configurations.
+
+pub mod client;
+pub mod decode;
+mod error;
+pub mod gateway;
+pub mod protocol;
+pub mod tls;
+
+pub use error::{Error, Result};

@@ -1,0 +1,236 @@
+//! The device record and the rules for ids and tags.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Result};
+
+/// Longest device id, in bytes.
+pub const MAX_DEVICE_ID_LEN: usize = 128;
+/// Longest tag key, in characters (all ASCII, so also bytes).
+pub const MAX_TAG_KEY_LEN: usize = 64;
+/// Longest tag value, in bytes of UTF-8.
+pub const MAX_TAG_VALUE_LEN: usize = 256;
+
+/// A registered device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Device {
+    /// Unique id; see [`validate_device_id`].
+    pub id: String,
+    /// Free-form metadata; see [`validate_tags`].
+    pub tags: BTreeMap<String, String>,
+    /// Whether the device may connect.
+    pub status: DeviceStatus,
+    /// Creation time, milliseconds since the Unix epoch.
+    pub created_at: i64,
+}
+
+/// Whether a device may authenticate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceStatus {
+    /// The device may authenticate.
+    Enabled,
+    /// The device exists but authentication is refused.
+    Disabled,
+}
+
+impl DeviceStatus {
+    /// The name used in storage and in JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeviceStatus::Enabled => "enabled",
+            DeviceStatus::Disabled => "disabled",
+        }
+    }
+
+    /// The inverse of [`DeviceStatus::as_str`].
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "enabled" => Some(DeviceStatus::Enabled),
+            "disabled" => Some(DeviceStatus::Disabled),
+            _ => None,
+        }
+    }
+}
+
+/// Checks a device id: 1 to 128 bytes of ASCII letters, digits, `.`, `_`,
+/// `-` and `:`, starting with a letter or digit.
+///
+/// Ids end up in URLs, log lines, file names and SQL results, so the
+/// alphabet is kept small enough to need no escaping anywhere.
+pub fn validate_device_id(id: &str) -> Result<()> {
+    if id.is_empty() {
+        return Err(Error::InvalidId("device id must not be empty".into()));
+    }
+    if id.len() > MAX_DEVICE_ID_LEN {
+        return Err(Error::InvalidId(format!(
+            "device id {} is {} bytes long; at most {MAX_DEVICE_ID_LEN} are allowed",
+            shown(id),
+            id.len()
+        )));
+    }
+    for (pos, c) in id.char_indices() {
+        if !is_id_char(c) {
+            return Err(Error::InvalidId(format!(
+                "device id {} contains {c:?} at byte {pos}; allowed are ASCII letters, digits \
+                 and '.', '_', '-', ':'",
+                shown(id)
+            )));
+        }
+    }
+    if !id.starts_with(|c: char| c.is_ascii_alphanumeric()) {
+        return Err(Error::InvalidId(format!(
+            "device id {} must start with an ASCII letter or digit",
+            shown(id)
+        )));
+    }
+    Ok(())
+}
+
+/// Checks tags: keys are 1 to 64 ASCII letters, digits, `_`, `-` and `.`;
+/// values are up to 256 bytes of UTF-8 without control characters.
+pub fn validate_tags(tags: &BTreeMap<String, String>) -> Result<()> {
+    for (key, value) in tags {
+        if key.is_empty() {
+            return Err(Error::InvalidTag("tag key must not be empty".into()));
+        }
+        if let Some(c) = key.chars().find(|&c| !is_tag_key_char(c)) {
+            return Err(Error::InvalidTag(format!(
+                "tag key {} contains {c:?}; allowed are ASCII letters, digits and '_', '-', '.'",
+                shown(key)
+            )));
+        }
+        if key.len() > MAX_TAG_KEY_LEN {
+            return Err(Error::InvalidTag(format!(
+                "tag key {} is {} characters long; at most {MAX_TAG_KEY_LEN} are allowed",
+                shown(key),
+                key.len()
+            )));
+        }
+        if value.len() > MAX_TAG_VALUE_LEN {
+            return Err(Error::InvalidTag(format!(
+                "value of tag {} is {} bytes long; at most {MAX_TAG_VALUE_LEN} are allowed",
+                shown(key),
+                value.len()
+            )));
+        }
+        if let Some(c) = value.chars().find(|c| c.is_control()) {
+            return Err(Error::InvalidTag(format!(
+                "value of tag {} contains the control character {c:?}; control characters \
+                 are not allowed",
+                shown(key)
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn is_id_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | ':')
+}
+
+fn is_tag_key_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.')
+}
+
+/// Quotes user input for an error message, escaping control characters and
+/// cutting it short so that a hostile id cannot flood a log line.
+fn shown(s: &str) -> String {
+    const MAX_SHOWN: usize = 40;
+    let mut out = String::new();
+    let mut chars = s.chars();
+    let head: String = chars.by_ref().take(MAX_SHOWN).collect();
+    let _ = write!(out, "{head:?}");
+    if chars.next().is_some() {
+        out.push_str("...");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id_err(id: &str) -> String {
+        match validate_device_id(id) {
+            Err(e @ Error::InvalidId(_)) => e.to_string(),
+            other => panic!("expected InvalidId for {id:?}, got {other:?}"),
+        }
+    }
+
+    fn tag_err(key: &str, value: &str) -> String {
+        let tags = BTreeMap::from([(key.to_string(), value.to_string())]);
+        match validate_tags(&tags) {
+            Err(e @ Error::InvalidTag(_)) => e.to_string(),
+            other => panic!("expected InvalidTag for {key:?}={value:?}, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn good_ids_pass() {
+        for id in ["a", "7", "sensor-1", "plant.3:line_2", &"x".repeat(128)] {
+            validate_device_id(id).unwrap();
+        }
+    }
+
+    #[test]
+    fn bad_ids_name_the_problem() {
+        assert!(id_err("").contains("must not be empty"));
+        let long = id_err(&"x".repeat(129));
+        assert!(
+            long.contains("129 bytes") && long.contains("at most 128"),
+            "{long}"
+        );
+        let space = id_err("a b");
+        assert!(
+            space.contains("' '") && space.contains("allowed are"),
+            "{space}"
+        );
+        assert!(id_err("dev/1").contains("'/'"));
+        assert!(id_err("émile").contains("'é'"));
+        assert!(id_err("-x").contains("must start with an ASCII letter or digit"));
+        assert!(id_err(":x").contains("must start"));
+        // Control characters are escaped, not printed raw.
+        let ctl = id_err("a\nb");
+        assert!(!ctl.contains('\n') && ctl.contains("\\n"), "{ctl}");
+    }
+
+    #[test]
+    fn good_tags_pass() {
+        let tags = BTreeMap::from([
+            ("site".to_string(), "Zürich – hall 3".to_string()),
+            ("fw.version".to_string(), String::new()),
+            ("k".repeat(64), "v".repeat(256)),
+        ]);
+        validate_tags(&tags).unwrap();
+    }
+
+    #[test]
+    fn bad_tags_name_the_problem() {
+        assert!(tag_err("", "v").contains("key must not be empty"));
+        assert!(tag_err("a b", "v").contains("' '"));
+        assert!(tag_err("a:b", "v").contains("':'"));
+        assert!(tag_err(&"k".repeat(65), "v").contains("at most 64"));
+        let long = tag_err("site", &"v".repeat(257));
+        assert!(
+            long.contains("\"site\"") && long.contains("at most 256"),
+            "{long}"
+        );
+        let ctl = tag_err("site", "a\u{7}b");
+        assert!(ctl.contains("control character"), "{ctl}");
+    }
+
+    #[test]
+    fn status_serializes_snake_case() {
+        assert_eq!(
+            serde_json::to_string(&DeviceStatus::Enabled).unwrap(),
+            "\"enabled\""
+        );
+        for s in [DeviceStatus::Enabled, DeviceStatus::Disabled] {
+            assert_eq!(DeviceStatus::parse(s.as_str()), Some(s));
+        }
+    }
+}

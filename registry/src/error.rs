@@ -1,0 +1,76 @@
+//! The registry's error type.
+
+use std::path::PathBuf;
+
+/// `Result` with the registry's [`Error`] as the default error type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in the registry.
+///
+/// The variants fall into three groups, told apart by [`Error::is_user_error`]:
+/// what the caller did wrong (a bad id or tag, an unknown device, a failed
+/// authentication), external failures (the database, the file system), and
+/// broken invariants (bugs, corrupt rows).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A device id does not follow the rules of [`crate::validate_device_id`].
+    #[error("invalid device id: {0}")]
+    InvalidId(String),
+    /// A tag key or value does not follow the rules of [`crate::validate_tags`].
+    #[error("invalid tag: {0}")]
+    InvalidTag(String),
+    /// No device has this id.
+    #[error("device '{0}' does not exist")]
+    NotFound(String),
+    /// A device with this id exists already.
+    #[error("device '{0}' already exists")]
+    AlreadyExists(String),
+    /// Authentication failed. Deliberately the same for an unknown device, a
+    /// wrong token and a disabled device, so that a caller cannot probe which
+    /// device ids exist.
+    #[error("device '{0}': unknown device or wrong token")]
+    Unauthorized(String),
+    /// The database was written by a newer Tributary with a schema this
+    /// version does not know.
+    #[error(
+        "registry database schema version {found} is newer than this program supports \
+         (up to {supported}); upgrade Tributary"
+    )]
+    SchemaTooNew {
+        /// The `user_version` found in the database.
+        found: i64,
+        /// The newest schema version this build knows.
+        supported: i64,
+    },
+    /// The database failed.
+    #[error("registry storage error: {0}")]
+    Storage(#[from] rusqlite::Error),
+    /// The file system failed.
+    #[error("registry I/O error at '{}': {source}", path.display())]
+    Io {
+        /// The path being worked on.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// A broken invariant: a bug, or a database row this program did not write.
+    #[error("internal registry error: {0}")]
+    Internal(String),
+}
+
+impl Error {
+    /// True when the caller caused the error (bad input, unknown device,
+    /// failed authentication) rather than the storage or a bug; an HTTP layer
+    /// maps these to 4xx and the rest to 5xx.
+    pub fn is_user_error(&self) -> bool {
+        matches!(
+            self,
+            Error::InvalidId(_)
+                | Error::InvalidTag(_)
+                | Error::NotFound(_)
+                | Error::AlreadyExists(_)
+                | Error::Unauthorized(_)
+        )
+    }
+}

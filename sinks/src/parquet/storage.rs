@@ -1,0 +1,108 @@
+//! Where Parquet files live, and consistent snapshots of a stream for queries.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow::record_batch::RecordBatch;
+use futures::TryStreamExt;
+use object_store::ObjectStore;
+use object_store::local::LocalFileSystem;
+use object_store::path::Path as ObjectPath;
+use tokio::sync::RwLock;
+
+use super::SINK_CONSUMER;
+use crate::{Error, Result};
+use tributary_engine::log::EventStream;
+
+/// The object store holding every stream's Parquet files.
+#[derive(Clone)]
+pub struct Storage {
+    root: PathBuf,
+    store: Arc<dyn ObjectStore>,
+    /// Held for writing while the sink publishes files and commits offsets,
+    /// for reading while a query takes its snapshot.
+    pub(crate) visibility: Arc<RwLock<()>>,
+}
+
+/// What a query of one stream reads: the Parquet files, and the events in
+/// the log that no file holds yet.
+#[derive(Debug, Clone, Default)]
+pub struct StreamSnapshot {
+    /// Absolute paths of the stream's Parquet files.
+    pub files: Vec<PathBuf>,
+    /// Batches from the log past what the files hold.
+    pub tail: Vec<RecordBatch>,
+}
+
+impl Storage {
+    /// Storage in a local folder (created if missing).
+    pub fn local(root: impl Into<PathBuf>) -> Result<Self> {
+        let root = root.into();
+        std::fs::create_dir_all(&root).map_err(|source| Error::Io {
+            path: root.clone(),
+            source,
+        })?;
+        let root = root.canonicalize().map_err(|source| Error::Io {
+            path: root.clone(),
+            source,
+        })?;
+        let store = LocalFileSystem::new_with_prefix(&root)?;
+        Ok(Storage {
+            root,
+            store: Arc::new(store),
+            visibility: Arc::new(RwLock::new(())),
+        })
+    }
+
+    /// The folder files are written under.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub(crate) fn store(&self) -> &Arc<dyn ObjectStore> {
+        &self.store
+    }
+
+    /// The Parquet files of a stream, sorted by path.
+    pub async fn files(&self, stream: &str) -> Result<Vec<PathBuf>> {
+        let prefix = ObjectPath::from(stream);
+        let metas: Vec<_> = self.store.list(Some(&prefix)).try_collect().await?;
+        let mut files: Vec<PathBuf> = metas
+            .into_iter()
+            .map(|m| m.location)
+            .filter(|p| p.extension() == Some("parquet"))
+            .map(|p| self.root.join(p.as_ref()))
+            .collect();
+        files.sort();
+        Ok(files)
+    }
+
+    /// A consistent view of a stream: its files, and every event the log holds
+    /// past the sink's committed offsets.
+    pub async fn snapshot(&self, log: &dyn EventStream, stream: &str) -> Result<StreamSnapshot> {
+        let partitions = log.partitions(stream)?;
+        let (files, starts) = {
+            let _visible = self.visibility.read().await;
+            let files = self.files(stream).await?;
+            let mut starts = Vec::with_capacity(partitions as usize);
+            for p in 0..partitions {
+                starts.push(log.committed(SINK_CONSUMER, stream, p).await?.unwrap_or(0));
+            }
+            (files, starts)
+        };
+        // The log only grows, so the tail can be read after the lock is gone.
+        let mut tail = Vec::new();
+        for (p, start) in starts.into_iter().enumerate() {
+            let p = p as u32;
+            let end = log.end_offset(stream, p)?;
+            let mut next = start;
+            while next < end {
+                let records = log.read(stream, p, next, 64 * 1024).await?;
+                let Some(last) = records.last() else { break };
+                next = last.end_offset();
+                tail.extend(records.into_iter().map(|r| r.batch));
+            }
+        }
+        Ok(StreamSnapshot { files, tail })
+    }
+}

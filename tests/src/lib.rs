@@ -1,0 +1,315 @@
+//! The harness of Tributary's integration tests: start the real `tributary`
+//! binary on a temporary data directory with ephemeral ports, run its client
+//! commands, stop and restart it.
+//!
+//! The binary is the one `cargo test --workspace` builds next to the test
+//! executable (`target/<profile>/tributary`); `TRIBUTARY_BIN` overrides it.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// The `tributary` binary under test.
+pub fn binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("TRIBUTARY_BIN") {
+        return PathBuf::from(path);
+    }
+    let exe = std::env::current_exe().expect("the test executable has a path");
+    // target/<profile>/deps/<test> -> target/<profile>/tributary
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("the test executable lives in target/<profile>/deps");
+    let bin = profile_dir.join("tributary");
+    assert!(
+        bin.exists(),
+        "{} is missing: run the suite with `cargo test --workspace`, which builds it",
+        bin.display()
+    );
+    bin
+}
+
+/// A running server on its own data directory.
+pub struct Server {
+    pub data_dir: PathBuf,
+    _temp: Option<tempfile::TempDir>,
+    child: Option<Child>,
+    extra_args: Vec<String>,
+}
+
+/// What a finished CLI command printed.
+#[derive(Debug)]
+pub struct Run {
+    pub success: bool,
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl From<Output> for Run {
+    fn from(o: Output) -> Self {
+        Run {
+            success: o.status.success(),
+            code: o.status.code(),
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        }
+    }
+}
+
+impl Run {
+    /// Panics with everything printed unless the command succeeded.
+    pub fn ok(self) -> Run {
+        assert!(
+            self.success,
+            "command failed ({:?}):\nstdout: {}\nstderr: {}",
+            self.code, self.stdout, self.stderr
+        );
+        self
+    }
+}
+
+impl Server {
+    /// Starts a server on a fresh temporary data directory.
+    pub fn start() -> Server {
+        Self::start_with(&[])
+    }
+
+    /// Starts a server with extra `serve` flags.
+    pub fn start_with(extra: &[&str]) -> Server {
+        let temp = tempfile::tempdir().expect("a temporary directory");
+        let mut server = Server {
+            data_dir: temp.path().join("data"),
+            _temp: Some(temp),
+            child: None,
+            extra_args: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        server.launch();
+        server
+    }
+
+    fn launch(&mut self) {
+        let _ = std::fs::remove_file(self.data_dir.join("server.json"));
+        let mut cmd = Command::new(binary());
+        cmd.arg("serve")
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .args([
+                "--quic-listen",
+                "127.0.0.1:0",
+                "--http-listen",
+                "127.0.0.1:0",
+                "--flush-interval",
+                "200ms",
+            ])
+            .args(&self.extra_args)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        let child = cmd.spawn().expect("start tributary serve");
+        self.child = Some(child);
+        self.wait_ready();
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                panic!("tributary serve exited early: {status}");
+            }
+            if let Some(addr) = self.http_addr()
+                && health(&addr)
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the server did not become ready within 60s"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn info(&self) -> Option<serde_json::Value> {
+        let bytes = std::fs::read(self.data_dir.join("server.json")).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+
+    /// The HTTP API address.
+    pub fn http_addr(&self) -> Option<String> {
+        self.info()?.get("http")?.as_str().map(str::to_string)
+    }
+
+    /// The QUIC address.
+    pub fn quic_addr(&self) -> String {
+        self.info()
+            .and_then(|i| i.get("quic")?.as_str().map(str::to_string))
+            .expect("the server wrote its QUIC address")
+    }
+
+    /// The CA certificate clients trust.
+    pub fn ca(&self) -> PathBuf {
+        self.data_dir.join("tls/ca.pem")
+    }
+
+    /// Runs `tributary <args> --data-dir <dir>` and waits for it.
+    pub fn cli(&self, args: &[&str]) -> Run {
+        self.cli_with_stdin(args, None)
+    }
+
+    /// Like [`Server::cli`], feeding `stdin`.
+    pub fn cli_with_stdin(&self, args: &[&str], stdin: Option<&str>) -> Run {
+        use std::io::Write;
+        let mut cmd = Command::new(binary());
+        cmd.args(args).arg("--data-dir").arg(&self.data_dir);
+        cmd.stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("run tributary");
+        if let Some(text) = stdin {
+            let mut pipe = child.stdin.take().expect("stdin is piped");
+            pipe.write_all(text.as_bytes()).expect("write stdin");
+        }
+        child.wait_with_output().expect("wait for tributary").into()
+    }
+
+    /// Starts `tributary <args> --data-dir <dir>` without waiting.
+    pub fn spawn_cli(&self, args: &[&str]) -> Child {
+        Command::new(binary())
+            .args(args)
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start tributary")
+    }
+
+    /// Runs a SQL statement, returning rows as JSON objects.
+    pub fn sql_json(&self, statement: &str) -> Vec<serde_json::Value> {
+        let run = self.cli(&["sql", statement, "--format", "json"]).ok();
+        serde_json::from_str(run.stdout.trim())
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", run.stdout))
+    }
+
+    /// Adds a device; returns its token.
+    pub fn add_device(&self, id: &str) -> String {
+        let run = self.cli(&["device", "add", id, "--json"]).ok();
+        let v: serde_json::Value =
+            serde_json::from_str(run.stdout.trim()).expect("device add --json prints JSON");
+        v["token"].as_str().expect("a token").to_string()
+    }
+
+    /// Stops the server with SIGTERM and waits for it to exit cleanly.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let pid = child.id().to_string();
+            let _ = Command::new("kill").args(["-TERM", &pid]).status();
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                match child.try_wait() {
+                    Ok(Some(status)) => {
+                        assert!(
+                            status.success(),
+                            "the server exited with {status} after SIGTERM"
+                        );
+                        return;
+                    }
+                    Ok(None) if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(50))
+                    }
+                    _ => {
+                        let _ = child.kill();
+                        panic!("the server did not stop within 30s of SIGTERM");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Kills the server with SIGKILL: no chance to flush anything.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same data directory.
+    pub fn restart(&mut self) {
+        self.launch();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// True when `GET /health` answers 200.
+pub fn health(addr: &str) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::net::TcpStream::connect(addr) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    if stream
+        .write_all(
+            format!("GET /health HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .is_err()
+    {
+        return false;
+    }
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    response.starts_with("HTTP/1.1 200")
+}
+
+/// Polls `check` until it returns `Some`, for at most `timeout`.
+pub fn eventually<T>(timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "condition not met within {timeout:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Every Parquet file under a folder, recursively.
+pub fn parquet_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|x| x == "parquet") {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}

@@ -1,0 +1,8 @@
+//! Tributary's integration tests, in one binary: each module drives the real
+//! `tributary` binary over real QUIC and HTTP on loopback, with real files.
+
+#![allow(clippy::unwrap_used)]
+
+mod bad_input;
+mod e2e;
+mod restart;
