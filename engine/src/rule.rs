@@ -245,7 +245,18 @@ impl Worker {
                                 .rows_out
                                 .fetch_add(out.num_rows() as u64, Ordering::Relaxed);
                             match rows_to_commands(&self.def.name, record, &out) {
-                                Ok(c) => commands.extend(c),
+                                Ok(rows) => {
+                                    for c in rows {
+                                        // One bad row (say, a payload over the limit) is
+                                        // counted and skipped; it must not stall the rule.
+                                        match CommandQueue::validate(&c) {
+                                            Ok(()) => commands.push(c),
+                                            Err(e) => self
+                                                .stats
+                                                .error(format!("rule '{}': {e}", self.def.name)),
+                                        }
+                                    }
+                                }
                                 Err(e) => self.stats.error(e),
                             }
                         }

@@ -45,48 +45,30 @@ pub async fn run(args: SendArgs) -> Result<ExitCode> {
         bail!("no events to send: give JSON objects as arguments or one per line on stdin");
     }
     let client = Client::connect(device_options(&args.device, false)?).await?;
-    let frames: Vec<&[Line]> = lines.chunks(args.batch).collect();
+    // Frame header: length, type, seq, stream name length, stream name, encoding.
+    let overhead = 4 + 1 + 8 + 1 + args.stream.len() + 1;
+    let max_payload = (client.welcome().max_frame_bytes as usize).saturating_sub(overhead);
+    let max_events = (client.welcome().max_events_per_frame as usize).max(1);
+    let (frames, too_big) = pack(&lines, args.batch.min(max_events), max_payload);
     let mut in_flight = VecDeque::new();
     let mut accepted = 0usize;
     let mut rejections = Vec::new();
-    let mut settle =
-        |outcome: Outcome, frame: &[Line], rejections: &mut Vec<serde_json::Value>| match outcome {
-            Outcome::Acked(ack) => accepted += ack.count as usize,
-            Outcome::Rejected(r) => {
-                let first = frame.first().map(|l| l.number).unwrap_or(0);
-                let last = frame.last().map(|l| l.number).unwrap_or(0);
-                let line = r.event.and_then(|i| frame.get(i)).map(|l| l.number);
-                let prefix = r.event.map(|i| format!("event {i}: ")).unwrap_or_default();
-                let message = r
-                    .message
-                    .strip_prefix(&prefix)
-                    .unwrap_or(&r.message)
-                    .to_string();
-                if !args.json {
-                    let span = if first == last {
-                        format!("line {first} was")
-                    } else {
-                        format!("lines {first}-{last} were")
-                    };
-                    match line {
-                        Some(n) => eprintln!(
-                            "error: line {n}: {message} ({}; {span} not stored)",
-                            r.code.as_str()
-                        ),
-                        None => {
-                            eprintln!("error: {message} ({}; {span} not stored)", r.code.as_str())
-                        }
-                    }
-                }
-                rejections.push(json!({
-                    "line": line,
-                    "lines": [first, last],
-                    "code": r.code.as_str(),
-                    "field": r.field,
-                    "message": message,
-                }));
-            }
-        };
+    for line in too_big {
+        let message = format!(
+            "the event is {} bytes; the server takes at most {max_payload} bytes per frame",
+            line.text.len()
+        );
+        if !args.json {
+            eprintln!("error: line {}: {message} (not sent)", line.number);
+        }
+        rejections.push(json!({
+            "line": line.number,
+            "lines": [line.number, line.number],
+            "code": "frame_too_large",
+            "field": null,
+            "message": message,
+        }));
+    }
     for frame in &frames {
         let payload = frame
             .iter()
@@ -100,18 +82,30 @@ pub async fn run(args: SendArgs) -> Result<ExitCode> {
         if in_flight.len() >= WINDOW
             && let Some((answer, frame)) = in_flight.pop_front()
         {
-            settle(answer.await?, frame, &mut rejections);
+            settle(
+                answer.await?,
+                frame,
+                args.json,
+                &mut accepted,
+                &mut rejections,
+            );
         }
     }
     while let Some((answer, frame)) = in_flight.pop_front() {
-        settle(answer.await?, frame, &mut rejections);
+        settle(
+            answer.await?,
+            frame,
+            args.json,
+            &mut accepted,
+            &mut rejections,
+        );
     }
     client.close().await;
     let sent = lines.len();
     if args.json {
         println!(
             "{}",
-            json!({"sent": sent, "accepted": accepted, "rejected": sent - accepted, "errors": rejections})
+            json!({"sent": sent, "accepted": accepted, "rejected": sent.saturating_sub(accepted), "errors": rejections})
         );
     } else if rejections.is_empty() {
         println!(
@@ -121,7 +115,7 @@ pub async fn run(args: SendArgs) -> Result<ExitCode> {
     } else {
         eprintln!(
             "{accepted} of {sent} events accepted; {} rejected",
-            sent - accepted
+            sent.saturating_sub(accepted)
         );
     }
     Ok(if rejections.is_empty() {
@@ -129,6 +123,83 @@ pub async fn run(args: SendArgs) -> Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// Counts one frame's answer; prints a rejection with the line it blames.
+fn settle(
+    outcome: Outcome,
+    frame: &[Line],
+    json: bool,
+    accepted: &mut usize,
+    rejections: &mut Vec<serde_json::Value>,
+) {
+    match outcome {
+        // A server never acknowledges more events than the frame held.
+        Outcome::Acked(ack) => *accepted += (ack.count as usize).min(frame.len()),
+        Outcome::Rejected(r) => {
+            let first = frame.first().map(|l| l.number).unwrap_or(0);
+            let last = frame.last().map(|l| l.number).unwrap_or(0);
+            let line = r.event.and_then(|i| frame.get(i)).map(|l| l.number);
+            let prefix = r.event.map(|i| format!("event {i}: ")).unwrap_or_default();
+            let message = r
+                .message
+                .strip_prefix(&prefix)
+                .unwrap_or(&r.message)
+                .to_string();
+            if !json {
+                let span = if first == last {
+                    format!("line {first} was")
+                } else {
+                    format!("lines {first}-{last} were")
+                };
+                match line {
+                    Some(n) => eprintln!(
+                        "error: line {n}: {message} ({}; {span} not stored)",
+                        r.code.as_str()
+                    ),
+                    None => eprintln!("error: {message} ({}; {span} not stored)", r.code.as_str()),
+                }
+            }
+            rejections.push(json!({
+                "line": line,
+                "lines": [first, last],
+                "code": r.code.as_str(),
+                "field": r.field,
+                "message": message,
+            }));
+        }
+    }
+}
+
+/// Groups lines into frames of at most `batch` events and `max_bytes` of
+/// payload; a line too big for any frame comes back on its own.
+fn pack(lines: &[Line], batch: usize, max_bytes: usize) -> (Vec<&[Line]>, Vec<&Line>) {
+    let mut frames = Vec::new();
+    let mut too_big = Vec::new();
+    let mut start = 0;
+    let mut bytes = 0;
+    for (i, line) in lines.iter().enumerate() {
+        let size = line.text.len() + 1;
+        if size > max_bytes {
+            if start < i {
+                frames.push(&lines[start..i]);
+            }
+            too_big.push(line);
+            start = i + 1;
+            bytes = 0;
+            continue;
+        }
+        if i > start && (i - start >= batch || bytes + size > max_bytes) {
+            frames.push(&lines[start..i]);
+            start = i;
+            bytes = 0;
+        }
+        bytes += size;
+    }
+    if start < lines.len() {
+        frames.push(&lines[start..]);
+    }
+    (frames, too_big)
 }
 
 fn read_lines(args: &[String]) -> Result<Vec<Line>> {
@@ -152,4 +223,43 @@ fn read_lines(args: &[String]) -> Result<Vec<Line>> {
             text,
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lines(sizes: &[usize]) -> Vec<Line> {
+        sizes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| Line {
+                number: i + 1,
+                text: "x".repeat(*n),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn frames_respect_count_and_size_and_oversized_lines_stand_alone() {
+        let l = lines(&[3, 3, 3, 3, 3]);
+        let (frames, big) = pack(&l, 2, 100);
+        assert_eq!(
+            frames.iter().map(|f| f.len()).collect::<Vec<_>>(),
+            [2, 2, 1]
+        );
+        assert!(big.is_empty());
+        let (frames, _) = pack(&l, 100, 8);
+        assert_eq!(
+            frames.iter().map(|f| f.len()).collect::<Vec<_>>(),
+            [2, 2, 1]
+        );
+        let l = lines(&[3, 50, 3]);
+        let (frames, big) = pack(&l, 100, 10);
+        assert_eq!(
+            frames.iter().map(|f| f[0].number).collect::<Vec<_>>(),
+            [1, 3]
+        );
+        assert_eq!(big.iter().map(|l| l.number).collect::<Vec<_>>(), [2]);
+    }
 }

@@ -36,6 +36,18 @@ pub async fn query_offline(data_dir: &Path, statement: &str, format: Format) -> 
         }
     };
     let dir = DataDir::new(data_dir);
+    // A running server moves files and offsets underneath us; without a lock
+    // shared between processes the answer could count events twice.
+    if let Some(info) = dir.read_server_info()
+        && Path::new(&format!("/proc/{}", info.pid)).exists()
+        && info.pid != std::process::id()
+    {
+        bail!(
+            "a server (pid {}) is running on {}; use `tributary sql`, which queries it consistently",
+            info.pid,
+            data_dir.display()
+        );
+    }
     let catalog = Arc::new(Catalog::open(&dir.catalog())?);
     let log: SharedEventStream = Arc::new(EmbeddedLog::open(
         dir.log(),

@@ -55,6 +55,9 @@ pub enum Fsync {
     Never,
 }
 
+/// Longest duration a flag takes: a week.
+const MAX_DURATION_SECS: u64 = 7 * 24 * 3600;
+
 /// Parses `250ms`, `5s`, `2m`, `1h`.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
@@ -65,13 +68,18 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let n: u64 = number
         .parse()
         .map_err(|_| format!("'{text}' is not a duration like 500ms, 5s, 2m or 1h"))?;
-    Ok(match unit {
-        "ms" => Duration::from_millis(n),
-        "s" | "" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n * 60),
-        "h" => Duration::from_secs(n * 3600),
+    let seconds_per_unit = match unit {
+        "ms" => return Ok(Duration::from_millis(n)),
+        "s" | "" => 1,
+        "m" => 60,
+        "h" => 3600,
         _ => return Err(format!("'{text}': the unit must be ms, s, m or h")),
-    })
+    };
+    let seconds = n
+        .checked_mul(seconds_per_unit)
+        .filter(|s| *s <= MAX_DURATION_SECS)
+        .ok_or_else(|| format!("'{text}' is too long; the most is 7 days"))?;
+    Ok(Duration::from_secs(seconds))
 }
 
 /// Reads a stream's stored events for queries: its Parquet files plus the
@@ -153,6 +161,7 @@ pub async fn serve(args: ServeArgs) -> Result<std::process::ExitCode> {
         rules: rules.clone(),
         sinks: sinks.clone(),
         queries,
+        ddl: tokio::sync::Mutex::new(()),
     });
     sql.resume().await?;
 
@@ -262,5 +271,7 @@ mod tests {
         assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
         assert!(parse_duration("soon").is_err());
         assert!(parse_duration("5 parsecs").is_err());
+        assert!(parse_duration("99999999999999999h").is_err());
+        assert!(parse_duration("8d").is_err());
     }
 }

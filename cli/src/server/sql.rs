@@ -6,7 +6,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use arrow::array::{ArrayRef, BooleanArray, RecordBatch, StringArray, UInt64Array};
 use arrow::datatypes::{DataType, Field, Schema};
-use tributary_engine::catalog::Catalog;
+use tributary_engine::catalog::{Catalog, RESERVED_NAMES};
 use tributary_engine::event::{SYSTEM_COLUMNS, StreamDef, now_millis};
 use tributary_engine::log::SharedEventStream;
 use tributary_engine::rule::RuleRuntime;
@@ -22,6 +22,8 @@ pub struct SqlService {
     pub rules: Arc<RuleRuntime>,
     pub sinks: Arc<ParquetSinks>,
     pub queries: QueryEngine,
+    /// One DDL statement at a time, so the catalog and the log never disagree.
+    pub ddl: tokio::sync::Mutex<()>,
 }
 
 impl SqlService {
@@ -54,8 +56,22 @@ impl SqlService {
 
     /// Executes one statement.
     pub async fn execute(&self, sql: &str) -> tributary_sql::Result<QueryResult> {
-        match parse(sql)? {
+        let statement = parse(sql)?;
+        let _ddl = match statement {
+            Statement::CreateStream { .. }
+            | Statement::CreateRule(_)
+            | Statement::DropRule { .. } => Some(self.ddl.lock().await),
+            _ => None,
+        };
+        match statement {
             Statement::CreateStream { def, if_not_exists } => {
+                if RESERVED_NAMES.contains(&def.name.as_str()) {
+                    return Err(tributary_engine::Error::User(format!(
+                        "'{}' is a built-in table; choose another stream name",
+                        def.name
+                    ))
+                    .into());
+                }
                 if let Some(existing) = self.catalog.stream(&def.name) {
                     if if_not_exists {
                         return Ok(message(format!("stream {} already exists", existing.name)));

@@ -77,6 +77,7 @@ struct StreamLog {
     writer: Option<mpsc::Sender<WriteRequest>>,
     appended: watch::Sender<u64>,
     offsets: Mutex<ConsumerOffsets>,
+    offsets_write: Mutex<()>,
     offsets_path: PathBuf,
 }
 
@@ -194,6 +195,7 @@ impl EmbeddedLog {
             writer: None,
             appended,
             offsets: Mutex::new(offsets),
+            offsets_write: Mutex::new(()),
             offsets_path,
         };
         if !self.options.read_only {
@@ -607,7 +609,9 @@ impl EventStream for EmbeddedLog {
         if self.options.read_only {
             return Err(Error::User("the log is open read-only".into()));
         }
-        if let Ok(existing) = self.stream(&def.name) {
+        // Check and create under one lock, so two creators cannot race.
+        let mut streams = self.write_streams();
+        if let Some(existing) = streams.get(&def.name) {
             if existing.partitions.len() == def.partitions as usize
                 && existing.schema == def.schema()
             {
@@ -622,7 +626,7 @@ impl EventStream for EmbeddedLog {
             .map_err(|e| Error::Internal(e.to_string()))?;
         write_atomic(&self.dir.join(&def.name).join("meta.json"), &meta)?;
         let stream = self.open_stream(def)?;
-        self.write_streams().insert(def.name.clone(), stream);
+        streams.insert(def.name.clone(), stream);
         Ok(())
     }
 
@@ -638,6 +642,13 @@ impl EventStream for EmbeddedLog {
             .filter(|c| *c > 0)
             .ok_or_else(|| Error::User("a batch must hold between 1 and 2^32-1 events".into()))?;
         let body = encode_batch(&batch)?;
+        if body.len() > segment::MAX_BODY_LEN as usize {
+            return Err(Error::User(format!(
+                "a batch of {} bytes is larger than the log's limit of {} bytes; split it",
+                body.len(),
+                segment::MAX_BODY_LEN
+            )));
+        }
         let partition = partition_for(key, s.partitions.len() as u32);
         let (reply, rx) = oneshot::channel();
         let writer = s
@@ -729,8 +740,10 @@ impl EventStream for EmbeddedLog {
         let s = self.stream(stream)?;
         let consumer = consumer.to_string();
         tokio::task::spawn_blocking(move || {
-            let mut offsets = lock(&s.offsets);
-            let slot = offsets
+            // One writer at a time; readers of `offsets` are not held up by the fsync.
+            let _writing = lock(&s.offsets_write);
+            let mut next = lock(&s.offsets).clone();
+            let slot = next
                 .entry(consumer)
                 .or_default()
                 .entry(partition)
@@ -739,9 +752,11 @@ impl EventStream for EmbeddedLog {
                 return Ok(());
             }
             *slot = offset;
-            let bytes =
-                serde_json::to_vec(&*offsets).map_err(|e| Error::Internal(e.to_string()))?;
-            write_atomic(&s.offsets_path, &bytes)
+            let bytes = serde_json::to_vec(&next).map_err(|e| Error::Internal(e.to_string()))?;
+            // Disk first: memory never claims an offset the file does not hold.
+            write_atomic(&s.offsets_path, &bytes)?;
+            *lock(&s.offsets) = next;
+            Ok(())
         })
         .await
         .map_err(|e| Error::Internal(format!("offset commit task failed: {e}")))?

@@ -87,7 +87,8 @@ pub(crate) fn scan(path: &Path, expected_offset: u64) -> Result<Scan> {
         return Ok(Scan {
             entries: Vec::new(),
             valid_len: 0,
-            torn: (!data.is_empty()).then(|| "incomplete segment header".to_string()),
+            // An empty file too: a crash right after creating it.
+            torn: Some("incomplete segment header".to_string()),
         });
     }
     if &data[..MAGIC.len()] != MAGIC {

@@ -7,7 +7,11 @@
 //! there) and then commits the stream offsets it covers.
 //!
 //! Queries see the files plus the hot tail (events in the log that no file
-//! holds yet). [`Storage::snapshot`] takes both under a lock the sink holds
+//! holds yet). Every file records in its footer the flush it belongs to
+//! ([`FlushInfo`]: how many files, which offsets); after a crash between
+//! writing a flush's files and committing its offsets, the sink commits a
+//! complete flush and deletes an incomplete one, so no event is stored twice.
+//! [`Storage::snapshot`] takes both under a lock the sink holds
 //! while it publishes a file and commits its offsets, so a query sees every
 //! event exactly once.
 

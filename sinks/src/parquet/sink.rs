@@ -15,6 +15,7 @@ use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::metadata::KeyValue;
 use parquet::file::properties::WriterProperties;
+use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -213,6 +214,7 @@ impl Worker {
                     .unwrap_or(0),
             );
         }
+        self.recover(&mut committed).await?;
         let mut read = committed.clone();
         let mut buffer = Buffer::default();
         loop {
@@ -224,7 +226,10 @@ impl Worker {
                     if buffer.full(&self.options) {
                         break 'partitions;
                     }
-                    let records = self.log.read(&self.stream, p as u32, *position, 8192).await?;
+                    let records = self
+                        .log
+                        .read(&self.stream, p as u32, *position, 8192)
+                        .await?;
                     let Some(end) = records.last().map(|r| r.end_offset()) else {
                         break;
                     };
@@ -249,7 +254,9 @@ impl Worker {
             if got {
                 continue;
             }
-            let deadline = buffer.since.map(|t| t + self.options.flush_interval);
+            let deadline = buffer
+                .since
+                .and_then(|t| t.checked_add(self.options.flush_interval));
             tokio::select! {
                 changed = appended.changed() => if changed.is_err() { return Ok(()) },
                 _ = sleep_until(deadline) => {}
@@ -267,14 +274,19 @@ impl Worker {
             .filter(|(_, (a, b))| a != b)
             .map(|(p, (a, b))| (p, [*a, *b]))
             .collect();
+        let now = now_millis();
+        let flush = FlushInfo {
+            id: format!("{now}-{}", self.files_written),
+            files: buffer.hours.len(),
+            offsets: offsets.iter().map(|(p, r)| (*p as u32, *r)).collect(),
+        };
         let metadata = vec![
-            KeyValue::new("tributary.stream".to_string(), self.stream.clone()),
+            KeyValue::new(STREAM_KEY.to_string(), self.stream.clone()),
             KeyValue::new(
-                "tributary.offsets".to_string(),
-                serde_json::to_string(&offsets).map_err(|e| Error::Internal(e.to_string()))?,
+                FLUSH_KEY.to_string(),
+                serde_json::to_string(&flush).map_err(|e| Error::Internal(e.to_string()))?,
             ),
         ];
-        let now = now_millis();
         let mut files = Vec::with_capacity(buffer.hours.len());
         for hour in buffer.hours.keys() {
             self.files_written += 1;
@@ -304,6 +316,69 @@ impl Worker {
                 .await?;
         }
         tracing::debug!(stream = %self.stream, files = files.len(), bytes = rows_bytes, "flushed parquet");
+        Ok(())
+    }
+}
+
+/// Key-value metadata key naming the stream a file belongs to.
+pub const STREAM_KEY: &str = "tributary.stream";
+/// Key-value metadata key describing the flush a file belongs to.
+pub const FLUSH_KEY: &str = "tributary.flush";
+
+/// What every file of one flush records about it: the flush, how many files
+/// it wrote, and the log offsets (`[start, end)` per partition) it covers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlushInfo {
+    pub id: String,
+    pub files: usize,
+    pub offsets: BTreeMap<u32, [u64; 2]>,
+}
+
+impl Worker {
+    /// Makes the files and the committed offsets agree after a crash. A
+    /// flush puts its files and then commits; a crash in between leaves
+    /// files past the committed offsets. If all of that flush's files are
+    /// there, its offsets are committed now (so its events are not written
+    /// twice); if only some are, they are deleted (and written again).
+    async fn recover(&self, committed: &mut [u64]) -> Result<()> {
+        let _publishing = self.storage.visibility.write().await;
+        let mut pending: HashMap<String, (FlushInfo, Vec<ObjectPath>)> = HashMap::new();
+        for path in self.storage.object_paths(&self.stream).await? {
+            let Some(info) = self.storage.flush_info(&path).await? else {
+                continue;
+            };
+            let ahead = info
+                .offsets
+                .iter()
+                .any(|(p, [_, end])| committed.get(*p as usize).is_some_and(|c| end > c));
+            if ahead {
+                pending
+                    .entry(info.id.clone())
+                    .or_insert_with(|| (info, Vec::new()))
+                    .1
+                    .push(path);
+            }
+        }
+        for (id, (info, paths)) in pending {
+            if paths.len() == info.files {
+                tracing::warn!(stream = %self.stream, flush = %id, "a flush finished before a crash; committing its offsets");
+                for (p, [_, end]) in &info.offsets {
+                    if let Some(c) = committed.get_mut(*p as usize)
+                        && *end > *c
+                    {
+                        self.log
+                            .commit(SINK_CONSUMER, &self.stream, *p, *end)
+                            .await?;
+                        *c = *end;
+                    }
+                }
+            } else {
+                tracing::warn!(stream = %self.stream, flush = %id, found = paths.len(), expected = info.files, "deleting the files of a flush a crash cut short");
+                for path in paths {
+                    self.storage.store().delete(&path).await?;
+                }
+            }
+        }
         Ok(())
     }
 }
@@ -448,5 +523,72 @@ mod tests {
         assert!(after.files[1].to_string_lossy().contains("hour=01"));
         let total: usize = after.files.iter().map(|f| read_rows(f)).sum();
         assert_eq!(total, 3);
+    }
+
+    /// Writes the file a crashed flush left behind: all of the log's events
+    /// of partition `p`, claiming to be one of `files` files.
+    async fn leave_crashed_flush(
+        storage: &Storage,
+        log: &SharedEventStream,
+        p: u32,
+        files: usize,
+    ) -> usize {
+        let records = log.read("telemetry", p, 0, 1000).await.unwrap();
+        let end = records.last().unwrap().end_offset();
+        let batches: Vec<_> = records.into_iter().map(|r| r.batch).collect();
+        let rows = batches.iter().map(|b| b.num_rows()).sum();
+        let info = FlushInfo {
+            id: "crashed".into(),
+            files,
+            offsets: BTreeMap::from([(p, [0, end])]),
+        };
+        let metadata = vec![KeyValue::new(
+            FLUSH_KEY.to_string(),
+            serde_json::to_string(&info).unwrap(),
+        )];
+        let bytes = encode_parquet(&def().schema(), &batches, 3, metadata).unwrap();
+        let path =
+            ObjectPath::from("telemetry/date=1970-01-01/hour=00/0000000000001-000001.parquet");
+        storage.store().put(&path, bytes.into()).await.unwrap();
+        rows
+    }
+
+    async fn run_sink_once(storage: &Storage, log: &SharedEventStream) {
+        let sinks = ParquetSinks::new(storage.clone(), log.clone(), SinkOptions::default());
+        sinks.start(&def()).unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        sinks.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn after_a_crash_a_complete_flush_is_committed_and_a_partial_one_deleted() {
+        for (files, kept) in [(1, true), (2, false)] {
+            let dir = tempfile::tempdir().unwrap();
+            let log: SharedEventStream =
+                Arc::new(EmbeddedLog::open(dir.path().join("log"), LogOptions::default()).unwrap());
+            log.create_stream(&def()).await.unwrap();
+            let storage = Storage::local(dir.path().join("storage")).unwrap();
+            let receipt = log
+                .append("telemetry", "a", batch("a", &[1, 2, 3]))
+                .await
+                .unwrap();
+            let rows = leave_crashed_flush(&storage, &log, receipt.partition, files).await;
+            assert_eq!(rows, 3);
+
+            run_sink_once(&storage, &log).await;
+
+            let snapshot = storage.snapshot(log.as_ref(), "telemetry").await.unwrap();
+            assert!(snapshot.tail.is_empty());
+            let total: usize = snapshot.files.iter().map(|f| read_rows(f)).sum();
+            assert_eq!(
+                total, 3,
+                "each event stored once (complete flush kept: {kept})"
+            );
+            let crashed = snapshot
+                .files
+                .iter()
+                .any(|f| f.ends_with("0000000000001-000001.parquet"));
+            assert_eq!(crashed, kept);
+        }
     }
 }

@@ -10,7 +10,11 @@ use object_store::local::LocalFileSystem;
 use object_store::path::Path as ObjectPath;
 use tokio::sync::RwLock;
 
+use object_store::ObjectStoreExt;
+use parquet::file::metadata::ParquetMetaDataReader;
+
 use super::SINK_CONSUMER;
+use super::sink::{FLUSH_KEY, FlushInfo};
 use crate::{Error, Result};
 use tributary_engine::log::EventStream;
 
@@ -75,6 +79,46 @@ impl Storage {
             .collect();
         files.sort();
         Ok(files)
+    }
+
+    /// Object paths of a stream's Parquet files.
+    pub(crate) async fn object_paths(&self, stream: &str) -> Result<Vec<ObjectPath>> {
+        let prefix = ObjectPath::from(stream);
+        let metas: Vec<_> = self.store.list(Some(&prefix)).try_collect().await?;
+        Ok(metas
+            .into_iter()
+            .map(|m| m.location)
+            .filter(|p| p.extension() == Some("parquet"))
+            .collect())
+    }
+
+    /// The flush a file belongs to, from its footer; `None` for files that
+    /// carry no flush record (written by another tool).
+    pub(crate) async fn flush_info(&self, path: &ObjectPath) -> Result<Option<FlushInfo>> {
+        // A Parquet file ends with its footer, the footer's length (4 bytes,
+        // little-endian) and the magic `PAR1`: read just those.
+        let size = self.store.head(path).await?.size;
+        if size < 12 {
+            return Ok(None);
+        }
+        let tail = self.store.get_range(path, size - 8..size).await?;
+        if &tail[4..8] != b"PAR1" {
+            return Ok(None);
+        }
+        let footer_len = u64::from(u32::from_le_bytes([tail[0], tail[1], tail[2], tail[3]]));
+        let Some(start) = (size - 8).checked_sub(footer_len) else {
+            return Ok(None);
+        };
+        let footer = self.store.get_range(path, start..size - 8).await?;
+        let metadata = ParquetMetaDataReader::decode_metadata(&footer)?;
+        let Some(kv) = metadata.file_metadata().key_value_metadata() else {
+            return Ok(None);
+        };
+        Ok(kv
+            .iter()
+            .find(|kv| kv.key == FLUSH_KEY)
+            .and_then(|kv| kv.value.as_deref())
+            .and_then(|v| serde_json::from_str(v).ok()))
     }
 
     /// A consistent view of a stream: its files, and every event the log holds
