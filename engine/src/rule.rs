@@ -272,7 +272,14 @@ impl Worker {
                     }
                 }
                 if !commands.is_empty() {
-                    let queued = self.commands.enqueue(&commands, now_millis())?;
+                    // SQLite with fsync: off the async threads.
+                    let queue = self.commands.clone();
+                    let queued =
+                        tokio::task::spawn_blocking(move || queue.enqueue(&commands, now_millis()))
+                            .await
+                            .map_err(|e| {
+                                Error::Internal(format!("command queue task failed: {e}"))
+                            })??;
                     self.stats
                         .commands_queued
                         .fetch_add(queued as u64, Ordering::Relaxed);

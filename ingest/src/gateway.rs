@@ -377,20 +377,20 @@ impl Session {
                     }
                 }
                 Frame::CommandAck(CommandAck { id }) => {
-                    match self
-                        .shared
-                        .deps
-                        .commands
-                        .acknowledge(&self.device, &id, now_millis())
-                    {
-                        Ok(true) => {}
-                        Ok(false) => {
-                            tracing::debug!(device = %self.device, command = %id, "acknowledgement for no open command")
+                    // SQLite with fsync: off the async threads, and no need to wait.
+                    let queue = self.shared.deps.commands.clone();
+                    let device = self.device.clone();
+                    tokio::task::spawn_blocking(move || {
+                        match queue.acknowledge(&device, &id, now_millis()) {
+                            Ok(true) => {}
+                            Ok(false) => {
+                                tracing::debug!(device = %device, command = %id, "acknowledgement for no open command")
+                            }
+                            Err(e) => {
+                                tracing::error!(error = %e, "could not record a command acknowledgement")
+                            }
                         }
-                        Err(e) => {
-                            tracing::error!(error = %e, "could not record a command acknowledgement")
-                        }
-                    }
+                    });
                 }
                 Frame::Ping(nonce) => {
                     let _ = out_tx.send(Frame::Pong(nonce)).await;
@@ -549,7 +549,8 @@ async fn deliver_commands(queue: Arc<CommandQueue>, device: String, out: mpsc::S
         tokio::pin!(notified);
         notified.as_mut().enable();
         let now = now_millis();
-        let pending = match queue.pending(&device, now) {
+        let who = device.clone();
+        let pending = match blocking(&queue, move |q| q.pending(&who, now)).await {
             Ok(p) => p,
             Err(e) => {
                 tracing::error!(device = %device, error = %e, "reading the command queue failed");
@@ -571,12 +572,24 @@ async fn deliver_commands(queue: Arc<CommandQueue>, device: String, out: mpsc::S
             if out.send(frame).await.is_err() {
                 return;
             }
-            if let Err(e) = queue.mark_delivered(&c.id, now) {
+            let id = c.id.clone();
+            if let Err(e) = blocking(&queue, move |q| q.mark_delivered(&id, now)).await {
                 tracing::error!(command = %c.id, error = %e, "could not mark a command delivered");
             }
         }
         notified.await;
     }
+}
+
+/// Runs a command-queue call (SQLite, fsync) on a blocking thread.
+async fn blocking<T: Send + 'static>(
+    queue: &Arc<CommandQueue>,
+    f: impl FnOnce(&CommandQueue) -> tributary_engine::Result<T> + Send + 'static,
+) -> tributary_engine::Result<T> {
+    let queue = queue.clone();
+    tokio::task::spawn_blocking(move || f(&queue))
+        .await
+        .map_err(|e| tributary_engine::Error::Internal(format!("command queue task failed: {e}")))?
 }
 
 fn millis_to_utc(ms: i64) -> DateTime<Utc> {

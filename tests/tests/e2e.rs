@@ -157,7 +157,12 @@ fn event_to_command_and_parquet_through_the_real_binary() {
     // ...and gives the same answer once the server is gone.
     server.stop();
     let offline = server
-        .cli(&["query", "SELECT count(*) AS n FROM telemetry", "--format", "csv"])
+        .cli(&[
+            "query",
+            "SELECT count(*) AS n FROM telemetry",
+            "--format",
+            "csv",
+        ])
         .ok();
     assert_eq!(offline.stdout.trim(), "n\n3");
 }
