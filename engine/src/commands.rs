@@ -152,6 +152,18 @@ impl CommandQueue {
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Runs a queue call (SQLite with fsync) on a blocking thread, so async
+    /// tasks (rules, gateway sessions) never stall on the disk.
+    pub async fn blocking<T: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&CommandQueue) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let queue = self.clone();
+        tokio::task::spawn_blocking(move || f(&queue))
+            .await
+            .map_err(|e| Error::Internal(format!("command queue task failed: {e}")))?
+    }
+
     /// Checks a command before it is queued.
     pub fn validate(cmd: &NewCommand) -> Result<()> {
         if cmd.name.is_empty() || cmd.name.len() > MAX_NAME_LEN {

@@ -272,14 +272,11 @@ impl Worker {
                     }
                 }
                 if !commands.is_empty() {
-                    // SQLite with fsync: off the async threads.
-                    let queue = self.commands.clone();
-                    let queued =
-                        tokio::task::spawn_blocking(move || queue.enqueue(&commands, now_millis()))
-                            .await
-                            .map_err(|e| {
-                                Error::Internal(format!("command queue task failed: {e}"))
-                            })??;
+                    let now = now_millis();
+                    let queued = self
+                        .commands
+                        .blocking(move |q| q.enqueue(&commands, now))
+                        .await?;
                     self.stats
                         .commands_queued
                         .fetch_add(queued as u64, Ordering::Relaxed);
@@ -421,5 +418,90 @@ mod tests {
     fn string_payloads_stay_strings() {
         let col: Arc<dyn Array> = Arc::new(StringArray::from(vec!["85.5"]));
         assert_eq!(payload_values(&col).unwrap(), vec![json!("85.5")]);
+    }
+
+    /// Passes each event through as (device_id, 'set', label).
+    struct Echo;
+
+    impl RuleProgram for Echo {
+        fn process(&mut self, batch: &RecordBatch) -> Result<Option<RecordBatch>, String> {
+            let out = RecordBatch::try_from_iter(vec![
+                ("device", batch.column(0).clone()),
+                (
+                    "name",
+                    Arc::new(StringArray::from(vec!["set"; batch.num_rows()])) as _,
+                ),
+                ("payload", batch.column(3).clone()),
+            ])
+            .map_err(|e| e.to_string())?;
+            Ok(Some(out))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_row_the_queue_refuses_is_counted_and_the_rule_goes_on() {
+        use crate::catalog::{RuleDef, RuleTarget};
+        use crate::event::{ColumnDef, ColumnType, StreamDef};
+        use crate::log::{EmbeddedLog, LogOptions, SharedEventStream};
+
+        let dir = tempfile::tempdir().unwrap();
+        let log: SharedEventStream =
+            Arc::new(EmbeddedLog::open(dir.path(), LogOptions::default()).unwrap());
+        let def = StreamDef::new(
+            "s",
+            vec![ColumnDef {
+                name: "label".into(),
+                ty: ColumnType::Utf8,
+            }],
+            1,
+        )
+        .unwrap();
+        log.create_stream(&def).await.unwrap();
+        let queue = Arc::new(CommandQueue::open_in_memory().unwrap());
+        let runtime = RuleRuntime::new(log.clone(), queue.clone());
+        let rule = RuleDef {
+            name: "echo".into(),
+            sql: String::new(),
+            source: "s".into(),
+            target: RuleTarget::Commands,
+            created_at: 0,
+        };
+        runtime.position_at_end(&rule).await.unwrap();
+        runtime.start(&rule, Box::new(Echo)).unwrap();
+
+        let too_big = "x".repeat(crate::commands::MAX_PAYLOAD_BYTES + 1);
+        let ts = arrow::array::TimestampMillisecondArray::from(vec![0i64, 0]).with_timezone("UTC");
+        let batch = RecordBatch::try_new(
+            def.schema(),
+            vec![
+                Arc::new(StringArray::from(vec!["d", "d"])),
+                Arc::new(ts.clone()),
+                Arc::new(ts),
+                Arc::new(StringArray::from(vec![too_big.as_str(), "fine"])),
+            ],
+        )
+        .unwrap();
+        log.append("s", "d", batch).await.unwrap();
+
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let stats = loop {
+            let stats = runtime.stats("echo").unwrap();
+            // The bad row is counted before the good one is queued.
+            if stats.commands_queued > 0 {
+                break stats;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the rule stalled: {stats:?}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        };
+        runtime.shutdown().await;
+        assert_eq!(stats.commands_queued, 1, "{stats:?}");
+        assert_eq!(stats.errors, 1, "{stats:?}");
+        assert!(stats.last_error.unwrap().contains("payload"));
+        let pending = queue.pending("d", 0).unwrap();
+        assert_eq!(pending.len(), 1);
+        assert_eq!(pending[0].payload, json!("fine"));
     }
 }

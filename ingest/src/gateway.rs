@@ -550,7 +550,7 @@ async fn deliver_commands(queue: Arc<CommandQueue>, device: String, out: mpsc::S
         notified.as_mut().enable();
         let now = now_millis();
         let who = device.clone();
-        let pending = match blocking(&queue, move |q| q.pending(&who, now)).await {
+        let pending = match queue.blocking(move |q| q.pending(&who, now)).await {
             Ok(p) => p,
             Err(e) => {
                 tracing::error!(device = %device, error = %e, "reading the command queue failed");
@@ -573,23 +573,12 @@ async fn deliver_commands(queue: Arc<CommandQueue>, device: String, out: mpsc::S
                 return;
             }
             let id = c.id.clone();
-            if let Err(e) = blocking(&queue, move |q| q.mark_delivered(&id, now)).await {
+            if let Err(e) = queue.blocking(move |q| q.mark_delivered(&id, now)).await {
                 tracing::error!(command = %c.id, error = %e, "could not mark a command delivered");
             }
         }
         notified.await;
     }
-}
-
-/// Runs a command-queue call (SQLite, fsync) on a blocking thread.
-async fn blocking<T: Send + 'static>(
-    queue: &Arc<CommandQueue>,
-    f: impl FnOnce(&CommandQueue) -> tributary_engine::Result<T> + Send + 'static,
-) -> tributary_engine::Result<T> {
-    let queue = queue.clone();
-    tokio::task::spawn_blocking(move || f(&queue))
-        .await
-        .map_err(|e| tributary_engine::Error::Internal(format!("command queue task failed: {e}")))?
 }
 
 fn millis_to_utc(ms: i64) -> DateTime<Utc> {

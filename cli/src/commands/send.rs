@@ -58,16 +58,14 @@ pub async fn run(args: SendArgs) -> Result<ExitCode> {
             "the event is {} bytes; the server takes at most {max_payload} bytes per frame",
             line.text.len()
         );
-        if !args.json {
-            eprintln!("error: line {}: {message} (not sent)", line.number);
-        }
-        rejections.push(json!({
-            "line": line.number,
-            "lines": [line.number, line.number],
-            "code": "frame_too_large",
-            "field": null,
-            "message": message,
-        }));
+        let rejection = Rejection {
+            line: Some(line.number),
+            lines: [line.number, line.number],
+            code: "frame_too_large",
+            field: None,
+            message,
+        };
+        rejection.report(args.json, "not sent", &mut rejections);
     }
     for frame in &frames {
         let payload = frame
@@ -139,35 +137,58 @@ fn settle(
         Outcome::Rejected(r) => {
             let first = frame.first().map(|l| l.number).unwrap_or(0);
             let last = frame.last().map(|l| l.number).unwrap_or(0);
-            let line = r.event.and_then(|i| frame.get(i)).map(|l| l.number);
             let prefix = r.event.map(|i| format!("event {i}: ")).unwrap_or_default();
-            let message = r
-                .message
-                .strip_prefix(&prefix)
-                .unwrap_or(&r.message)
-                .to_string();
-            if !json {
-                let span = if first == last {
-                    format!("line {first} was")
-                } else {
-                    format!("lines {first}-{last} were")
-                };
-                match line {
-                    Some(n) => eprintln!(
-                        "error: line {n}: {message} ({}; {span} not stored)",
-                        r.code.as_str()
-                    ),
-                    None => eprintln!("error: {message} ({}; {span} not stored)", r.code.as_str()),
-                }
-            }
-            rejections.push(json!({
-                "line": line,
-                "lines": [first, last],
-                "code": r.code.as_str(),
-                "field": r.field,
-                "message": message,
-            }));
+            let span = if first == last {
+                format!("line {first} was not stored")
+            } else {
+                format!("lines {first}-{last} were not stored")
+            };
+            let rejection = Rejection {
+                line: r.event.and_then(|i| frame.get(i)).map(|l| l.number),
+                lines: [first, last],
+                code: r.code.as_str(),
+                message: r
+                    .message
+                    .strip_prefix(&prefix)
+                    .unwrap_or(&r.message)
+                    .to_string(),
+                field: r.field,
+            };
+            rejection.report(json, &span, rejections);
         }
+    }
+}
+
+/// Events that were not stored, and why.
+struct Rejection {
+    /// The line to blame, when one is.
+    line: Option<usize>,
+    /// The lines that were not stored.
+    lines: [usize; 2],
+    code: &'static str,
+    field: Option<String>,
+    message: String,
+}
+
+impl Rejection {
+    /// Prints one `error:` line (unless `--json`) and keeps it for the summary.
+    fn report(self, json: bool, consequence: &str, rejections: &mut Vec<serde_json::Value>) {
+        if !json {
+            match self.line {
+                Some(n) => eprintln!(
+                    "error: line {n}: {} ({}; {consequence})",
+                    self.message, self.code
+                ),
+                None => eprintln!("error: {} ({}; {consequence})", self.message, self.code),
+            }
+        }
+        rejections.push(json!({
+            "line": self.line,
+            "lines": self.lines,
+            "code": self.code,
+            "field": self.field,
+            "message": self.message,
+        }));
     }
 }
 

@@ -910,6 +910,36 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_empty_segment_left_by_a_crash_is_repaired() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let log = EmbeddedLog::open(dir.path(), LogOptions::default()).unwrap();
+            log.create_stream(&def(1)).await.unwrap();
+            log.append("telemetry", "d", batch("d", &[1.0]))
+                .await
+                .unwrap();
+        }
+        // A crash right after a roll created the next segment, before its header.
+        File::create(
+            dir.path()
+                .join("telemetry/p0")
+                .join(segment::segment_name(1)),
+        )
+        .unwrap();
+        {
+            let log = EmbeddedLog::open(dir.path(), no_cache()).unwrap();
+            log.append("telemetry", "d", batch("d", &[2.0]))
+                .await
+                .unwrap();
+        }
+        let log = EmbeddedLog::open(dir.path(), no_cache()).unwrap();
+        assert_eq!(
+            temps(&log.read("telemetry", 0, 0, 10).await.unwrap()),
+            [1.0, 2.0]
+        );
+    }
+
+    #[tokio::test]
     async fn segments_roll_and_reads_cross_them() {
         let dir = tempfile::tempdir().unwrap();
         let opts = LogOptions {

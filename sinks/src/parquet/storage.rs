@@ -5,13 +5,11 @@ use std::sync::Arc;
 
 use arrow::record_batch::RecordBatch;
 use futures::TryStreamExt;
-use object_store::ObjectStore;
 use object_store::local::LocalFileSystem;
 use object_store::path::Path as ObjectPath;
-use tokio::sync::RwLock;
-
-use object_store::ObjectStoreExt;
+use object_store::{ObjectStore, ObjectStoreExt};
 use parquet::file::metadata::ParquetMetaDataReader;
+use tokio::sync::RwLock;
 
 use super::SINK_CONSUMER;
 use super::sink::{FLUSH_KEY, FlushInfo};
@@ -69,12 +67,10 @@ impl Storage {
 
     /// The Parquet files of a stream, sorted by path.
     pub async fn files(&self, stream: &str) -> Result<Vec<PathBuf>> {
-        let prefix = ObjectPath::from(stream);
-        let metas: Vec<_> = self.store.list(Some(&prefix)).try_collect().await?;
-        let mut files: Vec<PathBuf> = metas
+        let mut files: Vec<PathBuf> = self
+            .object_paths(stream)
+            .await?
             .into_iter()
-            .map(|m| m.location)
-            .filter(|p| p.extension() == Some("parquet"))
             .map(|p| self.root.join(p.as_ref()))
             .collect();
         files.sort();
