@@ -40,6 +40,12 @@ pub struct RuleDef {
     pub source: String,
     pub target: RuleTarget,
     pub created_at: i64,
+    /// A paused rule keeps its definition and offsets but does not run.
+    #[serde(default)]
+    pub paused: bool,
+    /// Where the rule writes events that arrive after their watermark.
+    #[serde(default)]
+    pub late_stream: Option<String>,
 }
 
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
@@ -166,6 +172,58 @@ impl Catalog {
         })
     }
 
+    /// Declares a rule, or replaces the one of the same name, together with
+    /// the streams it needs (a derived or late-events stream): all of it is
+    /// saved at once, or none of it.
+    pub fn put_rule(&self, rule: RuleDef, new_streams: Vec<StreamDef>) -> Result<()> {
+        self.update(|c| {
+            for def in new_streams {
+                if RESERVED_NAMES.contains(&def.name.as_str()) {
+                    return Err(Error::User(format!(
+                        "'{}' is a built-in table; choose another stream name",
+                        def.name
+                    )));
+                }
+                match c.streams.get(&def.name) {
+                    Some(existing) if existing != &def => {
+                        return Err(Error::AlreadyExists {
+                            kind: "stream",
+                            name: def.name.clone(),
+                        });
+                    }
+                    _ => {
+                        c.streams.insert(def.name.clone(), def);
+                    }
+                }
+            }
+            for needed in std::iter::once(&rule.source).chain(match &rule.target {
+                RuleTarget::Stream(s) => Some(s),
+                RuleTarget::Commands => None,
+            }) {
+                if !c.streams.contains_key(needed) {
+                    return Err(Error::NotFound {
+                        kind: "stream",
+                        name: needed.clone(),
+                    });
+                }
+            }
+            c.rules.insert(rule.name.clone(), rule);
+            Ok(())
+        })
+    }
+
+    /// Pauses or resumes a rule; returns its definition as saved.
+    pub fn set_paused(&self, name: &str, paused: bool) -> Result<RuleDef> {
+        self.update(|c| {
+            let rule = c.rules.get_mut(name).ok_or_else(|| Error::NotFound {
+                kind: "rule",
+                name: name.to_string(),
+            })?;
+            rule.paused = paused;
+            Ok(rule.clone())
+        })
+    }
+
     /// Removes a rule; returns its definition.
     pub fn remove_rule(&self, name: &str) -> Result<RuleDef> {
         self.update(|c| {
@@ -198,6 +256,8 @@ mod tests {
                 source: "telemetry".into(),
                 target: RuleTarget::Commands,
                 created_at: 1,
+                paused: false,
+                late_stream: None,
             })
             .unwrap();
         }
@@ -228,6 +288,8 @@ mod tests {
                 source: "missing".into(),
                 target: RuleTarget::Commands,
                 created_at: 0,
+                paused: false,
+                late_stream: None,
             })
             .unwrap_err();
         assert_eq!(err.to_string(), "stream 'missing' does not exist");

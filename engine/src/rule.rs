@@ -6,6 +6,7 @@
 //! command ids are derived from the rule, the partition, the input offset and
 //! the row, so a replay queues nothing twice.
 
+use std::any::Any;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -24,14 +25,82 @@ use crate::event::now_millis;
 use crate::log::{Record, SharedEventStream};
 use crate::{Error, Result};
 
-/// A compiled rule: turns each batch of its source stream into output rows.
+/// What a rule produced from the records it was given.
+#[derive(Debug, Default)]
+pub struct Output {
+    /// Rows for the rule's target.
+    pub rows: Vec<Emitted>,
+    /// Source events that arrived after their watermark, in the schema of
+    /// the rule's late-events stream.
+    pub late: Vec<RecordBatch>,
+    /// Input the rule could not process (counted and skipped, never fatal).
+    pub errors: Vec<String>,
+}
+
+/// Rows a rule emits, each with an id that a replay reproduces.
+#[derive(Debug)]
+pub struct Emitted {
+    /// For `commands`: (device_id, name[, payload]). For a stream: the rows
+    /// in that stream's full schema, system columns first.
+    pub batch: RecordBatch,
+    /// One per row; the same input always yields the same ids, so a command
+    /// queued twice after a replay is queued once.
+    pub ids: Vec<String>,
+}
+
+/// What a program reports about itself, for `SHOW RULES`.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct ProgramStats {
+    /// Events dropped from windows because they came after their watermark.
+    pub late_events: u64,
+    /// Bytes of window state held now.
+    pub state_bytes: u64,
+    /// Windows (or sessions) open now.
+    pub open_windows: u64,
+}
+
+/// A compiled rule: turns the records of its source stream into rows.
+///
+/// Programs never read a clock: event time comes from the records, and the
+/// runtime passes the time in with [`advance`](RuleProgram::advance).
 pub trait RuleProgram: Send + 'static {
-    /// Runs the rule over one batch. `Ok(None)` means no output.
-    fn process(&mut self, batch: &RecordBatch) -> Result<Option<RecordBatch>, String>;
+    /// Runs the rule over records of one partition, in offset order.
+    fn process(&mut self, records: &[Record], out: &mut Output) -> Result<(), String>;
+
+    /// Tells the program the time (ms since the epoch) while its source is
+    /// quiet, so windows of devices that went silent can close.
+    fn advance(&mut self, _now_ms: i64, _out: &mut Output) -> Result<(), String> {
+        Ok(())
+    }
+
+    /// The lowest offset of `partition` that open state still depends on:
+    /// the rule commits no further, so a restart rebuilds that state.
+    fn retained_from(&self, _partition: u32) -> Option<u64> {
+        None
+    }
+
+    /// Counters and the size of the state held.
+    fn stats(&self) -> ProgramStats {
+        ProgramStats::default()
+    }
+
+    /// Hands the program's state over when it is replaced.
+    fn into_state(self: Box<Self>) -> Box<dyn Any + Send> {
+        Box::new(())
+    }
+
+    /// Takes over the state of the program this one replaces; `false` when
+    /// the plans are not compatible and the state was not taken.
+    fn adopt_state(&mut self, _state: Box<dyn Any + Send>) -> bool {
+        false
+    }
 }
 
 /// Most events a rule reads from one partition before committing.
 const READ_CHUNK: usize = 8192;
+
+/// How often a quiet rule tells its program the time.
+const TICK: Duration = Duration::from_secs(1);
 
 /// Counters of one rule, shown by `SHOW RULES`.
 #[derive(Debug, Default)]
@@ -40,6 +109,9 @@ pub struct RuleStats {
     pub rows_out: AtomicU64,
     pub commands_queued: AtomicU64,
     pub errors: AtomicU64,
+    pub late_events: AtomicU64,
+    pub state_bytes: AtomicU64,
+    pub open_windows: AtomicU64,
     last_error: Mutex<Option<String>>,
 }
 
@@ -50,6 +122,9 @@ pub struct RuleStatsSnapshot {
     pub rows_out: u64,
     pub commands_queued: u64,
     pub errors: u64,
+    pub late_events: u64,
+    pub state_bytes: u64,
+    pub open_windows: u64,
     pub last_error: Option<String>,
 }
 
@@ -60,6 +135,12 @@ impl RuleStats {
         *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(message);
     }
 
+    fn program(&self, s: ProgramStats) {
+        self.late_events.store(s.late_events, Ordering::Relaxed);
+        self.state_bytes.store(s.state_bytes, Ordering::Relaxed);
+        self.open_windows.store(s.open_windows, Ordering::Relaxed);
+    }
+
     /// The counters now.
     pub fn snapshot(&self) -> RuleStatsSnapshot {
         RuleStatsSnapshot {
@@ -67,6 +148,9 @@ impl RuleStats {
             rows_out: self.rows_out.load(Ordering::Relaxed),
             commands_queued: self.commands_queued.load(Ordering::Relaxed),
             errors: self.errors.load(Ordering::Relaxed),
+            late_events: self.late_events.load(Ordering::Relaxed),
+            state_bytes: self.state_bytes.load(Ordering::Relaxed),
+            open_windows: self.open_windows.load(Ordering::Relaxed),
             last_error: self
                 .last_error
                 .lock()
@@ -76,10 +160,26 @@ impl RuleStats {
     }
 }
 
+/// What a stopped worker hands back: its program and how far it read.
+struct Stopped {
+    program: Box<dyn RuleProgram>,
+    offsets: Option<Vec<u64>>,
+}
+
 struct Running {
     stats: Arc<RuleStats>,
     stop: watch::Sender<bool>,
-    task: JoinHandle<()>,
+    task: JoinHandle<Stopped>,
+}
+
+/// How a replaced rule went on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handover {
+    /// The new plan took the old one's window state and read position.
+    StateKept,
+    /// The plans differ: the new one rebuilds its state by re-reading the
+    /// source from the old one's last commit.
+    Rebuilt,
 }
 
 /// Runs every rule of the server.
@@ -116,12 +216,15 @@ impl RuleRuntime {
 
     /// Starts running a rule from its committed offsets.
     pub fn start(&self, def: &RuleDef, program: Box<dyn RuleProgram>) -> Result<()> {
-        if let RuleTarget::Stream(s) = &def.target {
-            return Err(Error::User(format!(
-                "rule '{}': output into stream '{s}' is not supported yet; use INSERT INTO commands",
-                def.name
-            )));
-        }
+        self.start_at(def, program, None)
+    }
+
+    fn start_at(
+        &self,
+        def: &RuleDef,
+        program: Box<dyn RuleProgram>,
+        offsets: Option<Vec<u64>>,
+    ) -> Result<()> {
         let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
         if running.contains_key(&def.name) {
             return Err(Error::AlreadyExists {
@@ -132,28 +235,69 @@ impl RuleRuntime {
         let stats = Arc::new(RuleStats::default());
         let (stop, stop_rx) = watch::channel(false);
         let worker = Worker {
-            def: def.clone(),
             program,
-            log: self.log.clone(),
-            commands: self.commands.clone(),
-            stats: stats.clone(),
+            delivery: Delivery {
+                def: def.clone(),
+                log: self.log.clone(),
+                commands: self.commands.clone(),
+                stats: stats.clone(),
+            },
+            offsets,
         };
         let task = tokio::spawn(worker.run(stop_rx));
         running.insert(def.name.clone(), Running { stats, stop, task });
         Ok(())
     }
 
+    /// Replaces a running (or stopped) rule with a new program, without
+    /// losing an event: a compatible program takes over the old one's window
+    /// state and position; any other re-reads from the old one's last commit.
+    pub async fn replace(
+        &self,
+        def: &RuleDef,
+        mut program: Box<dyn RuleProgram>,
+    ) -> Result<Handover> {
+        let stopped = self.stop_inner(&def.name).await;
+        let (offsets, handover) = match stopped {
+            Some(Stopped {
+                program: old,
+                offsets: Some(offsets),
+            }) => {
+                if program.adopt_state(old.into_state()) {
+                    (Some(offsets), Handover::StateKept)
+                } else {
+                    (None, Handover::Rebuilt)
+                }
+            }
+            _ => (None, Handover::Rebuilt),
+        };
+        if !def.paused {
+            self.start_at(def, program, offsets)?;
+        }
+        Ok(handover)
+    }
+
     /// Stops a rule and waits for it to finish the batch in hand.
     pub async fn stop(&self, name: &str) {
+        self.stop_inner(name).await;
+    }
+
+    async fn stop_inner(&self, name: &str) -> Option<Stopped> {
         let running = self
             .running
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .remove(name);
-        if let Some(r) = running {
-            let _ = r.stop.send(true);
-            let _ = r.task.await;
-        }
+            .remove(name)?;
+        let _ = running.stop.send(true);
+        running.task.await.ok()
+    }
+
+    /// Whether a rule is running now.
+    pub fn is_running(&self, name: &str) -> bool {
+        self.running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(name)
     }
 
     /// Stops every rule.
@@ -181,44 +325,48 @@ impl RuleRuntime {
 }
 
 struct Worker {
-    def: RuleDef,
     program: Box<dyn RuleProgram>,
-    log: SharedEventStream,
-    commands: Arc<CommandQueue>,
-    stats: Arc<RuleStats>,
+    delivery: Delivery,
+    /// How far the worker has read each partition (None until it knows).
+    offsets: Option<Vec<u64>>,
 }
 
 impl Worker {
-    async fn run(mut self, mut stop: watch::Receiver<bool>) {
+    async fn run(mut self, mut stop: watch::Receiver<bool>) -> Stopped {
         let mut backoff = Duration::from_millis(100);
         loop {
             match self.run_until_error(&mut stop).await {
-                Ok(()) => return,
+                Ok(()) => break,
                 Err(e) => {
-                    self.stats.error(format!("rule '{}': {e}", self.def.name));
+                    let d = &self.delivery;
+                    d.stats.error(format!("rule '{}': {e}", d.def.name));
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
-                        _ = stop.changed() => return,
+                        _ = stop.changed() => break,
                     }
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
             }
         }
+        Stopped {
+            program: self.program,
+            offsets: self.offsets,
+        }
     }
 
     async fn run_until_error(&mut self, stop: &mut watch::Receiver<bool>) -> Result<()> {
-        let source = self.def.source.clone();
-        let consumer = consumer_name(&self.def.name);
-        let mut appended = self.log.watch(&source)?;
-        let partitions = self.log.partitions(&source)?;
-        let mut offsets = Vec::with_capacity(partitions as usize);
-        for p in 0..partitions {
-            offsets.push(
-                self.log
-                    .committed(&consumer, &source, p)
-                    .await?
-                    .unwrap_or(0),
-            );
+        let log = self.delivery.log.clone();
+        let stats = self.delivery.stats.clone();
+        let source = self.delivery.def.source.clone();
+        let consumer = consumer_name(&self.delivery.def.name);
+        let mut appended = log.watch(&source)?;
+        let partitions = log.partitions(&source)?;
+        if self.offsets.is_none() {
+            let mut offsets = Vec::with_capacity(partitions as usize);
+            for p in 0..partitions {
+                offsets.push(log.committed(&consumer, &source, p).await?.unwrap_or(0));
+            }
+            self.offsets = Some(offsets);
         }
         loop {
             if *stop.borrow() {
@@ -227,81 +375,160 @@ impl Worker {
             appended.borrow_and_update();
             let mut progressed = false;
             for p in 0..partitions {
-                let records = self
-                    .log
-                    .read(&source, p, offsets[p as usize], READ_CHUNK)
-                    .await?;
+                let from = self.offset(p);
+                let records = log.read(&source, p, from, READ_CHUNK).await?;
                 let Some(end) = records.last().map(Record::end_offset) else {
                     continue;
                 };
-                let mut commands = Vec::new();
-                for record in &records {
-                    self.stats
-                        .events_in
-                        .fetch_add(record.batch.num_rows() as u64, Ordering::Relaxed);
-                    match self.program.process(&record.batch) {
-                        Ok(Some(out)) if out.num_rows() > 0 => {
-                            self.stats
-                                .rows_out
-                                .fetch_add(out.num_rows() as u64, Ordering::Relaxed);
-                            match rows_to_commands(&self.def.name, record, &out) {
-                                Ok(rows) => {
-                                    for c in rows {
-                                        // One bad row (say, a payload over the limit) is
-                                        // counted and skipped; it must not stall the rule.
-                                        match CommandQueue::validate(&c) {
-                                            Ok(()) => commands.push(c),
-                                            Err(e) => self
-                                                .stats
-                                                .error(format!("rule '{}': {e}", self.def.name)),
-                                        }
-                                    }
-                                }
-                                Err(e) => self.stats.error(e),
-                            }
-                        }
-                        Ok(_) => {}
-                        // A batch the rule cannot process (say, a cast that
-                        // fails on one value) is counted and skipped, so one
-                        // bad event does not stop the rule for everyone.
-                        Err(e) => self.stats.error(format!(
-                            "events {}..{} of partition {p}: {e}",
-                            record.offset,
-                            record.end_offset()
-                        )),
-                    }
+                let events: usize = records.iter().map(|r| r.batch.num_rows()).sum();
+                stats.events_in.fetch_add(events as u64, Ordering::Relaxed);
+                let mut out = Output::default();
+                if let Err(e) = self.program.process(&records, &mut out) {
+                    // The program could not run at all: try again later from
+                    // the same offsets rather than skip events.
+                    return Err(Error::Internal(e));
                 }
-                if !commands.is_empty() {
-                    let now = now_millis();
-                    let queued = self
-                        .commands
-                        .blocking(move |q| q.enqueue(&commands, now))
-                        .await?;
-                    self.stats
-                        .commands_queued
-                        .fetch_add(queued as u64, Ordering::Relaxed);
+                self.delivery.deliver(out).await?;
+                let keep = self.program.retained_from(p).map_or(end, |r| r.min(end));
+                log.commit(&consumer, &source, p, keep).await?;
+                if let Some(offsets) = self.offsets.as_mut() {
+                    offsets[p as usize] = end;
                 }
-                self.log.commit(&consumer, &source, p, end).await?;
-                offsets[p as usize] = end;
                 progressed = true;
             }
+            stats.program(self.program.stats());
             if !progressed {
                 tokio::select! {
                     changed = appended.changed() => if changed.is_err() { return Ok(()) },
                     _ = stop.changed() => return Ok(()),
+                    _ = tokio::time::sleep(TICK) => {
+                        let mut out = Output::default();
+                        self.program
+                            .advance(now_millis(), &mut out)
+                            .map_err(Error::Internal)?;
+                        self.delivery.deliver(out).await?;
+                        stats.program(self.program.stats());
+                    }
                 }
             }
         }
     }
+
+    fn offset(&self, partition: u32) -> u64 {
+        self.offsets
+            .as_ref()
+            .and_then(|o| o.get(partition as usize).copied())
+            .unwrap_or(0)
+    }
+}
+
+/// Where a rule's output goes.
+struct Delivery {
+    def: RuleDef,
+    log: SharedEventStream,
+    commands: Arc<CommandQueue>,
+    stats: Arc<RuleStats>,
+}
+
+impl Delivery {
+    /// Makes a program's output durable: commands queued, rows and late
+    /// events appended. Only then may the input be committed.
+    async fn deliver(&self, out: Output) -> Result<()> {
+        for e in out.errors {
+            self.stats.error(format!("rule '{}': {e}", self.def.name));
+        }
+        let mut commands = Vec::new();
+        for emitted in &out.rows {
+            self.stats
+                .rows_out
+                .fetch_add(emitted.batch.num_rows() as u64, Ordering::Relaxed);
+            match &self.def.target {
+                RuleTarget::Commands => match rows_to_commands(&self.def.name, emitted) {
+                    Ok(rows) => {
+                        for c in rows {
+                            // One bad row (say, a payload over the limit) is
+                            // counted and skipped; it must not stall the rule.
+                            match CommandQueue::validate(&c) {
+                                Ok(()) => commands.push(c),
+                                Err(e) => {
+                                    self.stats.error(format!("rule '{}': {e}", self.def.name))
+                                }
+                            }
+                        }
+                    }
+                    Err(e) => self.stats.error(e),
+                },
+                RuleTarget::Stream(target) => {
+                    append_by_device(&self.log, target, &emitted.batch).await?;
+                }
+            }
+        }
+        if !commands.is_empty() {
+            let now = now_millis();
+            let queued = self
+                .commands
+                .blocking(move |q| q.enqueue(&commands, now))
+                .await?;
+            self.stats
+                .commands_queued
+                .fetch_add(queued as u64, Ordering::Relaxed);
+        }
+        if let Some(late_stream) = &self.def.late_stream {
+            for batch in &out.late {
+                append_by_device(&self.log, late_stream, batch).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Appends rows whose first column is the device id, each to its device's
+/// partition.
+async fn append_by_device(
+    log: &SharedEventStream,
+    stream: &str,
+    batch: &RecordBatch,
+) -> Result<()> {
+    if batch.num_rows() == 0 {
+        return Ok(());
+    }
+    let partitions = log.partitions(stream)?;
+    let devices = cast(batch.column(0), &DataType::Utf8)?;
+    let devices = devices
+        .as_any()
+        .downcast_ref::<arrow::array::StringArray>()
+        .ok_or_else(|| Error::Internal("device column is not text".into()))?;
+    let mut rows: HashMap<u32, (String, Vec<u32>)> = HashMap::new();
+    for i in 0..batch.num_rows() {
+        let device = if devices.is_null(i) {
+            ""
+        } else {
+            devices.value(i)
+        };
+        let p = crate::log::partition_for(device, partitions);
+        rows.entry(p)
+            .or_insert_with(|| (device.to_string(), Vec::new()))
+            .1
+            .push(i as u32);
+    }
+    let mut parts: Vec<_> = rows.into_values().collect();
+    parts.sort_by_key(|(_, rows)| rows[0]);
+    for (key, rows) in parts {
+        let part = if rows.len() == batch.num_rows() {
+            batch.clone()
+        } else {
+            let indices = arrow::array::UInt32Array::from(rows);
+            arrow::compute::take_record_batch(batch, &indices)?
+        };
+        log.append(stream, &key, part).await?;
+    }
+    Ok(())
 }
 
 /// Turns the rows of a rule into commands: column 1 is the device, column 2
 /// the command name, column 3 (optional) the payload, sent as JSON.
-pub fn rows_to_commands(
-    rule: &str,
-    input: &Record,
-    out: &RecordBatch,
-) -> Result<Vec<NewCommand>, String> {
+pub fn rows_to_commands(rule: &str, emitted: &Emitted) -> Result<Vec<NewCommand>, String> {
+    let out = &emitted.batch;
     if out.num_columns() < 2 {
         return Err(format!(
             "rule '{rule}' must select a device id and a command name, got {} column(s)",
@@ -333,7 +560,7 @@ pub fn rows_to_commands(
             continue;
         }
         commands.push(NewCommand {
-            id: format!("{rule}:{}:{}:{row}", input.partition, input.offset),
+            id: format!("{rule}:{}", emitted.ids.get(row).map_or("", String::as_str)),
             device_id: devices.value(row).to_string(),
             name: names.value(row).to_string(),
             payload,
@@ -400,12 +627,11 @@ mod tests {
             ),
         ])
         .unwrap();
-        let input = Record {
-            partition: 2,
-            offset: 40,
-            batch: out.clone(),
+        let emitted = Emitted {
+            batch: out,
+            ids: vec!["2:40:0".into(), "2:40:1".into(), "2:40:2".into()],
         };
-        let cmds = rows_to_commands("hot", &input, &out).unwrap();
+        let cmds = rows_to_commands("hot", &emitted).unwrap();
         assert_eq!(cmds.len(), 2);
         assert_eq!(cmds[0].id, "hot:2:40:0");
         assert_eq!(cmds[0].payload, json!(1.5));
@@ -424,17 +650,26 @@ mod tests {
     struct Echo;
 
     impl RuleProgram for Echo {
-        fn process(&mut self, batch: &RecordBatch) -> Result<Option<RecordBatch>, String> {
-            let out = RecordBatch::try_from_iter(vec![
-                ("device", batch.column(0).clone()),
-                (
-                    "name",
-                    Arc::new(StringArray::from(vec!["set"; batch.num_rows()])) as _,
-                ),
-                ("payload", batch.column(3).clone()),
-            ])
-            .map_err(|e| e.to_string())?;
-            Ok(Some(out))
+        fn process(&mut self, records: &[Record], out: &mut Output) -> Result<(), String> {
+            for record in records {
+                let batch = &record.batch;
+                let rows = RecordBatch::try_from_iter(vec![
+                    ("device", batch.column(0).clone()),
+                    (
+                        "name",
+                        Arc::new(StringArray::from(vec!["set"; batch.num_rows()])) as _,
+                    ),
+                    ("payload", batch.column(3).clone()),
+                ])
+                .map_err(|e| e.to_string())?;
+                out.rows.push(Emitted {
+                    batch: rows,
+                    ids: (0..batch.num_rows())
+                        .map(|i| format!("{}:{i}", record.offset))
+                        .collect(),
+                });
+            }
+            Ok(())
         }
     }
 
@@ -465,6 +700,8 @@ mod tests {
             source: "s".into(),
             target: RuleTarget::Commands,
             created_at: 0,
+            paused: false,
+            late_stream: None,
         };
         runtime.position_at_end(&rule).await.unwrap();
         runtime.start(&rule, Box::new(Echo)).unwrap();

@@ -23,5 +23,6 @@ mod error;
 pub mod query;
 pub mod rule;
 pub mod statement;
+pub mod window;
 
 pub use error::{Error, Location, Result};

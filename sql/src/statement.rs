@@ -14,7 +14,10 @@ use datafusion::sql::sqlparser::tokenizer::{Token, TokenWithSpan, Tokenizer};
 use tributary_engine::catalog::RuleTarget;
 use tributary_engine::event::{ColumnDef, ColumnType, DEFAULT_PARTITIONS, StreamDef};
 
+use std::collections::BTreeMap;
+
 use crate::error::{Error, Location, Result, location_in_message};
+use crate::window::{IDLE_TIMEOUT, WATERMARK_DELAY, format_duration, parse_duration};
 
 /// One parsed statement.
 #[derive(Debug, Clone)]
@@ -31,6 +34,12 @@ pub enum Statement {
     Describe { stream: String },
     /// `DROP RULE [IF EXISTS] name`
     DropRule { name: String, if_exists: bool },
+    /// `PAUSE RULE name`
+    PauseRule { name: String },
+    /// `RESUME RULE name`
+    ResumeRule { name: String },
+    /// `EXPLAIN RULE name`
+    ExplainRule { name: String },
     /// A query: `SELECT`, `WITH`, `EXPLAIN`, `VALUES`.
     Query(Box<DfStatement>),
 }
@@ -44,11 +53,15 @@ pub struct RuleStatement {
     pub query: Box<ast::Query>,
     /// The whole statement as written.
     pub sql: String,
+    /// `CREATE OR REPLACE RULE`.
+    pub or_replace: bool,
+    /// `CREATE STREAM name AS SELECT ...`: the rule also creates its target
+    /// stream, with these options.
+    pub creates_stream: Option<BTreeMap<String, String>>,
 }
 
 /// The statements Tributary understands, for error messages.
-pub const SUPPORTED: &str =
-    "SELECT, CREATE STREAM, CREATE RULE, SHOW STREAMS, SHOW RULES, DESCRIBE <stream>, DROP RULE";
+pub const SUPPORTED: &str = "SELECT, EXPLAIN, CREATE STREAM, CREATE [OR REPLACE] RULE, SHOW STREAMS, SHOW RULES, DESCRIBE <stream>, PAUSE RULE, RESUME RULE, EXPLAIN RULE, DROP RULE";
 
 /// Parses one statement (a trailing `;` is allowed).
 pub fn parse(sql: &str) -> Result<Statement> {
@@ -80,7 +93,7 @@ fn parse_inner(sql: &str) -> Result<Statement> {
     let tokens = tokenize(sql)?;
     let words: Vec<String> = tokens
         .iter()
-        .take(3)
+        .take(4)
         .map(|t| word_upper(&t.token))
         .collect();
     let w = |i: usize| words.get(i).map(String::as_str).unwrap_or("");
@@ -90,7 +103,25 @@ fn parse_inner(sql: &str) -> Result<Statement> {
             location: None,
         }),
         ("CREATE", "STREAM") => parse_create_stream(sql, &tokens),
-        ("CREATE", "RULE") => parse_create_rule(sql, &tokens),
+        ("CREATE", "RULE") => parse_create_rule(sql, &tokens, 2),
+        ("CREATE", "OR") if w(2) == "REPLACE" && w(3) == "RULE" => {
+            parse_create_rule(sql, &tokens, 4)
+        }
+        ("PAUSE", "RULE") => {
+            let name = ident_at(&tokens, 2, "a rule name after PAUSE RULE")?;
+            expect_end(&tokens, 3)?;
+            Ok(Statement::PauseRule { name })
+        }
+        ("RESUME", "RULE") => {
+            let name = ident_at(&tokens, 2, "a rule name after RESUME RULE")?;
+            expect_end(&tokens, 3)?;
+            Ok(Statement::ResumeRule { name })
+        }
+        ("EXPLAIN", "RULE") => {
+            let name = ident_at(&tokens, 2, "a rule name after EXPLAIN RULE")?;
+            expect_end(&tokens, 3)?;
+            Ok(Statement::ExplainRule { name })
+        }
         ("SHOW", "STREAMS") => expect_end(&tokens, 2).map(|()| Statement::ShowStreams),
         ("SHOW", "RULES") => expect_end(&tokens, 2).map(|()| Statement::ShowRules),
         ("DESCRIBE", _) | ("DESC", _) => {
@@ -262,11 +293,6 @@ fn parse_create_stream(sql: &str, tokens: &[TokenWithSpan]) -> Result<Statement>
             location: Some(location_of(stream_kw)),
         });
     };
-    if ct.query.is_some() {
-        return Err(Error::plan(
-            "CREATE STREAM ... AS SELECT (derived streams) is not supported yet",
-        ));
-    }
     let name = object_name(&ct.name)?;
     let mut columns = Vec::with_capacity(ct.columns.len());
     for c in &ct.columns {
@@ -296,31 +322,84 @@ fn parse_create_stream(sql: &str, tokens: &[TokenWithSpan]) -> Result<Statement>
             ty,
         });
     }
-    let mut partitions = DEFAULT_PARTITIONS;
     let options = match &ct.table_options {
         CreateTableOptions::None => vec![],
         CreateTableOptions::With(o) => o.clone(),
         other => {
             return Err(Error::plan(format!(
-                "unsupported stream options {other}; use WITH (partitions = N)"
+                "unsupported stream options {other}; use WITH (partitions = N, watermark_delay = '5s', idle_timeout = '1m')"
             )));
         }
     };
+    let mut partitions = DEFAULT_PARTITIONS;
+    let mut kept = BTreeMap::new();
     for option in options {
         match option {
-            SqlOption::KeyValue { key, value } if key.value.eq_ignore_ascii_case("partitions") => {
-                partitions = value.to_string().trim_matches('\'').parse().map_err(|_| {
-                    Error::plan(format!("partitions must be a whole number, got {value}"))
-                })?;
+            SqlOption::KeyValue { key, value } => {
+                let k = key.value.to_ascii_lowercase();
+                let text = value.to_string().trim_matches('\'').to_string();
+                let location = Some(Location {
+                    line: key.span.start.line,
+                    column: key.span.start.column,
+                })
+                .filter(|l| l.line > 0);
+                match k.as_str() {
+                    "partitions" => {
+                        partitions = text.parse().map_err(|_| Error::Plan {
+                            message: format!("partitions must be a whole number, got {value}"),
+                            location,
+                        })?;
+                    }
+                    WATERMARK_DELAY | IDLE_TIMEOUT => {
+                        let ms = parse_duration(&text).map_err(|e| Error::Plan {
+                            message: format!("{k}: {e}"),
+                            location,
+                        })?;
+                        if k == IDLE_TIMEOUT && ms == 0 {
+                            return Err(Error::Plan {
+                                message: "idle_timeout must be more than 0".into(),
+                                location,
+                            });
+                        }
+                        kept.insert(k, format_duration(ms));
+                    }
+                    _ => {
+                        return Err(Error::Plan {
+                            message: format!(
+                                "unknown stream option '{k}'; the options are partitions, watermark_delay and idle_timeout"
+                            ),
+                            location,
+                        });
+                    }
+                }
             }
             other => {
                 return Err(Error::plan(format!(
-                    "unknown stream option {other}; the supported option is partitions"
+                    "unknown stream option {other}; the options are partitions, watermark_delay and idle_timeout"
                 )));
             }
         }
     }
-    let def = StreamDef::new(&name, columns, partitions)?;
+    if let Some(query) = &ct.query {
+        if !ct.columns.is_empty() {
+            return Err(Error::plan(
+                "a derived stream takes its columns from its query: CREATE STREAM name AS SELECT ...",
+            ));
+        }
+        // Validate the name and options the way a declared stream would be.
+        StreamDef::new(&name, Vec::new(), partitions)?;
+        kept.insert("partitions".into(), partitions.to_string());
+        return Ok(Statement::CreateRule(RuleStatement {
+            name: name.clone(),
+            target: RuleTarget::Stream(name),
+            query: query.clone(),
+            sql: sql.trim().trim_end_matches(';').trim().to_string(),
+            or_replace: false,
+            creates_stream: Some(kept),
+        }));
+    }
+    let mut def = StreamDef::new(&name, columns, partitions)?;
+    def.options = kept;
     Ok(Statement::CreateStream {
         def,
         if_not_exists: ct.if_not_exists,
@@ -364,13 +443,24 @@ fn object_name(name: &ast::ObjectName) -> Result<String> {
     }
 }
 
-fn parse_create_rule(sql: &str, tokens: &[TokenWithSpan]) -> Result<Statement> {
-    let name = ident_at(tokens, 2, "a rule name after CREATE RULE")?;
-    if word_upper(&tokens.get(3).map(|t| t.token.clone()).unwrap_or(Token::EOF)) != "AS" {
-        return Err(unexpected(tokens, 3, "AS after the rule name"));
+/// `CREATE [OR REPLACE] RULE name AS INSERT ...`; the name is token `at`.
+fn parse_create_rule(sql: &str, tokens: &[TokenWithSpan], at: usize) -> Result<Statement> {
+    let name = ident_at(tokens, at, "a rule name after CREATE RULE")?;
+    if word_upper(
+        &tokens
+            .get(at + 1)
+            .map(|t| t.token.clone())
+            .unwrap_or(Token::EOF),
+    ) != "AS"
+    {
+        return Err(unexpected(tokens, at + 1, "AS after the rule name"));
     }
-    let Some(body) = tokens.get(4).filter(|t| t.token != Token::EOF) else {
-        return Err(unexpected(tokens, 4, "INSERT INTO ... SELECT ... after AS"));
+    let Some(body) = tokens.get(at + 2).filter(|t| t.token != Token::EOF) else {
+        return Err(unexpected(
+            tokens,
+            at + 2,
+            "INSERT INTO ... SELECT ... after AS",
+        ));
     };
     let start = byte_offset(sql, location_of(body));
     let statement = parse_one(&blank_before(sql, start))?;
@@ -402,6 +492,8 @@ fn parse_create_rule(sql: &str, tokens: &[TokenWithSpan]) -> Result<Statement> {
         target,
         query,
         sql: sql.trim().trim_end_matches(';').trim().to_string(),
+        or_replace: at == 4,
+        creates_stream: None,
     }))
 }
 

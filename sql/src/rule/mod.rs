@@ -1,0 +1,759 @@
+//! Compiling `CREATE RULE` (and `CREATE STREAM ... AS SELECT`) into a
+//! program the engine runs on every batch of the rule's source.
+//!
+//! The rule's query is planned and optimized by DataFusion against the
+//! stream's schema, then lowered: stateless steps (select, filter, project)
+//! made of DataFusion physical expressions, and for windowed rules the
+//! aggregate's physical accumulators, folded per window as events arrive and
+//! finished when the window closes. Nothing is planned per batch.
+
+mod stateless;
+mod steps;
+mod target;
+mod window_sql;
+mod windowed;
+
+use std::sync::Arc;
+
+use arrow::datatypes::{Field, Schema, SchemaRef};
+use datafusion::catalog::MemTable;
+use datafusion::execution::context::SessionState;
+use datafusion::logical_expr::{Aggregate as AggregateNode, Expr, ExprSchemable, LogicalPlan};
+use datafusion::physical_expr::aggregate::AggregateFunctionExpr;
+use datafusion::sql::parser::Statement as DfStatement;
+use datafusion::sql::sqlparser::ast;
+use tributary_engine::catalog::{Catalog, RESERVED_NAMES, RuleDef, RuleTarget};
+use tributary_engine::event::{DEVICE_ID, StreamDef, timestamp_type};
+use tributary_engine::rule::RuleProgram;
+
+use crate::context::new_session;
+use crate::error::{Error, Result};
+use crate::statement::RuleStatement;
+use crate::window::{Aggregate, TimeOptions, Watermarks, WindowSpec, WindowState};
+
+pub use target::{LATE_RULE_COLUMN, late_stream};
+pub use window_sql::{WINDOW_END, WINDOW_START};
+
+use stateless::StatelessProgram;
+use steps::{lower, nullable_schema};
+use target::{Target, derived_stream};
+use windowed::{KeySource, Live, WindowedProgram, describe_time};
+
+/// A planned rule, ready to run.
+pub struct CompiledRule {
+    pub def: RuleDef,
+    pub program: Box<dyn RuleProgram>,
+    /// The columns the rule produces.
+    pub output: SchemaRef,
+    /// Streams the rule needs that may not exist yet: the stream a
+    /// `CREATE STREAM ... AS SELECT` feeds, and the late-events stream.
+    pub new_streams: Vec<StreamDef>,
+    /// What the rule does, step by step, for `EXPLAIN RULE`.
+    pub explain: Vec<String>,
+}
+
+impl std::fmt::Debug for CompiledRule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CompiledRule")
+            .field("def", &self.def)
+            .finish()
+    }
+}
+
+/// Plans a rule against the streams in `catalog`. Nothing is changed: the
+/// caller saves the rule (and its new streams) once this succeeds.
+pub async fn compile_rule(
+    rule: &RuleStatement,
+    catalog: &Catalog,
+    now_ms: i64,
+) -> Result<CompiledRule> {
+    tributary_engine::event::validate_name("rule", &rule.name)?;
+    let mut query = rule.query.clone();
+    let window_call = window_sql::take_window(&mut query)?;
+    let grouping_at = window_sql::grouping_location(&query);
+    let ctx = new_session();
+    let statement = DfStatement::Statement(Box::new(ast::Statement::Query(query)));
+    let state = ctx.state();
+    let mut source: Option<StreamDef> = None;
+    for table in state.resolve_table_references(&statement)? {
+        let name = table.table().to_string();
+        if RESERVED_NAMES.contains(&name.as_str()) {
+            return Err(Error::plan(format!(
+                "rule '{}' reads '{name}'; rules read streams, and joins with '{name}' are not supported yet",
+                rule.name
+            )));
+        }
+        let Some(def) = catalog.stream(&name) else {
+            return Err(Error::plan(format!(
+                "rule '{}' reads stream '{name}', which does not exist; create it with CREATE STREAM {name} (...)",
+                rule.name
+            )));
+        };
+        if let Some(s) = source.as_ref().filter(|s| s.name != name) {
+            return Err(Error::plan(format!(
+                "rule '{}' reads more than one stream ({} and {name}); joins between streams are not supported",
+                rule.name, s.name
+            )));
+        }
+        let mut schema = Schema::clone(&def.schema());
+        if window_call.is_some() {
+            let mut fields: Vec<_> = schema.fields().iter().cloned().collect();
+            fields.push(Arc::new(Field::new(WINDOW_START, timestamp_type(), false)));
+            fields.push(Arc::new(Field::new(WINDOW_END, timestamp_type(), false)));
+            schema = Schema::new(fields);
+        }
+        let table = MemTable::try_new(Arc::new(schema), vec![vec![]])?;
+        ctx.register_table(name.as_str(), Arc::new(table))?;
+        source = Some(def);
+    }
+    let Some(source) = source else {
+        return Err(Error::plan(format!(
+            "rule '{}' reads no stream; a rule is INSERT INTO ... SELECT ... FROM <stream>",
+            rule.name
+        )));
+    };
+    let spec = match &window_call {
+        Some(call) => Some(call.evaluate(&ctx).await?),
+        None => None,
+    };
+    let state = ctx.state();
+    let plan = state.statement_to_plan(statement).await?;
+    let plan = state.optimize(&plan)?;
+    let output = nullable_schema(plan.schema());
+
+    let mut new_streams = Vec::new();
+    let target = match &rule.target {
+        RuleTarget::Commands => Target::commands(&rule.name, &output)?,
+        RuleTarget::Stream(name) => {
+            let def = match (&rule.creates_stream, catalog.stream(name)) {
+                (Some(options), existing) => {
+                    let def = derived_stream(name, &output, options)?;
+                    match existing {
+                        // The same definition: a restart, or a replacement
+                        // with the same columns.
+                        Some(e) if e == def => {}
+                        Some(_) => {
+                            return Err(Error::plan(format!(
+                                "stream '{name}' already exists; choose another name for the derived stream"
+                            )));
+                        }
+                        None => new_streams.push(def.clone()),
+                    }
+                    def
+                }
+                (None, Some(def)) => def,
+                (None, None) => {
+                    return Err(Error::plan(format!(
+                        "rule '{}' inserts into '{name}', which is neither `commands` nor a stream",
+                        rule.name
+                    )));
+                }
+            };
+            if def.name == source.name {
+                return Err(Error::plan(format!(
+                    "rule '{}' would insert into the stream it reads ('{name}'), feeding itself forever",
+                    rule.name
+                )));
+            }
+            Target::stream(&rule.name, &output, &def)?
+        }
+    };
+
+    let aggregate = find_aggregate(&plan);
+    let mut explain = vec![format!("source: {}", source.name)];
+    let mut late_stream_name = None;
+    let program: Box<dyn RuleProgram> = match (spec, aggregate) {
+        (None, None) => {
+            let mut steps = Vec::new();
+            lower(&plan, &state, &mut steps, &rule.name, None)?;
+            explain.extend(steps.iter().map(|s| format!("step: {s}")));
+            Box::new(StatelessProgram {
+                steps,
+                output: output.clone(),
+                target: target.clone(),
+            })
+        }
+        (None, Some(_)) => {
+            return Err(Error::Plan {
+                message: format!(
+                    "rule '{}': aggregates over a stream need a window, since the stream never ends; group by one, e.g. GROUP BY device_id, tumble(ts, INTERVAL '1' MINUTE)",
+                    rule.name
+                ),
+                location: grouping_at,
+            });
+        }
+        (Some(_), None) => {
+            return Err(Error::Internal(
+                "a windowed rule was planned without an aggregate".into(),
+            ));
+        }
+        (Some(spec), Some(node)) => {
+            let time = TimeOptions::from_options(&source.options).map_err(Error::plan)?;
+            let late = late_stream(&source)?;
+            late_stream_name = Some(late.name.clone());
+            if catalog.stream(&late.name).is_none() {
+                new_streams.push(late.clone());
+            }
+            let program = windowed(
+                &rule.name,
+                spec,
+                time,
+                node,
+                &plan,
+                &state,
+                output.clone(),
+                target.clone(),
+                late.schema(),
+                &source,
+                &mut explain,
+            )?;
+            Box::new(program)
+        }
+    };
+    explain.push(format!("output: {}", describe_schema(&output)));
+    explain.push(format!("target: {}", rule.target));
+    explain.push(format!("plan:\n{}", plan.display_indent()));
+    let def = RuleDef {
+        name: rule.name.clone(),
+        sql: rule.sql.clone(),
+        source: source.name.clone(),
+        target: rule.target.clone(),
+        created_at: now_ms,
+        paused: false,
+        late_stream: late_stream_name,
+    };
+    Ok(CompiledRule {
+        def,
+        program,
+        output,
+        new_streams,
+        explain,
+    })
+}
+
+fn describe_schema(schema: &Schema) -> String {
+    schema
+        .fields()
+        .iter()
+        .map(|f| format!("{} {}", f.name(), f.data_type()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The plan's Aggregate node, if any.
+fn find_aggregate(plan: &LogicalPlan) -> Option<&AggregateNode> {
+    match plan {
+        LogicalPlan::Aggregate(a) => Some(a),
+        other => other.inputs().into_iter().find_map(find_aggregate),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn windowed(
+    rule: &str,
+    spec: WindowSpec,
+    time: TimeOptions,
+    node: &AggregateNode,
+    plan: &LogicalPlan,
+    state: &SessionState,
+    output: SchemaRef,
+    target: Target,
+    late_schema: SchemaRef,
+    source: &StreamDef,
+    explain: &mut Vec<String>,
+) -> Result<WindowedProgram> {
+    let aggregate_plan = plan_node(plan, node)
+        .ok_or_else(|| Error::Internal("the aggregate is not part of the plan".into()))?;
+    // Below the aggregate: stateless steps over the source.
+    let mut pre = Vec::new();
+    lower(&node.input, state, &mut pre, rule, None)?;
+    // Above it: HAVING and the SELECT list.
+    let mut post = Vec::new();
+    lower(plan, state, &mut post, rule, Some(aggregate_plan))?;
+
+    let input_schema = node.input.schema();
+    let input_arrow = input_schema.as_arrow();
+    let mut sources = Vec::new();
+    let mut keys = Vec::new();
+    let mut key_fields = Vec::new();
+    let mut device_key = None;
+    let mut time_expr = None;
+    if node
+        .group_expr
+        .iter()
+        .any(|e| matches!(e, Expr::GroupingSet(_)))
+    {
+        return Err(Error::plan(format!(
+            "rule '{rule}': GROUPING SETS, CUBE and ROLLUP are not supported in rules"
+        )));
+    }
+    for e in &node.group_expr {
+        let column = match e {
+            Expr::Column(c) => Some(c.name.as_str()),
+            _ => None,
+        };
+        match column {
+            Some(WINDOW_START) => {
+                sources.push(KeySource::WindowStart);
+                time_expr = Some(state.create_physical_expr(e.clone(), input_schema)?);
+            }
+            Some(WINDOW_END) => sources.push(KeySource::WindowEnd),
+            _ => {
+                if column == Some(DEVICE_ID) {
+                    device_key = Some(keys.len());
+                }
+                sources.push(KeySource::User(keys.len()));
+                let field = e.to_field(input_schema)?.1;
+                key_fields.push(Field::new(
+                    format!("k{}", keys.len()),
+                    field.data_type().clone(),
+                    true,
+                ));
+                keys.push(state.create_physical_expr(e.clone(), input_schema)?);
+            }
+        }
+    }
+    let time_expr = time_expr.ok_or_else(|| {
+        Error::Internal("the window start is not among the grouping columns".into())
+    })?;
+    let mut aggregates = Vec::new();
+    for e in &node.aggr_expr {
+        // The builder that replaces this needs a planning context DataFusion
+        // keeps to itself; the result is the same.
+        #[allow(deprecated)]
+        let (expr, filter, _) =
+            datafusion::physical_planner::create_aggregate_expr_and_maybe_filter(
+                e,
+                input_schema,
+                input_arrow,
+                state.execution_props(),
+            )?;
+        aggregates.push(aggregate(expr, filter));
+    }
+    let aggregate_schema = nullable_schema(&node.schema);
+    let per_device = device_key.is_some();
+    explain.push(format!("window: {spec} over ts"));
+    explain.push(describe_time(time, per_device));
+    explain.extend(pre.iter().map(|s| format!("before the window: {s}")));
+    explain.push(format!(
+        "group by: {}",
+        node.group_expr
+            .iter()
+            .map(|e| e.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
+    explain.push(format!(
+        "aggregates (kept as accumulator state per open window): {}",
+        node.aggr_expr
+            .iter()
+            .map(|e| e.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
+    explain.extend(post.iter().map(|s| format!("when a window closes: {s}")));
+    explain.push(format!("late events go to: {}_late", source.name));
+    let signature = format!(
+        "{}|{spec}|{time:?}|{}|{:?}|{:?}",
+        source.name,
+        node.input.display_indent(),
+        node.group_expr,
+        node.aggr_expr
+    );
+    let windows = WindowState::new(
+        spec,
+        aggregates,
+        &Arc::new(Schema::new(key_fields)),
+        per_device,
+    )?;
+    Ok(WindowedProgram {
+        rule: rule.to_string(),
+        spec,
+        pre,
+        keys,
+        time: time_expr,
+        device_key,
+        sources,
+        aggregate_schema,
+        post,
+        output,
+        target,
+        late_schema,
+        signature,
+        state: Live {
+            watermarks: Watermarks::new(time, !per_device),
+            windows,
+            late_events: 0,
+        },
+    })
+}
+
+fn aggregate(
+    expr: Arc<AggregateFunctionExpr>,
+    filter: Option<Arc<dyn datafusion::physical_expr::PhysicalExpr>>,
+) -> Aggregate {
+    Aggregate {
+        args: expr.expressions(),
+        expr,
+        filter,
+    }
+}
+
+/// `node` as the `LogicalPlan` that holds it, found in `plan`.
+fn plan_node<'a>(plan: &'a LogicalPlan, node: &AggregateNode) -> Option<&'a LogicalPlan> {
+    match plan {
+        LogicalPlan::Aggregate(a) if std::ptr::eq(a, node) => Some(plan),
+        other => other.inputs().into_iter().find_map(|p| plan_node(p, node)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::statement::{Statement, parse};
+    use arrow::array::RecordBatch;
+    use arrow::array::{Float64Array, StringArray, TimestampMillisecondArray};
+    use arrow::datatypes::DataType;
+    use tributary_engine::event::{ColumnDef, ColumnType, StreamDef};
+
+    fn catalog() -> Catalog {
+        let c = Catalog::in_memory();
+        c.add_stream(
+            StreamDef::new(
+                "telemetry",
+                vec![
+                    ColumnDef {
+                        name: "temp".into(),
+                        ty: ColumnType::Float64,
+                    },
+                    ColumnDef {
+                        name: "label".into(),
+                        ty: ColumnType::Utf8,
+                    },
+                ],
+                1,
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        c
+    }
+
+    fn events(temps: &[Option<f64>]) -> RecordBatch {
+        let c = catalog();
+        let n = temps.len();
+        RecordBatch::try_new(
+            c.stream("telemetry").unwrap().schema(),
+            vec![
+                Arc::new(StringArray::from(
+                    (0..n).map(|i| format!("d{i}")).collect::<Vec<_>>(),
+                )),
+                Arc::new(TimestampMillisecondArray::from(vec![0i64; n]).with_timezone("UTC")),
+                Arc::new(TimestampMillisecondArray::from(vec![0i64; n]).with_timezone("UTC")),
+                Arc::new(Float64Array::from(temps.to_vec())),
+                Arc::new(StringArray::from(vec![Some("x"); n])),
+            ],
+        )
+        .unwrap()
+    }
+
+    /// Runs a program over one record and returns the rows it emitted.
+    fn run(program: &mut Box<dyn RuleProgram>, batch: RecordBatch) -> Option<RecordBatch> {
+        let record = tributary_engine::log::Record {
+            partition: 0,
+            offset: 0,
+            batch,
+        };
+        let mut out = tributary_engine::rule::Output::default();
+        program.process(&[record], &mut out).unwrap();
+        assert!(out.errors.is_empty(), "{:?}", out.errors);
+        let batches: Vec<_> = out.rows.into_iter().map(|e| e.batch).collect();
+        if batches.is_empty() {
+            return None;
+        }
+        Some(arrow::compute::concat_batches(&batches[0].schema(), &batches).unwrap())
+    }
+
+    async fn compile(sql: &str) -> Result<CompiledRule> {
+        let Statement::CreateRule(r) = parse(sql)? else {
+            panic!("not a rule: {sql}")
+        };
+        compile_rule(&r, &catalog(), 0).await
+    }
+
+    #[tokio::test]
+    async fn filter_and_project_run_on_batches() {
+        let mut rule = compile(
+            "CREATE RULE hot AS INSERT INTO commands SELECT device_id, 'fan_on' AS name, CAST(temp AS VARCHAR) AS payload FROM telemetry WHERE temp > 80",
+        )
+        .await
+        .unwrap();
+        assert_eq!(rule.def.source, "telemetry");
+        let out = run(
+            &mut rule.program,
+            events(&[Some(85.5), Some(20.0), None, Some(99.0)]),
+        )
+        .unwrap();
+        assert_eq!(out.num_rows(), 2);
+        let devices = arrow::compute::cast(out.column(0), &DataType::Utf8).unwrap();
+        let devices = devices.as_any().downcast_ref::<StringArray>().unwrap();
+        assert_eq!(devices.value(0), "d0");
+        assert_eq!(devices.value(1), "d3");
+        let payload = arrow::compute::cast(out.column(2), &DataType::Utf8).unwrap();
+        assert_eq!(
+            payload
+                .as_any()
+                .downcast_ref::<StringArray>()
+                .unwrap()
+                .value(0),
+            "85.5"
+        );
+        assert!(run(&mut rule.program, events(&[Some(1.0)])).is_none());
+    }
+
+    #[tokio::test]
+    async fn scalar_functions_and_case_work() {
+        let mut rule = compile(
+            "CREATE RULE r AS INSERT INTO commands SELECT upper(device_id), CASE WHEN temp > 50 THEN 'hot' ELSE 'cold' END, round(temp * 2) FROM telemetry WHERE label = 'x' AND temp IS NOT NULL",
+        )
+        .await
+        .unwrap();
+        let out = run(&mut rule.program, events(&[Some(60.2), None, Some(3.0)])).unwrap();
+        assert_eq!(out.num_rows(), 2);
+    }
+
+    #[tokio::test]
+    async fn bad_rules_are_refused_with_reasons() {
+        let cases = [
+            (
+                "CREATE RULE r AS INSERT INTO commands SELECT device_id, 'x' FROM nope",
+                "stream 'nope', which does not exist",
+            ),
+            (
+                "CREATE RULE r AS INSERT INTO commands SELECT device_id, 'x' FROM telemetry WHERE tempp > 1",
+                "tempp",
+            ),
+            (
+                "CREATE RULE r AS INSERT INTO commands SELECT device_id FROM telemetry",
+                "(device_id, name[, payload])",
+            ),
+            (
+                "CREATE RULE r AS INSERT INTO commands SELECT temp, 'x' FROM telemetry",
+                "must be text",
+            ),
+            (
+                "CREATE RULE r AS INSERT INTO commands SELECT device_id, 'x', count(*) FROM telemetry GROUP BY device_id",
+                "need a window",
+            ),
+            (
+                "CREATE RULE r AS INSERT INTO commands SELECT device_id, 'x', avg(temp) FROM telemetry GROUP BY device_id, tumble(received_at, INTERVAL '1' SECOND)",
+                "first argument is `ts`",
+            ),
+            (
+                "CREATE RULE r AS INSERT INTO commands SELECT device_id, 'x', avg(temp) FROM telemetry GROUP BY device_id, hop(ts, INTERVAL '3' SECOND, INTERVAL '10' SECOND)",
+                "whole number of slides",
+            ),
+            (
+                "CREATE RULE r AS INSERT INTO commands SELECT device_id, 'x', avg(temp) FROM telemetry GROUP BY device_id, tumble(ts, INTERVAL '1' MONTH)",
+                "months",
+            ),
+            (
+                "CREATE RULE r AS INSERT INTO commands SELECT device_id, 'x', avg(temp) FROM telemetry GROUP BY device_id, tumble(ts)",
+                "takes 2 arguments",
+            ),
+            (
+                "CREATE RULE r AS INSERT INTO commands SELECT device_id, 'x', avg(nope) FROM telemetry GROUP BY device_id, tumble(ts, INTERVAL '1' SECOND)",
+                "nope",
+            ),
+            (
+                "CREATE RULE r AS INSERT INTO telemetry SELECT device_id, temp FROM telemetry",
+                "feeding itself",
+            ),
+            (
+                "CREATE RULE r AS INSERT INTO elsewhere SELECT device_id, 'x' FROM telemetry",
+                "neither `commands` nor a stream",
+            ),
+        ];
+        for (sql, expected) in cases {
+            let err = compile(sql).await.unwrap_err();
+            assert!(err.to_string().contains(expected), "{sql}: {err}");
+            assert!(err.is_user_error(), "{sql}: {err}");
+        }
+    }
+
+    #[tokio::test]
+    async fn unknown_column_error_has_a_position() {
+        let err = compile("CREATE RULE r AS INSERT INTO commands\nSELECT device_id, 'x' FROM telemetry WHERE tempp > 1")
+            .await
+            .unwrap_err();
+        let loc = err.location().expect("a location");
+        assert_eq!(loc.line, 2, "{err}");
+    }
+}
+
+#[cfg(test)]
+mod window_tests {
+    use super::*;
+    use crate::statement::{Statement, parse};
+    use arrow::array::RecordBatch;
+    use arrow::array::{Float64Array, Int64Array, StringArray, TimestampMillisecondArray};
+    use tributary_engine::event::{ColumnDef, ColumnType};
+    use tributary_engine::log::Record;
+    use tributary_engine::rule::Output;
+
+    fn catalog(delay: &str) -> Catalog {
+        let c = Catalog::in_memory();
+        let mut def = StreamDef::new(
+            "t",
+            vec![ColumnDef {
+                name: "temp".into(),
+                ty: ColumnType::Float64,
+            }],
+            1,
+        )
+        .unwrap();
+        def.options
+            .insert("watermark_delay".into(), delay.to_string());
+        c.add_stream(def).unwrap();
+        c
+    }
+
+    fn batch(rows: &[(&str, i64, f64)]) -> Record {
+        let schema = catalog("0s").stream("t").unwrap().schema();
+        let ts: Vec<i64> = rows.iter().map(|r| r.1).collect();
+        Record {
+            partition: 0,
+            offset: 0,
+            batch: RecordBatch::try_new(
+                schema,
+                vec![
+                    Arc::new(StringArray::from(
+                        rows.iter().map(|r| r.0).collect::<Vec<_>>(),
+                    )),
+                    Arc::new(TimestampMillisecondArray::from(ts.clone()).with_timezone("UTC")),
+                    Arc::new(TimestampMillisecondArray::from(ts).with_timezone("UTC")),
+                    Arc::new(Float64Array::from(
+                        rows.iter().map(|r| r.2).collect::<Vec<_>>(),
+                    )),
+                ],
+            )
+            .unwrap(),
+        }
+    }
+
+    async fn compile(sql: &str, delay: &str) -> CompiledRule {
+        let Statement::CreateRule(r) = parse(sql).unwrap() else {
+            panic!("not a rule")
+        };
+        compile_rule(&r, &catalog(delay), 0).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn tumbling_average_per_device_emits_when_the_watermark_passes() {
+        let mut rule = compile(
+            "CREATE RULE r AS INSERT INTO commands SELECT device_id, 'avg', avg(temp) FROM t GROUP BY device_id, tumble(ts, INTERVAL '10' SECOND) HAVING count(*) > 1",
+            "2s",
+        )
+        .await;
+        let mut out = Output::default();
+        rule.program
+            .process(
+                &[batch(&[
+                    ("a", 1_000, 10.0),
+                    ("a", 9_000, 20.0),
+                    ("b", 500, 1.0),
+                    // Out of order within the delay: still counts.
+                    ("a", 8_500, 30.0),
+                    ("a", 11_000, 0.0),
+                ])],
+                &mut out,
+            )
+            .unwrap();
+        // a's watermark is 9s: its first window is still open.
+        assert!(out.rows.is_empty());
+        rule.program
+            .process(
+                &[batch(&[("a", 12_000, 0.0), ("a", 1_000, 99.0)])],
+                &mut out,
+            )
+            .unwrap();
+        assert_eq!(out.rows.len(), 1);
+        let rows = &out.rows[0].batch;
+        assert_eq!(rows.num_rows(), 1);
+        let avg = rows
+            .column(2)
+            .as_any()
+            .downcast_ref::<Float64Array>()
+            .unwrap();
+        assert_eq!(avg.value(0), 20.0);
+        assert_eq!(
+            out.late.len(),
+            1,
+            "the event at 1s came after a's watermark"
+        );
+        assert_eq!(rule.program.stats().late_events, 1);
+        // b's window stays open on its own clock.
+        assert_eq!(rule.program.stats().open_windows, 2);
+        // The id is derived from the window and the key, so a replay repeats it.
+        assert!(out.rows[0].ids[0].starts_with("w:0:10000:"));
+    }
+
+    #[tokio::test]
+    async fn windows_across_devices_wait_for_the_slowest_active_device() {
+        let mut rule = compile(
+            "CREATE RULE r AS INSERT INTO commands SELECT 'all', 'n', count(*) FROM t GROUP BY tumble(ts, INTERVAL '10' SECOND)",
+            "0s",
+        )
+        .await;
+        let mut out = Output::default();
+        rule.program
+            .process(
+                &[batch(&[
+                    ("a", 1_000, 0.0),
+                    ("b", 2_000, 0.0),
+                    ("a", 15_000, 0.0),
+                ])],
+                &mut out,
+            )
+            .unwrap();
+        assert!(out.rows.is_empty(), "b still holds the first window open");
+        rule.program
+            .process(&[batch(&[("b", 10_000, 0.0)])], &mut out)
+            .unwrap();
+        let n = out.rows[0]
+            .batch
+            .column(2)
+            .as_any()
+            .downcast_ref::<Int64Array>()
+            .unwrap();
+        assert_eq!(n.value(0), 2);
+    }
+
+    #[tokio::test]
+    async fn sessions_merge_when_an_event_bridges_them() {
+        let mut rule = compile(
+            "CREATE RULE r AS INSERT INTO commands SELECT device_id, 'n', count(*) FROM t GROUP BY device_id, session(ts, INTERVAL '5' SECOND)",
+            "10s",
+        )
+        .await;
+        let mut out = Output::default();
+        rule.program
+            .process(
+                &[batch(&[
+                    ("a", 0, 0.0),
+                    ("a", 8_000, 0.0),
+                    ("a", 4_000, 0.0),
+                    ("a", 40_000, 0.0),
+                ])],
+                &mut out,
+            )
+            .unwrap();
+        let n = out.rows[0]
+            .batch
+            .column(2)
+            .as_any()
+            .downcast_ref::<Int64Array>()
+            .unwrap();
+        assert_eq!(n.values(), &[3]);
+    }
+}

@@ -1,0 +1,404 @@
+//! Rules over event-time windows: watermarks decide which events are late
+//! and when windows close; the window state folds events into accumulators;
+//! a closed window's row goes through HAVING and the SELECT list.
+
+use std::any::Any;
+use std::sync::Arc;
+
+use arrow::array::{Array, ArrayRef, BooleanArray, RecordBatch, StringArray, UInt32Array};
+use arrow::compute::{concat_batches, filter_record_batch, not, take_record_batch};
+use arrow::datatypes::SchemaRef;
+use datafusion::physical_expr::PhysicalExpr;
+use tributary_engine::event::{DEVICE_ID, RECEIVED_AT, TS};
+use tributary_engine::log::Record;
+use tributary_engine::rule::{Output, ProgramStats, RuleProgram};
+
+use super::stateless::time_column;
+use super::steps::{Step, run_steps};
+use super::target::Target;
+use crate::window::{Batch, TimeOptions, Watermarks, WindowSpec, WindowState, timestamps};
+
+type DfResult<T> = datafusion::error::Result<T>;
+
+/// Where each GROUP BY column of the plan gets its value when a window closes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeySource {
+    WindowStart,
+    WindowEnd,
+    /// The n-th of the user's own group keys.
+    User(usize),
+}
+
+/// A compiled windowed rule.
+pub struct WindowedProgram {
+    pub(super) rule: String,
+    pub(super) spec: WindowSpec,
+    /// Steps from the source (plus window columns) to the aggregate's input.
+    pub(super) pre: Vec<Step>,
+    /// The user's group keys, on the aggregate's input.
+    pub(super) keys: Vec<Arc<dyn PhysicalExpr>>,
+    /// The window-start column on the aggregate's input.
+    pub(super) time: Arc<dyn PhysicalExpr>,
+    /// Which user key is `device_id`, when windows close per device.
+    pub(super) device_key: Option<usize>,
+    pub(super) sources: Vec<KeySource>,
+    /// The aggregate's output: group columns, then aggregates.
+    pub(super) aggregate_schema: SchemaRef,
+    /// HAVING and the SELECT list, over the aggregate's output.
+    pub(super) post: Vec<Step>,
+    pub(super) output: SchemaRef,
+    pub(super) target: Target,
+    /// The late-events stream's schema (the source's plus the rule).
+    pub(super) late_schema: SchemaRef,
+    /// Identifies the state's meaning: a replacement with the same
+    /// signature can take the state over.
+    pub(super) signature: String,
+    pub(super) state: Live,
+}
+
+/// What a windowed rule carries from batch to batch.
+pub struct Live {
+    pub(super) watermarks: Watermarks,
+    pub(super) windows: WindowState,
+    pub(super) late_events: u64,
+}
+
+/// State handed from a replaced program to its successor.
+struct Handed {
+    signature: String,
+    state: Live,
+}
+
+impl WindowedProgram {
+    fn per_device(&self) -> bool {
+        self.device_key.is_some()
+    }
+
+    /// Watermarks, late events and window assignment over the raw records.
+    fn ingest(&mut self, records: &[Record], out: &mut Output) -> DfResult<Vec<u32>> {
+        let Some(first) = records.first() else {
+            return Ok(Vec::new());
+        };
+        let raw = if records.len() == 1 {
+            first.batch.clone()
+        } else {
+            concat_batches(&first.batch.schema(), records.iter().map(|r| &r.batch))?
+        };
+        let rows = raw.num_rows();
+        let devices = raw
+            .column_by_name(DEVICE_ID)
+            .and_then(|c| c.as_any().downcast_ref::<StringArray>())
+            .cloned()
+            .ok_or_else(|| datafusion::error::DataFusionError::Internal("no device_id".into()))?;
+        let ts = time_column(&raw, TS);
+        let received = time_column(&raw, RECEIVED_AT);
+        let per_device = self.per_device();
+        let live = &mut self.state;
+        let mut touched: Vec<u32> = Vec::new();
+        let mut late = Vec::new();
+        let mut device = u32::MAX;
+        for i in 0..rows {
+            if i == 0 || devices.value(i) != devices.value(i - 1) {
+                device = live.watermarks.device(devices.value(i));
+                if !touched.contains(&device) {
+                    touched.push(device);
+                }
+            }
+            if live
+                .watermarks
+                .observe(device, ts.value(i), received.value(i), per_device)
+            {
+                late.push(i);
+            }
+        }
+        let raw = if late.is_empty() {
+            raw
+        } else {
+            live.late_events += late.len() as u64;
+            let mut mask = vec![false; rows];
+            for i in &late {
+                mask[*i] = true;
+            }
+            let mask = BooleanArray::from(mask);
+            let late_rows = filter_record_batch(&raw, &mask)?;
+            let mut columns = late_rows.columns().to_vec();
+            columns.push(Arc::new(StringArray::from(vec![
+                self.rule.as_str();
+                late_rows.num_rows()
+            ])));
+            out.late
+                .push(RecordBatch::try_new(self.late_schema.clone(), columns)?);
+            filter_record_batch(&raw, &not(&mask)?)?
+        };
+        if raw.num_rows() > 0 {
+            self.fold(&raw, first.partition, first.offset)?;
+        }
+        Ok(touched)
+    }
+
+    /// Adds the window columns, runs the pre-aggregate steps and folds the
+    /// rows into their windows.
+    fn fold(&mut self, raw: &RecordBatch, partition: u32, offset: u64) -> DfResult<()> {
+        let ts = time_column(raw, TS);
+        let (raw, starts) = match self.spec {
+            WindowSpec::Tumble { size } => {
+                let starts: Vec<i64> = ts.values().iter().map(|t| t - t.rem_euclid(size)).collect();
+                (raw.clone(), starts)
+            }
+            WindowSpec::Hop { .. } => {
+                let mut indices = Vec::new();
+                let mut starts = Vec::new();
+                let mut buf = Vec::new();
+                for (i, t) in ts.values().iter().enumerate() {
+                    self.spec.starts(*t, &mut buf);
+                    for s in &buf {
+                        indices.push(i as u32);
+                        starts.push(*s);
+                    }
+                }
+                (take_record_batch(raw, &UInt32Array::from(indices))?, starts)
+            }
+            WindowSpec::Session { .. } => (raw.clone(), ts.values().to_vec()),
+        };
+        let size = self.spec.size().unwrap_or(0);
+        let mut columns = raw.columns().to_vec();
+        columns.push(timestamps(starts.clone()));
+        columns.push(timestamps(starts.iter().map(|s| s + size).collect()));
+        let mut fields: Vec<_> = raw.schema().fields().iter().cloned().collect();
+        fields.push(Arc::new(arrow::datatypes::Field::new(
+            super::window_sql::WINDOW_START,
+            tributary_engine::event::timestamp_type(),
+            false,
+        )));
+        fields.push(Arc::new(arrow::datatypes::Field::new(
+            super::window_sql::WINDOW_END,
+            tributary_engine::event::timestamp_type(),
+            false,
+        )));
+        let augmented =
+            RecordBatch::try_new(Arc::new(arrow::datatypes::Schema::new(fields)), columns)?;
+        let Some((input, _)) = run_steps(&self.pre, &augmented)? else {
+            return Ok(());
+        };
+        let n = input.num_rows();
+        let eval = |e: &Arc<dyn PhysicalExpr>| e.evaluate(&input)?.into_array(n);
+        let keys = self
+            .keys
+            .iter()
+            .map(eval)
+            .collect::<DfResult<Vec<ArrayRef>>>()?;
+        let time = eval(&self.time)?;
+        let time = time
+            .as_any()
+            .downcast_ref::<arrow::array::TimestampMillisecondArray>()
+            .ok_or_else(|| datafusion::error::DataFusionError::Internal("window time".into()))?;
+        let mut args = Vec::new();
+        let mut filters = Vec::new();
+        for a in self.state.windows.aggregates() {
+            args.push(a.args.iter().map(eval).collect::<DfResult<Vec<_>>>()?);
+            filters.push(match &a.filter {
+                Some(f) => Some(
+                    eval(f)?
+                        .as_any()
+                        .downcast_ref::<BooleanArray>()
+                        .cloned()
+                        .ok_or_else(|| {
+                            datafusion::error::DataFusionError::Internal(
+                                "FILTER is not boolean".into(),
+                            )
+                        })?,
+                ),
+                None => None,
+            });
+        }
+        let devices = match self.device_key {
+            Some(k) => {
+                let column = arrow::compute::cast(&keys[k], &arrow::datatypes::DataType::Utf8)?;
+                let column = column
+                    .as_any()
+                    .downcast_ref::<StringArray>()
+                    .cloned()
+                    .ok_or_else(|| datafusion::error::DataFusionError::Internal("device".into()))?;
+                let mut out = Vec::with_capacity(n);
+                let mut last = u32::MAX;
+                for i in 0..n {
+                    if i == 0 || column.value(i) != column.value(i - 1) {
+                        last = self.state.watermarks.device(column.value(i));
+                    }
+                    out.push(last);
+                }
+                out
+            }
+            None => Vec::new(),
+        };
+        self.state.windows.update(&Batch {
+            times: time.values(),
+            keys: &keys,
+            devices: &devices,
+            args: &args,
+            filters: &filters,
+            partition,
+            offset,
+        })
+    }
+
+    /// Closes what the watermarks allow and emits the rows.
+    fn close(&mut self, touched: &[u32], out: &mut Output) -> DfResult<()> {
+        let live = &mut self.state;
+        let mut closed = Vec::new();
+        if self.device_key.is_some() {
+            for d in touched {
+                let wm = live.watermarks.device_watermark(*d);
+                closed.extend(live.windows.close_device(*d, wm));
+            }
+            for d in live.watermarks.silent() {
+                let groups = live.windows.close_device_all(d);
+                if let Some(end) = groups.iter().map(|g| g.end).max() {
+                    live.watermarks.raise(d, end);
+                }
+                closed.extend(groups);
+            }
+        } else {
+            live.watermarks.silent();
+            closed.extend(
+                live.windows
+                    .close_global(live.watermarks.global_watermark()),
+            );
+        }
+        if closed.is_empty() {
+            return Ok(());
+        }
+        let closed = live.windows.finish(closed)?;
+        let now = live.watermarks.now();
+        let mut columns: Vec<ArrayRef> = Vec::new();
+        for source in &self.sources {
+            columns.push(match source {
+                KeySource::WindowStart => timestamps(closed.starts.clone()),
+                KeySource::WindowEnd => timestamps(closed.ends.clone()),
+                KeySource::User(k) => closed.keys[*k].clone(),
+            });
+        }
+        columns.extend(closed.values.iter().cloned());
+        let columns = columns
+            .into_iter()
+            .zip(self.aggregate_schema.fields())
+            .map(|(c, f)| {
+                if c.data_type() == f.data_type() {
+                    Ok(c)
+                } else {
+                    arrow::compute::cast(&c, f.data_type())
+                }
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let batch = RecordBatch::try_new(self.aggregate_schema.clone(), columns)?;
+        let Some((batch, rows)) = run_steps(&self.post, &batch)? else {
+            return Ok(());
+        };
+        let batch = RecordBatch::try_new(self.output.clone(), batch.columns().to_vec())?;
+        let ids = rows
+            .values()
+            .iter()
+            .map(|r| {
+                let r = *r as usize;
+                format!(
+                    "w:{}:{}:{:016x}",
+                    closed.starts[r],
+                    closed.ends[r],
+                    fnv1a(&closed.key_bytes[r])
+                )
+            })
+            .collect();
+        let times = rows
+            .values()
+            .iter()
+            .map(|r| closed.ends[*r as usize])
+            .collect();
+        let emitted = self
+            .target
+            .emit(batch, ids, times, now)
+            .map_err(datafusion::error::DataFusionError::Execution)?;
+        out.rows.push(emitted);
+        Ok(())
+    }
+}
+
+/// A stable 64-bit hash (ids must not change between runs).
+fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+impl RuleProgram for WindowedProgram {
+    fn process(&mut self, records: &[Record], out: &mut Output) -> Result<(), String> {
+        let touched = match self.ingest(records, out) {
+            Ok(t) => t,
+            Err(e) => {
+                // The batch cannot be evaluated (say, a cast fails on one
+                // value): skip it, count it, go on.
+                let (from, to) = (
+                    records.first().map_or(0, |r| r.offset),
+                    records.last().map_or(0, Record::end_offset),
+                );
+                out.errors.push(format!("events {from}..{to}: {e}"));
+                Vec::new()
+            }
+        };
+        self.close(&touched, out).map_err(|e| e.to_string())
+    }
+
+    fn advance(&mut self, now_ms: i64, out: &mut Output) -> Result<(), String> {
+        let silent = self.state.watermarks.advance(now_ms);
+        if self.device_key.is_some() {
+            // `close` collects the silent devices itself.
+            self.state.watermarks.requeue_silent(silent);
+        }
+        self.close(&[], out).map_err(|e| e.to_string())
+    }
+
+    fn retained_from(&self, partition: u32) -> Option<u64> {
+        self.state.windows.retained_from(partition)
+    }
+
+    fn stats(&self) -> ProgramStats {
+        ProgramStats {
+            late_events: self.state.late_events,
+            state_bytes: (self.state.windows.size() + self.state.watermarks.size()) as u64,
+            open_windows: self.state.windows.open() as u64,
+        }
+    }
+
+    fn into_state(self: Box<Self>) -> Box<dyn Any + Send> {
+        Box::new(Handed {
+            signature: self.signature,
+            state: self.state,
+        })
+    }
+
+    fn adopt_state(&mut self, state: Box<dyn Any + Send>) -> bool {
+        match state.downcast::<Handed>() {
+            Ok(handed) if handed.signature == self.signature => {
+                self.state = handed.state;
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Keeps the options in a program's description.
+pub fn describe_time(options: TimeOptions, per_device: bool) -> String {
+    format!(
+        "windows close on {} watermark (watermark_delay {}, idle_timeout {})",
+        if per_device {
+            "each device's own"
+        } else {
+            "the lowest active device's"
+        },
+        crate::window::format_duration(options.watermark_delay),
+        crate::window::format_duration(options.idle_timeout)
+    )
+}

@@ -1,0 +1,325 @@
+//! Per-device watermarks.
+//!
+//! A device's watermark is the newest event time it has sent minus the
+//! stream's watermark delay: an event older than that is late. Windows keyed
+//! by device close on their own device's watermark, so a device catching up on
+//! a backlog is never late because of another device's clock. Windows across
+//! devices close on the global watermark: the lowest among devices heard from
+//! within the idle timeout (it never goes back).
+
+use std::collections::{BTreeSet, HashMap};
+
+use super::TimeOptions;
+
+/// A device as the watermarks know it.
+#[derive(Debug, Clone)]
+struct Clock {
+    /// Newest event time seen, if any.
+    max_ts: i64,
+    /// Newest arrival time seen.
+    last_seen: i64,
+    /// The watermark never goes below this (raised when a silent device's
+    /// windows are closed).
+    floor: i64,
+    /// Whether the device counts for the global watermark now.
+    active: bool,
+}
+
+impl Clock {
+    fn watermark(&self, delay: i64) -> i64 {
+        self.max_ts.saturating_sub(delay).max(self.floor)
+    }
+}
+
+/// The watermarks of every device a rule has seen.
+#[derive(Debug, Clone)]
+pub struct Watermarks {
+    options: TimeOptions,
+    index: HashMap<String, u32>,
+    names: Vec<String>,
+    clocks: Vec<Clock>,
+    /// Active devices by watermark, for the global minimum.
+    by_watermark: BTreeSet<(i64, u32)>,
+    /// Active devices by arrival, to find the ones that went silent.
+    by_arrival: BTreeSet<(i64, u32)>,
+    /// Whether the global watermark is kept up to date (rules across devices).
+    global_wanted: bool,
+    global: i64,
+    /// The newest arrival time seen, or the `now` given to `advance`.
+    now: i64,
+    /// Devices found silent while observing, not yet reported.
+    pending_silent: Vec<u32>,
+}
+
+impl Watermarks {
+    /// Watermarks with these options; `global_wanted` keeps the global
+    /// watermark current for rules whose windows span devices.
+    pub fn new(options: TimeOptions, global_wanted: bool) -> Self {
+        Watermarks {
+            options,
+            index: HashMap::new(),
+            names: Vec::new(),
+            clocks: Vec::new(),
+            by_watermark: BTreeSet::new(),
+            by_arrival: BTreeSet::new(),
+            global_wanted,
+            global: i64::MIN,
+            now: i64::MIN,
+            pending_silent: Vec::new(),
+        }
+    }
+
+    /// The options in force.
+    pub fn options(&self) -> TimeOptions {
+        self.options
+    }
+
+    /// The index of a device, adding it if new.
+    pub fn device(&mut self, id: &str) -> u32 {
+        if let Some(&i) = self.index.get(id) {
+            return i;
+        }
+        let i = self.clocks.len() as u32;
+        self.index.insert(id.to_string(), i);
+        self.names.push(id.to_string());
+        self.clocks.push(Clock {
+            max_ts: i64::MIN,
+            last_seen: i64::MIN,
+            floor: i64::MIN,
+            active: false,
+        });
+        i
+    }
+
+    /// The index of a device already seen.
+    pub fn find(&self, id: &str) -> Option<u32> {
+        self.index.get(id).copied()
+    }
+
+    /// A device's id.
+    pub fn name(&self, device: u32) -> &str {
+        self.names.get(device as usize).map_or("", String::as_str)
+    }
+
+    /// Number of devices seen.
+    pub fn len(&self) -> usize {
+        self.clocks.len()
+    }
+
+    /// Whether no device was seen yet.
+    pub fn is_empty(&self) -> bool {
+        self.clocks.is_empty()
+    }
+
+    /// A device's watermark now.
+    pub fn device_watermark(&self, device: u32) -> i64 {
+        self.clocks
+            .get(device as usize)
+            .map_or(i64::MIN, |c| c.watermark(self.options.watermark_delay))
+    }
+
+    /// The watermark of windows across devices.
+    pub fn global_watermark(&self) -> i64 {
+        self.global
+    }
+
+    /// The newest arrival time seen.
+    pub fn now(&self) -> i64 {
+        self.now
+    }
+
+    /// Takes one event of `device` in arrival order. Returns whether it is
+    /// late: older than its watermark (the device's own when `per_device`,
+    /// else the global one) as it stood before this event.
+    pub fn observe(&mut self, device: u32, ts: i64, received_at: i64, per_device: bool) -> bool {
+        let delay = self.options.watermark_delay;
+        let late = if per_device {
+            ts < self.device_watermark(device)
+        } else {
+            ts < self.global
+        };
+        let Some(clock) = self.clocks.get_mut(device as usize) else {
+            return late;
+        };
+        let old_wm = clock.watermark(delay);
+        let old_seen = clock.last_seen;
+        let was_active = clock.active;
+        clock.max_ts = clock.max_ts.max(ts);
+        clock.last_seen = clock.last_seen.max(received_at);
+        clock.active = true;
+        let new_wm = clock.watermark(delay);
+        let new_seen = clock.last_seen;
+        self.now = self.now.max(received_at);
+        if was_active && old_seen != new_seen {
+            self.by_arrival.remove(&(old_seen, device));
+        }
+        if !was_active || old_seen != new_seen {
+            self.by_arrival.insert((new_seen, device));
+        }
+        if self.global_wanted {
+            if was_active && old_wm != new_wm {
+                self.by_watermark.remove(&(old_wm, device));
+            }
+            if !was_active || old_wm != new_wm {
+                self.by_watermark.insert((new_wm, device));
+            }
+            self.expire_silent_into_pending();
+            self.update_global();
+        }
+        late
+    }
+
+    fn idle_before(&self) -> i64 {
+        self.now.saturating_sub(self.options.idle_timeout)
+    }
+
+    fn expire_silent_into_pending(&mut self) {
+        let silent = self.expire_silent();
+        self.pending_silent.extend(silent);
+    }
+
+    /// Marks devices not heard from within the idle timeout as inactive.
+    fn expire_silent(&mut self) -> Vec<u32> {
+        let before = self.idle_before();
+        let mut silent = Vec::new();
+        while let Some(&(seen, device)) = self.by_arrival.first() {
+            if seen >= before {
+                break;
+            }
+            self.by_arrival.pop_first();
+            if let Some(clock) = self.clocks.get_mut(device as usize) {
+                clock.active = false;
+                let wm = clock.watermark(self.options.watermark_delay);
+                self.by_watermark.remove(&(wm, device));
+            }
+            silent.push(device);
+        }
+        silent
+    }
+
+    fn update_global(&mut self) {
+        let candidate = match self.by_watermark.first() {
+            Some(&(wm, _)) => wm,
+            // Everyone is silent: nothing holds windows open.
+            None => self
+                .clocks
+                .iter()
+                .map(|c| c.watermark(self.options.watermark_delay))
+                .max()
+                .unwrap_or(i64::MIN),
+        };
+        self.global = self.global.max(candidate);
+    }
+
+    /// Moves time to `now` (arrival time, ms) while no events come. Returns
+    /// the devices that went silent since the last call; the global
+    /// watermark moves past them.
+    pub fn advance(&mut self, now: i64) -> Vec<u32> {
+        self.now = self.now.max(now);
+        let mut silent = std::mem::take(&mut self.pending_silent);
+        silent.extend(self.expire_silent());
+        if self.global_wanted {
+            self.update_global();
+        }
+        silent
+    }
+
+    /// Devices silent since the newest arrival time (see [`Self::advance`]).
+    pub fn silent(&mut self) -> Vec<u32> {
+        let mut silent = std::mem::take(&mut self.pending_silent);
+        silent.extend(self.expire_silent());
+        if self.global_wanted && !silent.is_empty() {
+            self.update_global();
+        }
+        silent
+    }
+
+    /// Puts devices reported by [`Self::advance`] back, so the next
+    /// [`Self::silent`] returns them.
+    pub fn requeue_silent(&mut self, devices: Vec<u32>) {
+        self.pending_silent.extend(devices);
+    }
+
+    /// Raises a device's watermark to at least `floor`: its events before
+    /// that are late from now on (used when a silent device's windows close).
+    pub fn raise(&mut self, device: u32, floor: i64) {
+        let delay = self.options.watermark_delay;
+        if let Some(clock) = self.clocks.get_mut(device as usize) {
+            let old = clock.watermark(delay);
+            clock.floor = clock.floor.max(floor);
+            let new = clock.watermark(delay);
+            if self.global_wanted && clock.active && old != new {
+                self.by_watermark.remove(&(old, device));
+                self.by_watermark.insert((new, device));
+            }
+        }
+    }
+
+    /// Bytes held, roughly.
+    pub fn size(&self) -> usize {
+        self.names.iter().map(|n| n.len() * 2 + 64).sum::<usize>()
+            + self.clocks.len() * std::mem::size_of::<Clock>()
+            + (self.by_arrival.len() + self.by_watermark.len()) * 32
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options(delay: i64, idle: i64) -> TimeOptions {
+        TimeOptions {
+            watermark_delay: delay,
+            idle_timeout: idle,
+        }
+    }
+
+    #[test]
+    fn a_device_is_late_only_against_its_own_clock() {
+        let mut w = Watermarks::new(options(5, 1000), false);
+        let a = w.device("a");
+        let b = w.device("b");
+        assert!(!w.observe(a, 100, 0, true));
+        // Within the delay: not late.
+        assert!(!w.observe(a, 96, 0, true));
+        // Older than 100 - 5: late.
+        assert!(w.observe(a, 94, 0, true));
+        // Device b catching up on an old backlog is not late.
+        assert!(!w.observe(b, 10, 0, true));
+        assert!(!w.observe(b, 11, 0, true));
+        assert_eq!(w.device_watermark(a), 95);
+        assert_eq!(w.device_watermark(b), 6);
+    }
+
+    #[test]
+    fn the_global_watermark_is_the_slowest_active_device() {
+        let mut w = Watermarks::new(options(5, 100), true);
+        let a = w.device("a");
+        let b = w.device("b");
+        w.observe(b, 20, 0, false);
+        w.observe(a, 50, 0, false);
+        assert_eq!(w.global_watermark(), 15);
+        w.observe(b, 40, 10, false);
+        assert_eq!(w.global_watermark(), 35);
+        // b goes silent: after the idle timeout, a alone sets the pace.
+        w.observe(a, 80, 200, false);
+        assert_eq!(w.global_watermark(), 75);
+        // b comes back with old events: they are late; the global watermark
+        // does not go back.
+        assert!(w.observe(b, 41, 201, false));
+        assert_eq!(w.global_watermark(), 75);
+    }
+
+    #[test]
+    fn advancing_time_reports_silent_devices_once() {
+        let mut w = Watermarks::new(options(5, 100), false);
+        let a = w.device("a");
+        w.observe(a, 50, 1000, true);
+        assert!(w.advance(1050).is_empty());
+        assert_eq!(w.advance(1101), vec![a]);
+        assert!(w.advance(2000).is_empty());
+        w.raise(a, 60);
+        assert_eq!(w.device_watermark(a), 60);
+        assert!(w.observe(a, 59, 2001, true));
+    }
+}
