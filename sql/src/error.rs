@@ -148,7 +148,8 @@ fn tidy(message: &str) -> String {
             m = rest;
         }
     }
-    m.to_string()
+    // Errors are one line wherever they are printed.
+    m.lines().map(str::trim).collect::<Vec<_>>().join(" ")
 }
 
 impl From<DataFusionError> for Error {

@@ -162,6 +162,7 @@ pub async fn serve(args: ServeArgs) -> Result<std::process::ExitCode> {
         sinks: sinks.clone(),
         queries,
         ddl: tokio::sync::Mutex::new(()),
+        failed: Default::default(),
     });
     sql.resume().await?;
 

@@ -6,14 +6,14 @@ use std::sync::Arc;
 use anyhow::Context;
 use arrow::array::{ArrayRef, BooleanArray, RecordBatch, StringArray, UInt64Array};
 use arrow::datatypes::{DataType, Field, Schema};
-use tributary_engine::catalog::{Catalog, RESERVED_NAMES};
+use tributary_engine::catalog::{Catalog, RESERVED_NAMES, RuleDef};
 use tributary_engine::event::{SYSTEM_COLUMNS, StreamDef, now_millis};
 use tributary_engine::log::SharedEventStream;
-use tributary_engine::rule::RuleRuntime;
+use tributary_engine::rule::{Handover, RuleRuntime};
 use tributary_sinks::parquet::ParquetSinks;
 use tributary_sql::query::{QueryEngine, QueryResult};
-use tributary_sql::rule::compile_rule;
-use tributary_sql::statement::{Statement, parse};
+use tributary_sql::rule::{CompiledRule, compile_rule};
+use tributary_sql::statement::{RuleStatement, Statement, parse};
 
 /// The part of the server that executes SQL.
 pub struct SqlService {
@@ -24,6 +24,8 @@ pub struct SqlService {
     pub queries: QueryEngine,
     /// One DDL statement at a time, so the catalog and the log never disagree.
     pub ddl: tokio::sync::Mutex<()>,
+    /// Why rules that should run could not be started (after a restart).
+    pub failed: std::sync::Mutex<std::collections::HashMap<String, String>>,
 }
 
 impl SqlService {
@@ -37,20 +39,33 @@ impl SqlService {
             self.sinks.start(&def)?;
         }
         for rule in self.catalog.rules() {
-            let started = async {
-                let Statement::CreateRule(stmt) = parse(&rule.sql)? else {
-                    return Err(tributary_sql::Error::Internal(
-                        "stored rule is not a CREATE RULE".into(),
-                    ));
-                };
-                let compiled = compile_rule(&stmt, &self.catalog, rule.created_at).await?;
-                self.rules.start(&rule, compiled.program)?;
-                Ok(())
-            };
-            if let Err(e) = started.await {
+            if rule.paused {
+                continue;
+            }
+            if let Err(e) = self.start_stored(&rule).await {
                 tracing::error!(rule = %rule.name, error = %e, "rule could not be restarted");
+                self.failed
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(rule.name.clone(), e.to_string());
             }
         }
+        Ok(())
+    }
+
+    /// Compiles a rule from its stored SQL.
+    async fn compile_stored(&self, rule: &RuleDef) -> tributary_sql::Result<CompiledRule> {
+        let Statement::CreateRule(stmt) = parse(&rule.sql)? else {
+            return Err(tributary_sql::Error::Internal(
+                "stored rule is not a CREATE RULE".into(),
+            ));
+        };
+        compile_rule(&stmt, &self.catalog, rule.created_at).await
+    }
+
+    async fn start_stored(&self, rule: &RuleDef) -> tributary_sql::Result<()> {
+        let compiled = self.compile_stored(rule).await?;
+        self.rules.start(rule, compiled.program)?;
         Ok(())
     }
 
@@ -60,7 +75,9 @@ impl SqlService {
         let _ddl = match statement {
             Statement::CreateStream { .. }
             | Statement::CreateRule(_)
-            | Statement::DropRule { .. } => Some(self.ddl.lock().await),
+            | Statement::DropRule { .. }
+            | Statement::PauseRule { .. }
+            | Statement::ResumeRule { .. } => Some(self.ddl.lock().await),
             _ => None,
         };
         match statement {
@@ -89,23 +106,7 @@ impl SqlService {
                     .map_err(|e| tributary_sql::Error::Storage(e.to_string()))?;
                 Ok(message(format!("stream {} created", def.name)))
             }
-            Statement::CreateRule(stmt) => {
-                if self.catalog.rule(&stmt.name).is_some() {
-                    return Err(tributary_engine::Error::AlreadyExists {
-                        kind: "rule",
-                        name: stmt.name,
-                    }
-                    .into());
-                }
-                let compiled = compile_rule(&stmt, &self.catalog, now_millis()).await?;
-                self.rules.position_at_end(&compiled.def).await?;
-                self.catalog.add_rule(compiled.def.clone())?;
-                self.rules.start(&compiled.def, compiled.program)?;
-                Ok(message(format!(
-                    "rule {} created: reads {}, writes {}",
-                    compiled.def.name, compiled.def.source, compiled.def.target
-                )))
-            }
+            Statement::CreateRule(stmt) => self.create_rule(stmt).await,
             Statement::DropRule { name, if_exists } => {
                 if self.catalog.rule(&name).is_none() && if_exists {
                     return Ok(message(format!("rule {name} does not exist")));
@@ -113,6 +114,45 @@ impl SqlService {
                 self.rules.stop(&name).await;
                 self.catalog.remove_rule(&name)?;
                 Ok(message(format!("rule {name} dropped")))
+            }
+            Statement::PauseRule { name } => {
+                self.catalog.set_paused(&name, true)?;
+                self.rules.stop(&name).await;
+                Ok(message(format!(
+                    "rule {name} paused; it resumes from where it stopped"
+                )))
+            }
+            Statement::ResumeRule { name } => {
+                let rule = self
+                    .catalog
+                    .rule(&name)
+                    .ok_or(tributary_engine::Error::NotFound {
+                        kind: "rule",
+                        name: name.clone(),
+                    })?;
+                if self.rules.is_running(&name) {
+                    return Ok(message(format!("rule {name} is already running")));
+                }
+                let compiled = self.compile_stored(&rule).await?;
+                let rule = self.catalog.set_paused(&name, false)?;
+                self.rules.start(&rule, compiled.program)?;
+                Ok(message(format!("rule {name} resumed")))
+            }
+            Statement::ExplainRule { name } => {
+                let rule = self
+                    .catalog
+                    .rule(&name)
+                    .ok_or(tributary_engine::Error::NotFound {
+                        kind: "rule",
+                        name: name.clone(),
+                    })?;
+                let compiled = self.compile_stored(&rule).await?;
+                let lines: Vec<String> = compiled
+                    .explain
+                    .iter()
+                    .flat_map(|l| l.lines().map(str::to_string))
+                    .collect();
+                table(vec![text("plan", lines)])
             }
             Statement::ShowStreams => self.show_streams(),
             Statement::ShowRules => Ok(self.show_rules()),
@@ -128,6 +168,74 @@ impl SqlService {
             }
             Statement::Query(statement) => self.queries.run(*statement).await,
         }
+    }
+
+    /// CREATE [OR REPLACE] RULE and CREATE STREAM ... AS SELECT: the rule is
+    /// planned in full before anything is saved, so a refused statement
+    /// leaves nothing behind.
+    async fn create_rule(&self, stmt: RuleStatement) -> tributary_sql::Result<QueryResult> {
+        let existing = self.catalog.rule(&stmt.name);
+        if existing.is_some() && !stmt.or_replace {
+            return Err(tributary_engine::Error::AlreadyExists {
+                kind: "rule",
+                name: stmt.name,
+            }
+            .into());
+        }
+        let mut compiled = compile_rule(&stmt, &self.catalog, now_millis()).await?;
+        for def in &compiled.new_streams {
+            self.log.create_stream(def).await?;
+        }
+        let kind = if stmt.creates_stream.is_some() {
+            "stream"
+        } else {
+            "rule"
+        };
+        let Some(old) = existing else {
+            self.rules.position_at_end(&compiled.def).await?;
+            self.catalog
+                .put_rule(compiled.def.clone(), compiled.new_streams.clone())?;
+            self.start_sinks(&compiled.new_streams)?;
+            self.rules.start(&compiled.def, compiled.program)?;
+            return Ok(message(format!(
+                "{kind} {} created: reads {}, writes {}",
+                compiled.def.name, compiled.def.source, compiled.def.target
+            )));
+        };
+        // A replacement keeps the old rule's position (and paused state);
+        // a rule that now reads another stream starts at that stream's end.
+        compiled.def.paused = old.paused;
+        if old.source != compiled.def.source {
+            self.rules.position_at_end(&compiled.def).await?;
+        }
+        self.catalog
+            .put_rule(compiled.def.clone(), compiled.new_streams.clone())?;
+        self.start_sinks(&compiled.new_streams)?;
+        let handover = self.rules.replace(&compiled.def, compiled.program).await?;
+        let how = match handover {
+            Handover::StateKept => "its open windows carry over",
+            Handover::Rebuilt
+                if old.late_stream.is_none() && compiled.def.late_stream.is_none() =>
+            {
+                "it goes on from where the old one stopped"
+            }
+            Handover::Rebuilt => {
+                "the new plan is not compatible with the old one's window state, so it rebuilds its windows from the events since the old rule's last commit"
+            }
+        };
+        Ok(message(format!(
+            "rule {} replaced; {how}",
+            compiled.def.name
+        )))
+    }
+
+    fn start_sinks(&self, streams: &[StreamDef]) -> tributary_sql::Result<()> {
+        for def in streams {
+            self.sinks
+                .start(def)
+                .map_err(|e| tributary_sql::Error::Storage(e.to_string()))?;
+        }
+        Ok(())
     }
 
     fn show_streams(&self) -> tributary_sql::Result<QueryResult> {
@@ -168,6 +276,11 @@ impl SqlService {
 
     fn show_rules(&self) -> QueryResult {
         let rules = self.catalog.rules();
+        let failed = self
+            .failed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         let stats: Vec<_> = rules.iter().map(|r| self.rules.stats(&r.name)).collect();
         let count = |f: fn(&tributary_engine::rule::RuleStatsSnapshot) -> u64| -> ArrayRef {
             Arc::new(UInt64Array::from(
@@ -183,9 +296,14 @@ impl SqlService {
             text("target", rules.iter().map(|r| r.target.to_string())),
             text(
                 "status",
-                stats
-                    .iter()
-                    .map(|s| if s.is_some() { "running" } else { "stopped" }.to_string()),
+                rules.iter().zip(&stats).map(|(r, s)| {
+                    match (r.paused, s) {
+                        (true, _) => "paused",
+                        (false, Some(_)) => "running",
+                        (false, None) => "failed",
+                    }
+                    .to_string()
+                }),
             ),
             (
                 Field::new("events_in", DataType::UInt64, false),
@@ -200,15 +318,31 @@ impl SqlService {
                 count(|s| s.commands_queued),
             ),
             (
+                Field::new("late_events", DataType::UInt64, false),
+                count(|s| s.late_events),
+            ),
+            (
+                Field::new("open_windows", DataType::UInt64, false),
+                count(|s| s.open_windows),
+            ),
+            (
+                Field::new("state_bytes", DataType::UInt64, false),
+                count(|s| s.state_bytes),
+            ),
+            (
                 Field::new("errors", DataType::UInt64, false),
                 count(|s| s.errors),
             ),
             (
                 Field::new("last_error", DataType::Utf8, true),
                 Arc::new(StringArray::from(
-                    stats
+                    rules
                         .iter()
-                        .map(|s| s.as_ref().and_then(|s| s.last_error.clone()))
+                        .zip(&stats)
+                        .map(|(r, s)| match s {
+                            Some(s) => s.last_error.clone(),
+                            None => failed.get(&r.name).cloned(),
+                        })
                         .collect::<Vec<_>>(),
                 )),
             ),
