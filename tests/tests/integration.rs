@@ -5,4 +5,6 @@
 
 mod bad_input;
 mod e2e;
+mod golden;
 mod restart;
+mod windows;

@@ -7,6 +7,7 @@
 //! aggregate's physical accumulators, folded per window as events arrive and
 //! finished when the window closes. Nothing is planned per batch.
 
+mod over;
 mod stateless;
 mod steps;
 mod target;
@@ -160,9 +161,36 @@ pub async fn compile_rule(
     };
 
     let aggregate = find_aggregate(&plan);
+    let over = find_window(&plan);
     let mut explain = vec![format!("source: {}", source.name)];
     let mut late_stream_name = None;
     let program: Box<dyn RuleProgram> = match (spec, aggregate) {
+        (None, None) if over.is_some() => {
+            let node = over.ok_or_else(|| Error::Internal("window node".into()))?;
+            let time = TimeOptions::from_options(&source.options).map_err(Error::plan)?;
+            let late = late_stream(&source)?;
+            late_stream_name = Some(late.name.clone());
+            if catalog.stream(&late.name).is_none() {
+                new_streams.push(late.clone());
+            }
+            Box::new(over_program(
+                &rule.name,
+                time,
+                node,
+                &plan,
+                &state,
+                output.clone(),
+                target.clone(),
+                late.schema(),
+                &mut explain,
+            )?)
+        }
+        (_, Some(_)) if over.is_some() => {
+            return Err(Error::plan(format!(
+                "rule '{}': a rule either aggregates over a window (GROUP BY) or computes per event (OVER), not both",
+                rule.name
+            )));
+        }
         (None, None) => {
             let mut steps = Vec::new();
             lower(&plan, &state, &mut steps, &rule.name, None)?;
@@ -397,6 +425,253 @@ fn aggregate(
         expr,
         filter,
     }
+}
+
+/// The plan's Window node (OVER), if any.
+fn find_window(plan: &LogicalPlan) -> Option<&datafusion::logical_expr::Window> {
+    match plan {
+        LogicalPlan::Window(w) => Some(w),
+        other => other.inputs().into_iter().find_map(find_window),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn over_program(
+    rule: &str,
+    time: TimeOptions,
+    node: &datafusion::logical_expr::Window,
+    plan: &LogicalPlan,
+    state: &SessionState,
+    output: SchemaRef,
+    target: Target,
+    late_schema: SchemaRef,
+    explain: &mut Vec<String>,
+) -> Result<over::OverProgram> {
+    use datafusion::logical_expr::{WindowFrameBound, WindowFrameUnits, WindowFunctionDefinition};
+    use datafusion::physical_expr::aggregate::AggregateExprBuilder;
+
+    let holder = find_plan(
+        plan,
+        &|p| matches!(p, LogicalPlan::Window(w) if std::ptr::eq(w, node)),
+    )
+    .ok_or_else(|| Error::Internal("the window is not part of the plan".into()))?;
+    let mut pre = Vec::new();
+    lower(&node.input, state, &mut pre, rule, None)?;
+    let mut post = Vec::new();
+    lower(plan, state, &mut post, rule, Some(holder))?;
+    let input_schema = node.input.schema();
+    let input_arrow = Arc::new(input_schema.as_arrow().clone());
+    let unsupported = |what: String| {
+        Error::plan(format!(
+            "rule '{rule}': {what}; rules support OVER (PARTITION BY ... ORDER BY ts [ROWS|RANGE BETWEEN ... PRECEDING AND CURRENT ROW]) with lag, row_number and aggregates"
+        ))
+    };
+    let mut partition: Option<Vec<Expr>> = None;
+    let mut functions = Vec::new();
+    let mut names = Vec::new();
+    for e in &node.window_expr {
+        let Expr::WindowFunction(w) = e.clone().unalias() else {
+            return Err(unsupported(format!("{e} is not a window function")));
+        };
+        let params = &w.params;
+        match &partition {
+            Some(p) if p != &params.partition_by => {
+                return Err(unsupported(
+                    "every OVER in a rule must use the same PARTITION BY".into(),
+                ));
+            }
+            _ => partition = Some(params.partition_by.clone()),
+        }
+        let ordered_by_ts = params.order_by.len() == 1
+            && params.order_by[0].asc
+            && matches!(&params.order_by[0].expr, Expr::Column(c) if c.name == tributary_engine::event::TS);
+        if !ordered_by_ts {
+            return Err(unsupported(format!(
+                "{e}: OVER must be ORDER BY ts (ascending), the event time"
+            )));
+        }
+        if params.filter.is_some() || params.distinct {
+            return Err(unsupported(format!("{e}: FILTER and DISTINCT")));
+        }
+        let physical = |x: &Expr| state.create_physical_expr(x.clone(), input_schema);
+        let function = match &w.fun {
+            WindowFunctionDefinition::WindowUDF(udf) => match udf.name() {
+                "lag" => {
+                    let arg = params
+                        .args
+                        .first()
+                        .ok_or_else(|| unsupported("lag needs an argument".into()))?;
+                    let offset = match params.args.get(1) {
+                        None => 1,
+                        Some(Expr::Literal(v, _)) => usize::try_from(
+                            v.cast_to(&arrow::datatypes::DataType::Int64)
+                                .ok()
+                                .and_then(|v| match v {
+                                    datafusion::common::ScalarValue::Int64(Some(n)) => Some(n),
+                                    _ => None,
+                                })
+                                .unwrap_or(-1),
+                        )
+                        .map_err(|_| unsupported("lag's offset must be a whole number".into()))?,
+                        Some(other) => {
+                            return Err(unsupported(format!(
+                                "lag's offset {other} must be a constant"
+                            )));
+                        }
+                    };
+                    let ty = e.to_field(node.schema.as_ref())?.1.data_type().clone();
+                    let default = match params.args.get(2) {
+                        None => datafusion::common::ScalarValue::try_new_null(&ty)?,
+                        Some(Expr::Literal(v, _)) => v.cast_to(&ty)?,
+                        Some(other) => {
+                            return Err(unsupported(format!(
+                                "lag's default {other} must be a constant"
+                            )));
+                        }
+                    };
+                    over::OverFn::Lag {
+                        arg: physical(arg)?,
+                        offset,
+                        default,
+                    }
+                }
+                "row_number" => over::OverFn::RowNumber,
+                other => return Err(unsupported(format!("window function {other}"))),
+            },
+            WindowFunctionDefinition::AggregateUDF(udf) => {
+                let frame = &params.window_frame;
+                if !matches!(frame.end_bound, WindowFrameBound::CurrentRow) {
+                    return Err(unsupported(format!(
+                        "{e}: a frame must end at CURRENT ROW (a stream has no following rows yet)"
+                    )));
+                }
+                let start = match &frame.start_bound {
+                    WindowFrameBound::Preceding(v) if v.is_null() => None,
+                    WindowFrameBound::Preceding(v) => Some(v.clone()),
+                    WindowFrameBound::CurrentRow => {
+                        Some(datafusion::common::ScalarValue::UInt64(Some(0)))
+                    }
+                    WindowFrameBound::Following(_) => {
+                        return Err(unsupported(format!("{e}: FOLLOWING")));
+                    }
+                };
+                let frame = match frame.units {
+                    WindowFrameUnits::Rows => over::Frame::Rows(match start {
+                        None => None,
+                        Some(v) => Some(match v.cast_to(&arrow::datatypes::DataType::UInt64)? {
+                            datafusion::common::ScalarValue::UInt64(Some(n)) => n,
+                            _ => return Err(unsupported(format!("{e}: ROWS needs a count"))),
+                        }),
+                    }),
+                    WindowFrameUnits::Range => over::Frame::Range(match start {
+                        None => None,
+                        Some(v) => Some(frame_ms(&v).ok_or_else(|| {
+                            unsupported(format!(
+                                "{e}: RANGE over ts takes an INTERVAL (months have no fixed length)"
+                            ))
+                        })?),
+                    }),
+                    WindowFrameUnits::Groups => {
+                        return Err(unsupported(format!("{e}: GROUPS frames")));
+                    }
+                };
+                let args = params
+                    .args
+                    .iter()
+                    .map(physical)
+                    .collect::<datafusion::error::Result<Vec<_>>>()?;
+                let expr = AggregateExprBuilder::new(udf.clone(), args.clone())
+                    .schema(input_arrow.clone())
+                    .alias(e.schema_name().to_string())
+                    .build()?;
+                let expr = Arc::new(expr);
+                if over::bounded(frame) {
+                    expr.create_sliding_accumulator().map_err(|_| {
+                        unsupported(format!(
+                            "{e}: {} cannot drop rows from a bounded frame; use a frame from the partition's start",
+                            udf.name()
+                        ))
+                    })?;
+                }
+                over::OverFn::Aggregate { expr, args, frame }
+            }
+        };
+        functions.push(function);
+        names.push(e.to_string());
+    }
+    let partition = partition.unwrap_or_default();
+    let mut keys = Vec::new();
+    let mut fields = Vec::new();
+    let mut device_key = None;
+    for (i, p) in partition.iter().enumerate() {
+        if matches!(p, Expr::Column(c) if c.name == DEVICE_ID) {
+            device_key = Some(i);
+        }
+        fields.push(arrow::row::SortField::new(
+            p.to_field(input_schema)?.1.data_type().clone(),
+        ));
+        keys.push(state.create_physical_expr(p.clone(), input_schema)?);
+    }
+    let order = state.create_physical_expr(
+        Expr::Column(datafusion::common::Column::from_name(
+            tributary_engine::event::TS,
+        )),
+        input_schema,
+    )?;
+    let window_schema = nullable_schema(&node.schema);
+    let types = window_schema.fields()[input_schema.fields().len()..]
+        .iter()
+        .map(|f| f.data_type().clone())
+        .collect();
+    let per_device = device_key.is_some();
+    explain.extend(pre.iter().map(|s| format!("before OVER: {s}")));
+    explain.push(format!("per event: {}", names.join(", ")));
+    explain.push(format!(
+        "events wait for their watermark, then go in ts order per partition; {}",
+        describe_time(time, per_device)
+    ));
+    explain.extend(post.iter().map(|s| format!("after OVER: {s}")));
+    Ok(over::OverProgram::new(
+        rule.to_string(),
+        pre,
+        (keys, fields, device_key),
+        order,
+        functions,
+        types,
+        window_schema,
+        post,
+        output,
+        target,
+        late_schema,
+        Watermarks::new(time, !per_device),
+    )?)
+}
+
+/// A RANGE frame's start, in ms.
+fn frame_ms(v: &datafusion::common::ScalarValue) -> Option<i64> {
+    use datafusion::common::ScalarValue;
+    match v {
+        ScalarValue::IntervalMonthDayNano(Some(v)) if v.months == 0 => {
+            Some(i64::from(v.days) * 86_400_000 + v.nanoseconds / 1_000_000)
+        }
+        ScalarValue::IntervalDayTime(Some(v)) => {
+            Some(i64::from(v.days) * 86_400_000 + i64::from(v.milliseconds))
+        }
+        _ => None,
+    }
+}
+
+/// The first node of `plan` (itself included) that matches.
+fn find_plan<'a>(
+    plan: &'a LogicalPlan,
+    matches: &dyn Fn(&LogicalPlan) -> bool,
+) -> Option<&'a LogicalPlan> {
+    if matches(plan) {
+        return Some(plan);
+    }
+    plan.inputs()
+        .into_iter()
+        .find_map(|p| find_plan(p, matches))
 }
 
 /// `node` as the `LogicalPlan` that holds it, found in `plan`.
@@ -755,5 +1030,109 @@ mod window_tests {
             .downcast_ref::<Int64Array>()
             .unwrap();
         assert_eq!(n.values(), &[3]);
+    }
+}
+
+#[cfg(test)]
+mod over_tests {
+    use super::*;
+    use crate::statement::{Statement, parse};
+    use arrow::array::{Float64Array, RecordBatch, StringArray, TimestampMillisecondArray};
+    use tributary_engine::event::{ColumnDef, ColumnType};
+    use tributary_engine::log::Record;
+    use tributary_engine::rule::Output;
+
+    fn catalog() -> Catalog {
+        let c = Catalog::in_memory();
+        let mut def = StreamDef::new(
+            "t",
+            vec![ColumnDef {
+                name: "temp".into(),
+                ty: ColumnType::Float64,
+            }],
+            1,
+        )
+        .unwrap();
+        def.options.insert("watermark_delay".into(), "2s".into());
+        c.add_stream(def).unwrap();
+        c
+    }
+
+    fn record(rows: &[(&str, i64, f64)]) -> Record {
+        let ts: Vec<i64> = rows.iter().map(|r| r.1).collect();
+        Record {
+            partition: 0,
+            offset: 0,
+            batch: RecordBatch::try_new(
+                catalog().stream("t").unwrap().schema(),
+                vec![
+                    Arc::new(StringArray::from(
+                        rows.iter().map(|r| r.0).collect::<Vec<_>>(),
+                    )),
+                    Arc::new(TimestampMillisecondArray::from(ts.clone()).with_timezone("UTC")),
+                    Arc::new(TimestampMillisecondArray::from(ts).with_timezone("UTC")),
+                    Arc::new(Float64Array::from(
+                        rows.iter().map(|r| r.2).collect::<Vec<_>>(),
+                    )),
+                ],
+            )
+            .unwrap(),
+        }
+    }
+
+    #[tokio::test]
+    async fn lag_and_a_sliding_average_per_device_in_event_time_order() {
+        let Statement::CreateRule(r) = parse(
+            "CREATE RULE r AS INSERT INTO commands SELECT device_id, 'x', named_struct('prev', lag(temp) OVER w, 'avg', avg(temp) OVER (PARTITION BY device_id ORDER BY ts RANGE BETWEEN INTERVAL '2' SECOND PRECEDING AND CURRENT ROW)) FROM t WINDOW w AS (PARTITION BY device_id ORDER BY ts)",
+        )
+        .unwrap() else {
+            panic!()
+        };
+        let mut rule = compile_rule(&r, &catalog(), 0).await.unwrap();
+        let mut out = Output::default();
+        // 2 s arrives before 1 s (within the delay): the rule sees them in
+        // event-time order once the watermark passes.
+        rule.program
+            .process(
+                &[record(&[
+                    ("a", 0, 10.0),
+                    ("a", 2_000, 30.0),
+                    ("a", 1_000, 20.0),
+                    ("a", 10_000, 0.0),
+                ])],
+                &mut out,
+            )
+            .unwrap();
+        let rows = &out.rows[0].batch;
+        assert_eq!(rows.num_rows(), 3);
+        let payloads = tributary_engine::rule::payload_values(rows.column(2)).unwrap();
+        assert_eq!(payloads[0], serde_json::json!({"prev": null, "avg": 10.0}));
+        assert_eq!(payloads[1], serde_json::json!({"prev": 10.0, "avg": 15.0}));
+        assert_eq!(payloads[2], serde_json::json!({"prev": 20.0, "avg": 20.0}));
+        assert_eq!(out.rows[0].ids[2], "o:0:1");
+    }
+
+    #[tokio::test]
+    async fn unsupported_over_clauses_are_refused() {
+        for (sql, expected) in [
+            (
+                "CREATE RULE r AS INSERT INTO commands SELECT device_id, 'x', lag(temp) OVER (PARTITION BY device_id ORDER BY temp) FROM t",
+                "ORDER BY ts",
+            ),
+            (
+                "CREATE RULE r AS INSERT INTO commands SELECT device_id, 'x', sum(temp) OVER (PARTITION BY device_id ORDER BY ts ROWS BETWEEN CURRENT ROW AND 1 FOLLOWING) FROM t",
+                "CURRENT ROW",
+            ),
+            (
+                "CREATE RULE r AS INSERT INTO commands SELECT device_id, 'x', lead(temp) OVER (PARTITION BY device_id ORDER BY ts) FROM t",
+                "lead",
+            ),
+        ] {
+            let Statement::CreateRule(r) = parse(sql).unwrap() else {
+                panic!()
+            };
+            let err = compile_rule(&r, &catalog(), 0).await.unwrap_err();
+            assert!(err.to_string().contains(expected), "{sql}: {err}");
+        }
     }
 }

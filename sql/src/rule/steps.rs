@@ -103,7 +103,9 @@ pub fn lower(
             )));
         }
         LogicalPlan::Window(_) => {
-            return Err(unsupported(rule, "window functions (OVER)"));
+            return Err(Error::plan(format!(
+                "rule '{rule}': only one level of OVER is supported in a rule"
+            )));
         }
         LogicalPlan::Join(_) => return Err(unsupported(rule, "joins")),
         LogicalPlan::Sort(_) => return Err(unsupported(rule, "ORDER BY")),

@@ -74,16 +74,19 @@ impl WindowedProgram {
         self.device_key.is_some()
     }
 
-    /// Watermarks, late events and window assignment over the raw records.
-    fn ingest(&mut self, records: &[Record], out: &mut Output) -> DfResult<Vec<u32>> {
-        let Some(first) = records.first() else {
-            return Ok(Vec::new());
-        };
-        let raw = if records.len() == 1 {
-            first.batch.clone()
-        } else {
-            concat_batches(&first.batch.schema(), records.iter().map(|r| &r.batch))?
-        };
+    /// Watermarks, late events and window assignment over raw rows (of
+    /// records starting at `offset` of `partition`). A per-device rule stops
+    /// after the row at which a device went silent, so that the caller closes
+    /// that device's windows before later rows are judged against its
+    /// watermark: the same events give the same rows however they are
+    /// batched. Returns the devices touched and the rows taken.
+    fn ingest(
+        &mut self,
+        raw: &RecordBatch,
+        partition: u32,
+        offset: u64,
+        out: &mut Output,
+    ) -> DfResult<(Vec<u32>, usize)> {
         let rows = raw.num_rows();
         let devices = raw
             .column_by_name(DEVICE_ID)
@@ -97,6 +100,7 @@ impl WindowedProgram {
         let mut touched: Vec<u32> = Vec::new();
         let mut late = Vec::new();
         let mut device = u32::MAX;
+        let mut taken = rows;
         for i in 0..rows {
             if i == 0 || devices.value(i) != devices.value(i - 1) {
                 device = live.watermarks.device(devices.value(i));
@@ -110,7 +114,18 @@ impl WindowedProgram {
             {
                 late.push(i);
             }
+            if per_device {
+                let silent = live.watermarks.silent();
+                if !silent.is_empty() {
+                    // `close` collects them.
+                    live.watermarks.requeue_silent(silent);
+                    taken = i + 1;
+                    break;
+                }
+            }
         }
+        let raw = raw.slice(0, taken);
+        let rows = taken;
         let raw = if late.is_empty() {
             raw
         } else {
@@ -131,9 +146,9 @@ impl WindowedProgram {
             filter_record_batch(&raw, &not(&mask)?)?
         };
         if raw.num_rows() > 0 {
-            self.fold(&raw, first.partition, first.offset)?;
+            self.fold(&raw, partition, offset)?;
         }
-        Ok(touched)
+        Ok((touched, taken))
     }
 
     /// Adds the window columns, runs the pre-aggregate steps and folds the
@@ -195,7 +210,14 @@ impl WindowedProgram {
         let mut args = Vec::new();
         let mut filters = Vec::new();
         for a in self.state.windows.aggregates() {
-            args.push(a.args.iter().map(eval).collect::<DfResult<Vec<_>>>()?);
+            let mut values = a.args.iter().map(eval).collect::<DfResult<Vec<_>>>()?;
+            // An ordered aggregate (`first_value(x ORDER BY ts)`) takes its
+            // ORDER BY columns after its arguments, as DataFusion's
+            // AggregateExec passes them (`all_expressions`).
+            for sort in a.expr.order_bys() {
+                values.push(eval(&sort.expr)?);
+            }
+            args.push(values);
             filters.push(match &a.filter {
                 Some(f) => Some(
                     eval(f)?
@@ -334,20 +356,51 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 
 impl RuleProgram for WindowedProgram {
     fn process(&mut self, records: &[Record], out: &mut Output) -> Result<(), String> {
-        let touched = match self.ingest(records, out) {
-            Ok(t) => t,
-            Err(e) => {
-                // The batch cannot be evaluated (say, a cast fails on one
-                // value): skip it, count it, go on.
-                let (from, to) = (
-                    records.first().map_or(0, |r| r.offset),
-                    records.last().map_or(0, Record::end_offset),
-                );
-                out.errors.push(format!("events {from}..{to}: {e}"));
-                Vec::new()
+        // The batch cannot be evaluated (say, a cast fails on one value):
+        // skip it, count it, go on.
+        let skip = |e: &dyn std::fmt::Display, out: &mut Output| {
+            let (from, to) = (
+                records.first().map_or(0, |r| r.offset),
+                records.last().map_or(0, Record::end_offset),
+            );
+            out.errors.push(format!("events {from}..{to}: {e}"));
+        };
+        let raw = match records {
+            [] => None,
+            [one] => Some(one.batch.clone()),
+            [first, ..] => {
+                match concat_batches(&first.batch.schema(), records.iter().map(|r| &r.batch)) {
+                    Ok(b) => Some(b),
+                    Err(e) => {
+                        skip(&e, out);
+                        None
+                    }
+                }
             }
         };
-        self.close(&touched, out).map_err(|e| e.to_string())
+        let Some(raw) = raw else {
+            return self.close(&[], out).map_err(|e| e.to_string());
+        };
+        let (partition, offset) = (records[0].partition, records[0].offset);
+        let mut start = 0;
+        loop {
+            let rest = raw.slice(start, raw.num_rows() - start);
+            let touched = match self.ingest(&rest, partition, offset, out) {
+                Ok((touched, taken)) => {
+                    start += taken;
+                    touched
+                }
+                Err(e) => {
+                    skip(&e, out);
+                    start = raw.num_rows();
+                    Vec::new()
+                }
+            };
+            self.close(&touched, out).map_err(|e| e.to_string())?;
+            if start >= raw.num_rows() {
+                return Ok(());
+            }
+        }
     }
 
     fn advance(&mut self, now_ms: i64, out: &mut Output) -> Result<(), String> {
