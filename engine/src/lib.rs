@@ -20,6 +20,7 @@
 
 pub mod catalog;
 pub mod commands;
+pub mod devices;
 mod error;
 pub mod event;
 pub mod fsutil;

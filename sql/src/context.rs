@@ -1,6 +1,12 @@
 //! The DataFusion session every statement is planned in.
 
+use std::sync::Arc;
+
+use datafusion::common::DFSchema;
+use datafusion::execution::FunctionRegistry;
 use datafusion::execution::context::SessionContext;
+use datafusion::logical_expr::GetFieldAccess;
+use datafusion::logical_expr::planner::{ExprPlanner, PlannerResult, RawFieldAccessExpr};
 use datafusion::prelude::SessionConfig;
 
 /// A fresh session configured the way Tributary plans SQL: spans kept for
@@ -12,5 +18,35 @@ pub fn new_session() -> SessionContext {
     let options = config.options_mut();
     options.sql_parser.collect_spans = true;
     options.sql_parser.enable_ident_normalization = true;
-    SessionContext::new_with_config(config)
+    let ctx = SessionContext::new_with_config(config);
+    // `tags['site']`: read a map (or struct) field. DataFusion plans this
+    // with its nested-functions feature, which is large; `get_field` is all
+    // it needs.
+    let mut state = ctx.state();
+    if state.register_expr_planner(Arc::new(FieldAccess)).is_ok() {
+        return SessionContext::new_with_state(state);
+    }
+    ctx
+}
+
+/// Plans `expr['name']` as `get_field(expr, 'name')`.
+#[derive(Debug)]
+struct FieldAccess;
+
+impl ExprPlanner for FieldAccess {
+    fn plan_field_access(
+        &self,
+        expr: RawFieldAccessExpr,
+        _schema: &DFSchema,
+    ) -> datafusion::error::Result<PlannerResult<RawFieldAccessExpr>> {
+        match expr.field_access {
+            GetFieldAccess::NamedStructField { name } => Ok(PlannerResult::Planned(
+                datafusion::functions::core::expr_fn::get_field(expr.expr, name),
+            )),
+            other => Ok(PlannerResult::Original(RawFieldAccessExpr {
+                field_access: other,
+                expr: expr.expr,
+            })),
+        }
+    }
 }

@@ -56,11 +56,22 @@ impl QueryResult {
 pub struct QueryEngine {
     catalog: Arc<Catalog>,
     source: Arc<dyn StreamSource>,
+    devices: Option<Arc<tributary_engine::devices::DeviceTable>>,
 }
 
 impl QueryEngine {
     pub fn new(catalog: Arc<Catalog>, source: Arc<dyn StreamSource>) -> Self {
-        QueryEngine { catalog, source }
+        QueryEngine {
+            catalog,
+            source,
+            devices: None,
+        }
+    }
+
+    /// Lets queries read the registry's devices as the table `devices`.
+    pub fn with_devices(mut self, devices: Arc<tributary_engine::devices::DeviceTable>) -> Self {
+        self.devices = Some(devices);
+        self
     }
 
     /// Plans and runs one query statement.
@@ -69,6 +80,15 @@ impl QueryEngine {
         let state = ctx.state();
         for table in state.resolve_table_references(&statement)? {
             let name = table.table().to_string();
+            if let (Some(devices), "devices") = (&self.devices, name.as_str()) {
+                let snapshot = devices.snapshot();
+                let table = datafusion::catalog::MemTable::try_new(
+                    snapshot.batch.schema(),
+                    vec![vec![snapshot.batch.clone()]],
+                )?;
+                ctx.register_table("devices", Arc::new(table))?;
+                continue;
+            }
             let Some(def) = self.catalog.stream(&name) else {
                 // Leave it to the planner, whose error names the table and its position.
                 continue;

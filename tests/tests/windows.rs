@@ -220,3 +220,40 @@ fn refused_rules_say_where_and_leave_no_trace() {
         .collect();
     assert_eq!(names, ["telemetry"]);
 }
+
+#[test]
+fn rules_join_the_registry_and_see_devices_added_later() {
+    let server = Server::start();
+    server
+        .cli(&["sql", "CREATE STREAM telemetry (temp DOUBLE)"])
+        .ok();
+    // Each device's limit lives in the registry, as a tag.
+    server
+        .cli(&[
+            "sql",
+            "CREATE RULE over_limit AS INSERT INTO commands SELECT t.device_id, 'over_limit', t.temp FROM telemetry t JOIN devices d ON t.device_id = d.id WHERE t.temp > CAST(d.tags['max_temp'] AS DOUBLE)",
+        ])
+        .ok();
+    // Added after the rule: the rule sees it on its next batch.
+    let added = server
+        .cli(&["device", "add", "boiler", "--tag", "max_temp=90", "--json"])
+        .ok();
+    let token: serde_json::Value = serde_json::from_str(added.stdout.trim()).unwrap();
+    let token = token["token"].as_str().unwrap().to_string();
+    let listener = server.spawn_cli(&[
+        "listen", "--device", "boiler", "--token", &token, "--count", "1",
+    ]);
+    server
+        .cli_with_stdin(
+            &["send", "--device", "boiler", "--token", &token],
+            Some("{\"temp\": 80}\n{\"temp\": 95}\n"),
+        )
+        .ok();
+    let out = wait_output(listener, Duration::from_secs(30));
+    let command: serde_json::Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+    assert_eq!(command["name"], "over_limit");
+    assert_eq!(command["payload"], 95.0);
+    let tags = server.sql_json("SELECT id, tags['max_temp'] AS max_temp FROM devices");
+    assert_eq!(tags[0]["id"], "boiler");
+    assert_eq!(tags[0]["max_temp"], "90");
+}

@@ -257,6 +257,7 @@ async fn create_device(State(state): State<ApiState>, body: Bytes) -> Result<Res
         .registry
         .create_device(&request.id, request.tags, now_millis())
         .await?;
+    refresh_devices(&state).await;
     Ok((
         StatusCode::CREATED,
         Json(CreatedDevice {
@@ -304,6 +305,7 @@ async fn delete_device(
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     state.registry.remove_device(&id).await?;
+    refresh_devices(&state).await;
     // Deprovisioning: the credentials are gone; close the live connection and
     // let nothing more be delivered.
     state
@@ -313,6 +315,13 @@ async fn delete_device(
         tracing::error!(device = %id, error = %e, "could not expire the removed device's commands");
     }
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// Rules and queries see registry changes at once.
+async fn refresh_devices(state: &ApiState) {
+    if let Err(e) = state.sql.refresh_devices(&state.registry).await {
+        tracing::error!(error = %e, "could not reload the devices table");
+    }
 }
 
 /// Compares secrets without an early exit, so timing does not reveal how

@@ -148,13 +148,15 @@ pub async fn serve(args: ServeArgs) -> Result<std::process::ExitCode> {
         },
     ));
     let rules = Arc::new(RuleRuntime::new(log.clone(), commands.clone()));
+    let devices = Arc::new(tributary_engine::devices::DeviceTable::default());
     let queries = QueryEngine::new(
         catalog.clone(),
         Arc::new(StoredStreams {
             storage,
             log: log.clone(),
         }),
-    );
+    )
+    .with_devices(devices.clone());
     let sql = Arc::new(sql::SqlService {
         catalog: catalog.clone(),
         log: log.clone(),
@@ -163,7 +165,9 @@ pub async fn serve(args: ServeArgs) -> Result<std::process::ExitCode> {
         queries,
         ddl: tokio::sync::Mutex::new(()),
         failed: Default::default(),
+        devices,
     });
+    sql.refresh_devices(&registry).await?;
     sql.resume().await?;
 
     let gateway = Gateway::bind(

@@ -7,12 +7,14 @@ use anyhow::Context;
 use arrow::array::{ArrayRef, BooleanArray, RecordBatch, StringArray, UInt64Array};
 use arrow::datatypes::{DataType, Field, Schema};
 use tributary_engine::catalog::{Catalog, RESERVED_NAMES, RuleDef};
+use tributary_engine::devices::{DeviceRow, DeviceTable};
 use tributary_engine::event::{SYSTEM_COLUMNS, StreamDef, now_millis};
 use tributary_engine::log::SharedEventStream;
 use tributary_engine::rule::{Handover, RuleRuntime};
+use tributary_registry::{DeviceStatus, SharedRegistry};
 use tributary_sinks::parquet::ParquetSinks;
 use tributary_sql::query::{QueryEngine, QueryResult};
-use tributary_sql::rule::{CompiledRule, compile_rule};
+use tributary_sql::rule::{CompiledRule, compile_rule_with_devices};
 use tributary_sql::statement::{RuleStatement, Statement, parse};
 
 /// The part of the server that executes SQL.
@@ -24,6 +26,8 @@ pub struct SqlService {
     pub queries: QueryEngine,
     /// One DDL statement at a time, so the catalog and the log never disagree.
     pub ddl: tokio::sync::Mutex<()>,
+    /// The registry's devices, as rules and queries join them.
+    pub devices: Arc<DeviceTable>,
     /// Why rules that should run could not be started (after a restart).
     pub failed: std::sync::Mutex<std::collections::HashMap<String, String>>,
 }
@@ -60,7 +64,27 @@ impl SqlService {
                 "stored rule is not a CREATE RULE".into(),
             ));
         };
-        compile_rule(&stmt, &self.catalog, rule.created_at).await
+        compile_rule_with_devices(&stmt, &self.catalog, &self.devices, rule.created_at).await
+    }
+
+    /// Reloads the devices table from the registry (after it changed).
+    pub async fn refresh_devices(&self, registry: &SharedRegistry) -> anyhow::Result<()> {
+        let rows: Vec<DeviceRow> = registry
+            .list_devices()
+            .await?
+            .into_iter()
+            .map(|d| DeviceRow {
+                id: d.id,
+                tags: d.tags,
+                status: match d.status {
+                    DeviceStatus::Enabled => "enabled".into(),
+                    DeviceStatus::Disabled => "disabled".into(),
+                },
+                created_at: d.created_at,
+            })
+            .collect();
+        self.devices.replace(&rows)?;
+        Ok(())
     }
 
     async fn start_stored(&self, rule: &RuleDef) -> tributary_sql::Result<()> {
@@ -182,7 +206,8 @@ impl SqlService {
             }
             .into());
         }
-        let mut compiled = compile_rule(&stmt, &self.catalog, now_millis()).await?;
+        let mut compiled =
+            compile_rule_with_devices(&stmt, &self.catalog, &self.devices, now_millis()).await?;
         for def in &compiled.new_streams {
             self.log.create_stream(def).await?;
         }

@@ -18,12 +18,12 @@ use std::sync::Arc;
 
 use arrow::datatypes::{Field, Schema, SchemaRef};
 use datafusion::catalog::MemTable;
-use datafusion::execution::context::SessionState;
 use datafusion::logical_expr::{Aggregate as AggregateNode, Expr, ExprSchemable, LogicalPlan};
 use datafusion::physical_expr::aggregate::AggregateFunctionExpr;
 use datafusion::sql::parser::Statement as DfStatement;
 use datafusion::sql::sqlparser::ast;
 use tributary_engine::catalog::{Catalog, RESERVED_NAMES, RuleDef, RuleTarget};
+use tributary_engine::devices::{DeviceTable, device_schema};
 use tributary_engine::event::{DEVICE_ID, StreamDef, timestamp_type};
 use tributary_engine::rule::RuleProgram;
 
@@ -36,7 +36,7 @@ pub use target::{LATE_RULE_COLUMN, late_stream};
 pub use window_sql::{WINDOW_END, WINDOW_START};
 
 use stateless::StatelessProgram;
-use steps::{lower, nullable_schema};
+use steps::{Lowering, lower, nullable_schema};
 use target::{Target, derived_stream};
 use windowed::{KeySource, Live, WindowedProgram, describe_time};
 
@@ -68,6 +68,16 @@ pub async fn compile_rule(
     catalog: &Catalog,
     now_ms: i64,
 ) -> Result<CompiledRule> {
+    compile_rule_with_devices(rule, catalog, &Arc::new(DeviceTable::default()), now_ms).await
+}
+
+/// Plans a rule whose joins with `devices` read `devices`.
+pub async fn compile_rule_with_devices(
+    rule: &RuleStatement,
+    catalog: &Catalog,
+    devices: &Arc<DeviceTable>,
+    now_ms: i64,
+) -> Result<CompiledRule> {
     tributary_engine::event::validate_name("rule", &rule.name)?;
     let mut query = rule.query.clone();
     let window_call = window_sql::take_window(&mut query)?;
@@ -78,6 +88,11 @@ pub async fn compile_rule(
     let mut source: Option<StreamDef> = None;
     for table in state.resolve_table_references(&statement)? {
         let name = table.table().to_string();
+        if name == "devices" {
+            let table = MemTable::try_new(device_schema(), vec![vec![]])?;
+            ctx.register_table("devices", Arc::new(table))?;
+            continue;
+        }
         if RESERVED_NAMES.contains(&name.as_str()) {
             return Err(Error::plan(format!(
                 "rule '{}' reads '{name}'; rules read streams, and joins with '{name}' are not supported yet",
@@ -160,6 +175,11 @@ pub async fn compile_rule(
         }
     };
 
+    let cx = Lowering {
+        state: &state,
+        rule: &rule.name,
+        devices,
+    };
     let aggregate = find_aggregate(&plan);
     let over = find_window(&plan);
     let mut explain = vec![format!("source: {}", source.name)];
@@ -174,11 +194,10 @@ pub async fn compile_rule(
                 new_streams.push(late.clone());
             }
             Box::new(over_program(
-                &rule.name,
+                &cx,
                 time,
                 node,
                 &plan,
-                &state,
                 output.clone(),
                 target.clone(),
                 late.schema(),
@@ -193,7 +212,7 @@ pub async fn compile_rule(
         }
         (None, None) => {
             let mut steps = Vec::new();
-            lower(&plan, &state, &mut steps, &rule.name, None)?;
+            lower(&plan, &cx, &mut steps, None)?;
             explain.extend(steps.iter().map(|s| format!("step: {s}")));
             Box::new(StatelessProgram {
                 steps,
@@ -223,12 +242,11 @@ pub async fn compile_rule(
                 new_streams.push(late.clone());
             }
             let program = windowed(
-                &rule.name,
+                &cx,
                 spec,
                 time,
                 node,
                 &plan,
-                &state,
                 output.clone(),
                 target.clone(),
                 late.schema(),
@@ -278,26 +296,26 @@ fn find_aggregate(plan: &LogicalPlan) -> Option<&AggregateNode> {
 
 #[allow(clippy::too_many_arguments)]
 fn windowed(
-    rule: &str,
+    cx: &Lowering<'_>,
     spec: WindowSpec,
     time: TimeOptions,
     node: &AggregateNode,
     plan: &LogicalPlan,
-    state: &SessionState,
     output: SchemaRef,
     target: Target,
     late_schema: SchemaRef,
     source: &StreamDef,
     explain: &mut Vec<String>,
 ) -> Result<WindowedProgram> {
+    let (rule, state) = (cx.rule, cx.state);
     let aggregate_plan = plan_node(plan, node)
         .ok_or_else(|| Error::Internal("the aggregate is not part of the plan".into()))?;
     // Below the aggregate: stateless steps over the source.
     let mut pre = Vec::new();
-    lower(&node.input, state, &mut pre, rule, None)?;
+    lower(&node.input, cx, &mut pre, None)?;
     // Above it: HAVING and the SELECT list.
     let mut post = Vec::new();
-    lower(plan, state, &mut post, rule, Some(aggregate_plan))?;
+    lower(plan, cx, &mut post, Some(aggregate_plan))?;
 
     let input_schema = node.input.schema();
     let input_arrow = input_schema.as_arrow();
@@ -437,11 +455,10 @@ fn find_window(plan: &LogicalPlan) -> Option<&datafusion::logical_expr::Window> 
 
 #[allow(clippy::too_many_arguments)]
 fn over_program(
-    rule: &str,
+    cx: &Lowering<'_>,
     time: TimeOptions,
     node: &datafusion::logical_expr::Window,
     plan: &LogicalPlan,
-    state: &SessionState,
     output: SchemaRef,
     target: Target,
     late_schema: SchemaRef,
@@ -449,6 +466,7 @@ fn over_program(
 ) -> Result<over::OverProgram> {
     use datafusion::logical_expr::{WindowFrameBound, WindowFrameUnits, WindowFunctionDefinition};
     use datafusion::physical_expr::aggregate::AggregateExprBuilder;
+    let (rule, state) = (cx.rule, cx.state);
 
     let holder = find_plan(
         plan,
@@ -456,9 +474,9 @@ fn over_program(
     )
     .ok_or_else(|| Error::Internal("the window is not part of the plan".into()))?;
     let mut pre = Vec::new();
-    lower(&node.input, state, &mut pre, rule, None)?;
+    lower(&node.input, cx, &mut pre, None)?;
     let mut post = Vec::new();
-    lower(plan, state, &mut post, rule, Some(holder))?;
+    lower(plan, cx, &mut post, Some(holder))?;
     let input_schema = node.input.schema();
     let input_arrow = Arc::new(input_schema.as_arrow().clone());
     let unsupported = |what: String| {
