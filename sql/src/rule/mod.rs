@@ -1154,3 +1154,77 @@ mod over_tests {
         }
     }
 }
+
+#[cfg(test)]
+mod documented_rules {
+    use super::*;
+    use crate::statement::{Statement, parse};
+    use tributary_engine::event::{ColumnDef, ColumnType};
+
+    /// Every rule shown in docs/sql.md plans.
+    #[tokio::test]
+    async fn the_examples_in_the_sql_guide_compile() {
+        let catalog = Catalog::in_memory();
+        let column = |name: &str, ty| ColumnDef {
+            name: name.into(),
+            ty,
+        };
+        catalog
+            .add_stream(
+                StreamDef::new(
+                    "telemetry",
+                    vec![
+                        column("temp", ColumnType::Float64),
+                        column("humidity", ColumnType::Float64),
+                        column("status", ColumnType::Utf8),
+                        column("site", ColumnType::Utf8),
+                    ],
+                    4,
+                )
+                .unwrap(),
+            )
+            .unwrap();
+        catalog
+            .add_stream(
+                StreamDef::new("alarms", vec![column("value", ColumnType::Float64)], 4).unwrap(),
+            )
+            .unwrap();
+        let guide = include_str!("../../../docs/sql.md");
+        let mut checked = 0;
+        for block in guide.split("```sql").skip(1) {
+            let block = block.split("```").next().unwrap_or_default();
+            // Statements in a block start at column 0 with CREATE.
+            let mut statements = Vec::new();
+            for line in block.lines() {
+                if line.starts_with("CREATE RULE") || line.starts_with("CREATE STREAM") {
+                    statements.push(String::new());
+                }
+                if line.starts_with("--") {
+                    continue;
+                }
+                if let Some(s) = statements.last_mut() {
+                    s.push_str(line);
+                    s.push('\n');
+                }
+            }
+            for sql in statements {
+                // Syntax summaries with [optional] parts are not examples.
+                if sql.contains('[') && !sql.contains("['") {
+                    continue;
+                }
+                let Statement::CreateRule(rule) =
+                    parse(&sql).unwrap_or_else(|e| panic!("{sql}: {e}"))
+                else {
+                    continue;
+                };
+                if let Err(e) = compile_rule(&rule, &catalog, 0).await {
+                    if !sql.contains("SELECT ...") {
+                        panic!("{sql}: {e}");
+                    }
+                }
+                checked += 1;
+            }
+        }
+        assert!(checked >= 10, "only {checked} examples found");
+    }
+}
