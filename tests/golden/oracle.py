@@ -7,7 +7,9 @@ For every `tests/golden/*.case` with an `oracle:` header this script:
 1. replays the case's events (and `tick` lines) through a plain Python model
    of the watermark semantics (per device or global, from the case's `mode:`)
    and finds the late events;
-2. loads the on-time events into DuckDB as table `on_time`, with the final
+2. loads the on-time events into DuckDB as table `on_time` (plus columns
+   `seq`, the arrival order, and `released`, whether a per-event OVER rule
+   emits the event's row: its watermark passed it by the end), with the final
    watermarks as tables `device_wm(device_id, wm)` and `global_wm(wm)`;
 3. runs the case's oracle SQL and rewrites the `expected rows:` and
    `expected late:` sections.
@@ -226,10 +228,15 @@ class Stream:
 class Window:
     """The rule's window, only needed for a per-device rule's silent
     devices: their open windows close and their watermark rises to the
-    newest end among them."""
+    newest end among them. A per-event rule (OVER) has kind "over": a silent
+    device's waiting events are released, its watermark rising just past the
+    newest of them."""
 
     def __init__(self, rule):
         iv = r"(INTERVAL\s+'\d+'\s+[A-Za-z]+)"
+        if re.search(r"\bOVER\b", rule, re.I):
+            self.kind = "over"
+            return
         m = re.search(r"tumble\s*\(\s*ts\s*,\s*" + iv + r"\s*\)", rule, re.I)
         if m:
             self.kind, self.size = "tumble", parse_interval(m.group(1))
@@ -248,6 +255,8 @@ class Window:
     def newest_end(self, ts):
         """The end of the newest window holding an event at ts (for sessions,
         the end the event gives its session at least)."""
+        if self.kind == "over":
+            return ts + 1
         if self.kind == "tumble":
             return ts - ts % self.size + self.size
         if self.kind == "hop":
@@ -399,13 +408,23 @@ def expected_sections(case):
     con = duckdb.connect(":memory:")
     con.execute("SET TimeZone = 'UTC'")
     cols = [("device_id", "VARCHAR"), ("ts", "BIGINT"), ("received_at", "BIGINT")] + stream.columns
-    ddl = ", ".join(f'"{c}" {t}' for c, t in cols)
+    # Two more columns: `seq`, the event's position in the file (arrival
+    # order, to break ties of ts), and `released`, whether a per-event (OVER)
+    # rule has emitted the event's row by the end: an event waits until the
+    # watermark passes it (ts < watermark; the device's own in per-device
+    # mode, the global one otherwise), and one still waiting is not emitted,
+    # though it is not late either.
+    extra = [("seq", "BIGINT"), ("released", "BOOLEAN")]
+    ddl = ", ".join(f'"{c}" {t}' for c, t in cols + extra)
     con.execute(f"CREATE TABLE on_time ({ddl})")
     con.execute(f"CREATE TABLE late_events ({ddl})")
-    placeholders = ", ".join("?" for _ in cols)
-    for row, late in zip(rows, late_flags):
+    placeholders = ", ".join("?" for _ in cols + extra)
+    for seq, (row, late) in enumerate(zip(rows, late_flags)):
         table = "late_events" if late else "on_time"
-        con.execute(f"INSERT INTO {table} VALUES ({placeholders})", [row[c] for c, _ in cols])
+        wm = finals[row["device_id"]] if per_device else glob_wm
+        released = not late and row["ts"] < wm
+        values = [row[c] for c, _ in cols] + [seq, released]
+        con.execute(f"INSERT INTO {table} VALUES ({placeholders})", values)
     con.execute("CREATE TABLE device_wm (device_id VARCHAR, wm BIGINT)")
     for name, w in finals.items():
         con.execute("INSERT INTO device_wm VALUES (?, ?)", [name, as_bigint(w)])

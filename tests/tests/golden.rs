@@ -655,16 +655,27 @@ fn plan(segs: &[Segment], batching: Batching, rng: &mut Rng) -> Vec<Step> {
 }
 
 /// A rule's window, as the reference model needs it.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Window {
     Tumble(i64),
-    Hop { slide: i64, size: i64 },
+    Hop {
+        slide: i64,
+        size: i64,
+    },
     Session(i64),
+    /// A per-event rule (OVER): each event waits until its watermark passes
+    /// it; a silent device's waiting events are released, its watermark
+    /// rising just past the newest of them.
+    Over,
 }
 
 impl Window {
-    /// From the rule's description ("window: hop(slide 5s, size 10s) over ts").
+    /// From the rule's description ("window: hop(slide 5s, size 10s) over ts",
+    /// or "per event: ..." for OVER).
     fn from_explain(explain: &[String]) -> Option<Window> {
+        if explain.iter().any(|l| l.starts_with("per event: ")) {
+            return Some(Window::Over);
+        }
         let line = explain.iter().find_map(|l| l.strip_prefix("window: "))?;
         let spec = line.strip_suffix(" over ts")?;
         let d = |s: &str| parse_duration(s.trim()).ok();
@@ -688,8 +699,18 @@ impl Window {
             Window::Tumble(size) => ts - ts.rem_euclid(size) + size,
             Window::Hop { slide, size } => ts - ts.rem_euclid(slide) + size,
             Window::Session(gap) => ts + gap,
+            Window::Over => ts + 1,
         }
     }
+}
+
+/// What the reference model says of one order of the events, by event index.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Reference {
+    late: Vec<bool>,
+    /// On time and passed by its final watermark (the device's own, or the
+    /// global one): the events a per-event (OVER) rule has emitted rows for.
+    released: Vec<bool>,
 }
 
 /// The reference watermark model (the same as oracle.py's, written apart
@@ -700,7 +721,7 @@ fn reference_late(
     time: TimeOptions,
     window: Window,
     per_device: bool,
-) -> Vec<bool> {
+) -> Reference {
     #[derive(Clone)]
     struct Dev {
         max_ts: i64,
@@ -786,7 +807,23 @@ fn reference_late(
             }
         }
     }
-    late
+    let released = case
+        .events
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            let final_wm = if per_device {
+                devices
+                    .iter()
+                    .find(|(n, _)| *n == e.device)
+                    .map_or(i64::MIN, |(_, d)| wm(d))
+            } else {
+                global
+            };
+            !late[i] && e.ts < final_wm
+        })
+        .collect();
+    Reference { late, released }
 }
 
 fn shuffled(segs: &[Segment], case: &Case, rng: &mut Rng, strategy: usize) -> Vec<Segment> {
@@ -951,9 +988,10 @@ async fn check_case(case: &Case, rewrite: bool) -> Result<String, String> {
             reference_late(case, &segs, compiled.time, w, per_device),
         )
     });
-    if let Some((_, _, late)) = &reference {
+    if let Some((_, _, reference)) = &reference {
         let want: Vec<String> = {
-            let mut v: Vec<String> = late
+            let mut v: Vec<String> = reference
+                .late
                 .iter()
                 .enumerate()
                 .filter(|(_, l)| **l)
@@ -978,8 +1016,13 @@ async fn check_case(case: &Case, rewrite: bool) -> Result<String, String> {
     while used < 6 && tried < 80 {
         let order = shuffled(&segs, case, &mut rng, tried);
         tried += 1;
-        if let Some((w, per_device, late)) = &reference {
-            if reference_late(case, &order, compiled.time, *w, *per_device) != *late {
+        if let Some((w, per_device, reference)) = &reference {
+            let shuffled = reference_late(case, &order, compiled.time, *w, *per_device);
+            // A per-event rule must also end with the same events released
+            // (the others wait, unseen).
+            if shuffled.late != reference.late
+                || (*w == Window::Over && shuffled.released != reference.released)
+            {
                 continue;
             }
         }

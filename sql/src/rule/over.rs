@@ -141,33 +141,51 @@ impl OverProgram {
         self.device_key.is_some()
     }
 
-    fn ingest(&mut self, records: &[Record], out: &mut Output) -> DfResult<()> {
-        let Some(first) = records.first() else {
-            return Ok(());
-        };
-        let raw = if records.len() == 1 {
-            first.batch.clone()
-        } else {
-            concat_batches(&first.batch.schema(), records.iter().map(|r| &r.batch))?
-        };
+    /// Watermarks, late events and pending rows for raw rows starting at
+    /// `offset` of `partition`. A per-device rule stops after the row at
+    /// which a device went silent, so that the caller releases that device's
+    /// rows (raising its watermark) before later rows are judged against its
+    /// watermark: the same events give the same rows however they are
+    /// batched. Returns the number of rows taken.
+    fn ingest(
+        &mut self,
+        raw: &RecordBatch,
+        partition: u32,
+        offset: u64,
+        out: &mut Output,
+    ) -> DfResult<usize> {
+        if raw.num_rows() == 0 {
+            return Ok(0);
+        }
         let devices = raw
             .column_by_name(DEVICE_ID)
             .and_then(|c| c.as_any().downcast_ref::<StringArray>())
             .cloned()
             .ok_or_else(|| DataFusionError::Internal("no device_id".into()))?;
-        let ts = time_column(&raw, TS);
-        let received = time_column(&raw, RECEIVED_AT);
+        let ts = time_column(raw, TS);
+        let received = time_column(raw, RECEIVED_AT);
         let per_device = self.per_device();
-        let mut late = vec![false; raw.num_rows()];
+        let mut late = Vec::with_capacity(raw.num_rows());
         let mut device = 0;
-        for (i, is_late) in late.iter_mut().enumerate() {
+        for i in 0..raw.num_rows() {
             if i == 0 || devices.value(i) != devices.value(i - 1) {
                 device = self.watermarks.device(devices.value(i));
             }
-            *is_late = self
-                .watermarks
-                .observe(device, ts.value(i), received.value(i), per_device);
+            late.push(
+                self.watermarks
+                    .observe(device, ts.value(i), received.value(i), per_device),
+            );
+            if per_device {
+                let silent = self.watermarks.silent();
+                if !silent.is_empty() {
+                    // `release` collects them.
+                    self.watermarks.requeue_silent(silent);
+                    break;
+                }
+            }
         }
+        let taken = late.len();
+        let raw = raw.slice(0, taken);
         let late = BooleanArray::from(late);
         let mut kept_rows = UInt32Array::from_iter_values(0..raw.num_rows() as u32);
         let raw = if late.true_count() == 0 {
@@ -191,7 +209,7 @@ impl OverProgram {
             filter_record_batch(&raw, &keep)?
         };
         let Some((input, rows)) = run_steps(&self.pre, &raw)? else {
-            return Ok(());
+            return Ok(taken);
         };
         let n = input.num_rows();
         let order = self.order.evaluate(&input)?.into_array(n)?;
@@ -219,12 +237,12 @@ impl OverProgram {
             self.meta.push((
                 order.value(i),
                 device,
-                first.partition,
-                first.offset + u64::from(original),
+                partition,
+                offset + u64::from(original),
             ));
         }
         self.pending.push(input);
-        Ok(())
+        Ok(taken)
     }
 
     /// Evaluates and emits the pending rows the watermarks have passed.
@@ -500,14 +518,46 @@ fn step(
 
 impl RuleProgram for OverProgram {
     fn process(&mut self, records: &[Record], out: &mut Output) -> Result<(), String> {
-        if let Err(e) = self.ingest(records, out) {
+        let Some(first) = records.first() else {
+            return self.release(out).map_err(|e| e.to_string());
+        };
+        let raw = if records.len() == 1 {
+            Ok(first.batch.clone())
+        } else {
+            concat_batches(&first.batch.schema(), records.iter().map(|r| &r.batch))
+                .map_err(DataFusionError::from)
+        };
+        let error = |e: DataFusionError, out: &mut Output| {
             let (from, to) = (
                 records.first().map_or(0, |r| r.offset),
                 records.last().map_or(0, Record::end_offset),
             );
             out.errors.push(format!("events {from}..{to}: {e}"));
+        };
+        let raw = match raw {
+            Ok(raw) => raw,
+            Err(e) => {
+                error(e, out);
+                return self.release(out).map_err(|e| e.to_string());
+            }
+        };
+        // In pieces: a per-device rule releases a silent device's rows
+        // before it judges the rows after the one that made it silent.
+        let mut start = 0;
+        loop {
+            let rest = raw.slice(start, raw.num_rows() - start);
+            match self.ingest(&rest, first.partition, first.offset + start as u64, out) {
+                Ok(taken) => start += taken,
+                Err(e) => {
+                    error(e, out);
+                    start = raw.num_rows();
+                }
+            }
+            self.release(out).map_err(|e| e.to_string())?;
+            if start >= raw.num_rows() {
+                return Ok(());
+            }
         }
-        self.release(out).map_err(|e| e.to_string())
     }
 
     fn advance(&mut self, now_ms: i64, out: &mut Output) -> Result<(), String> {
