@@ -198,7 +198,7 @@ async fn interval_ms(ctx: &SessionContext, arg: &ast::Expr) -> std::result::Resu
     let LogicalPlan::Projection(p) = plan else {
         return Err(format!("{arg} is not a constant interval"));
     };
-    let value = match p.expr.first().map(Expr::clone).map(|e| e.unalias()) {
+    let value = match p.expr.first().cloned().map(|e| e.unalias()) {
         Some(Expr::Literal(v, _)) => v,
         _ => return Err(format!("{arg} is not a constant interval")),
     };

@@ -93,8 +93,8 @@ impl WindowedProgram {
             .and_then(|c| c.as_any().downcast_ref::<StringArray>())
             .cloned()
             .ok_or_else(|| datafusion::error::DataFusionError::Internal("no device_id".into()))?;
-        let ts = time_column(&raw, TS);
-        let received = time_column(&raw, RECEIVED_AT);
+        let ts = time_column(raw, TS);
+        let received = time_column(raw, RECEIVED_AT);
         let per_device = self.per_device();
         let live = &mut self.state;
         let mut touched: Vec<u32> = Vec::new();
