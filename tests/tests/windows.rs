@@ -257,3 +257,50 @@ fn rules_join_the_registry_and_see_devices_added_later() {
     assert_eq!(tags[0]["id"], "boiler");
     assert_eq!(tags[0]["max_temp"], "90");
 }
+
+#[test]
+fn a_crash_does_not_lose_the_events_of_an_open_window() {
+    let mut server = Server::start();
+    server
+        .cli(&[
+            "sql",
+            "CREATE STREAM telemetry (temp DOUBLE) WITH (watermark_delay = '1s')",
+        ])
+        .ok();
+    let token = server.add_device("sensor-1");
+    server
+        .cli(&[
+            "sql",
+            "CREATE RULE sums AS INSERT INTO commands SELECT device_id, 'sum', sum(temp) FROM telemetry GROUP BY device_id, tumble(ts, INTERVAL '10' SECOND)",
+        ])
+        .ok();
+    // Three events open the first window; the rule has read them, but the
+    // window is open when the server dies.
+    server
+        .cli_with_stdin(
+            &["send", "--device", "sensor-1", "--token", &token],
+            Some(&events(&[(1, 1.0), (2, 2.0), (3, 3.0)])),
+        )
+        .ok();
+    eventually(Duration::from_secs(30), || {
+        let rules = server.sql_json("SHOW RULES");
+        (rules[0]["events_in"] == 3).then_some(())
+    });
+    server.kill();
+    server.restart();
+    let listener = server.spawn_cli(&[
+        "listen", "--device", "sensor-1", "--token", &token, "--count", "1",
+    ]);
+    // After the restart the rule re-reads the open window's events, so the
+    // window closes with all of them.
+    server
+        .cli_with_stdin(
+            &["send", "--device", "sensor-1", "--token", &token],
+            Some(&events(&[(4, 4.0), (15, 0.0)])),
+        )
+        .ok();
+    let out = wait_output(listener, Duration::from_secs(30));
+    let command: serde_json::Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+    assert_eq!(command["name"], "sum");
+    assert_eq!(command["payload"], 10.0);
+}
