@@ -5,10 +5,16 @@
 //!   per-frame work);
 //! - `log_append`: appending batches to the embedded log, without fsync so
 //!   the number is the log's own cost, not the disk's;
-//! - `rule_filter`: a compiled filter-and-project rule over a batch.
+//! - `rule_filter`: a compiled filter-and-project rule over a batch;
+//! - `window_tumble_avg`: a per-device 10-second tumbling average over
+//!   10,000 devices, fed as the rule runtime feeds it, with DuckDB's rate on
+//!   the same events as a reference (see `window_tumble.rs`).
 //!
-//! Run: `cargo bench -p tributary-benches` (add `-- <group>` for one group).
+//! Run: `cargo bench -p tributary-benches` (add `-- <group>` for one group,
+//! e.g. `cargo bench -p tributary-benches -- window_tumble_avg`).
 //! The data is generated from a fixed seed, so runs compare.
+
+mod window_tumble;
 
 use std::hint::black_box;
 use std::sync::Arc;
@@ -17,7 +23,8 @@ use arrow::record_batch::RecordBatch;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use tributary_engine::catalog::Catalog;
 use tributary_engine::event::{ColumnDef, ColumnType, StreamDef};
-use tributary_engine::log::{EmbeddedLog, EventStream, LogOptions};
+use tributary_engine::log::{EmbeddedLog, EventStream, LogOptions, Record};
+use tributary_engine::rule::Output;
 use tributary_ingest::decode::decode_json;
 use tributary_sql::rule::compile_rule;
 use tributary_sql::statement::{Statement, parse};
@@ -144,14 +151,37 @@ fn rule(c: &mut Criterion) {
         .expect("the rule compiles");
     let mut group = c.benchmark_group("rule_filter");
     for events in [100usize, 10_000] {
-        let b = batch(events, 13);
+        // One record, as the runtime would read a frame of that many events.
+        let records = [Record {
+            partition: 0,
+            offset: 0,
+            batch: batch(events, 13),
+        }];
         group.throughput(Throughput::Elements(events as u64));
-        group.bench_with_input(BenchmarkId::from_parameter(events), &b, |bench, b| {
-            bench.iter(|| compiled.program.process(black_box(b)).expect("runs"))
-        });
+        group.bench_with_input(
+            BenchmarkId::from_parameter(events),
+            &records,
+            |bench, records| {
+                bench.iter(|| {
+                    let mut out = Output::default();
+                    compiled
+                        .program
+                        .process(black_box(records), &mut out)
+                        .expect("runs");
+                    assert!(out.errors.is_empty(), "{:?}", out.errors);
+                    out
+                })
+            },
+        );
     }
     group.finish();
 }
 
-criterion_group!(benches, decode, append, rule);
+criterion_group!(
+    benches,
+    decode,
+    append,
+    rule,
+    window_tumble::window_tumble_avg
+);
 criterion_main!(benches);

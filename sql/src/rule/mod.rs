@@ -30,7 +30,7 @@ use tributary_engine::rule::RuleProgram;
 use crate::context::new_session;
 use crate::error::{Error, Result};
 use crate::statement::RuleStatement;
-use crate::window::{Aggregate, TimeOptions, Watermarks, WindowSpec, WindowState};
+use crate::window::{Aggregate, TimeOptions, Watermarks, WindowSpec};
 
 pub use target::{LATE_RULE_COLUMN, late_stream};
 pub use window_sql::{WINDOW_END, WINDOW_START};
@@ -406,7 +406,7 @@ fn windowed(
         node.group_expr,
         node.aggr_expr
     );
-    let windows = WindowState::new(
+    let windows = windowed::Windows::new(
         spec,
         aggregates,
         &Arc::new(Schema::new(key_fields)),

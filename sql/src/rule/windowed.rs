@@ -16,7 +16,9 @@ use tributary_engine::rule::{Output, ProgramStats, RuleProgram};
 use super::stateless::time_column;
 use super::steps::{Step, run_steps};
 use super::target::Target;
-use crate::window::{Batch, TimeOptions, Watermarks, WindowSpec, WindowState, timestamps};
+use crate::window::{
+    AlignedState, Batch, Closed, Group, TimeOptions, Watermarks, WindowSpec, WindowState, timestamps,
+};
 
 type DfResult<T> = datafusion::error::Result<T>;
 
@@ -59,8 +61,110 @@ pub struct WindowedProgram {
 /// What a windowed rule carries from batch to batch.
 pub struct Live {
     pub(super) watermarks: Watermarks,
-    pub(super) windows: WindowState,
+    pub(super) windows: Windows,
     pub(super) late_events: u64,
+}
+
+/// Open windows: aligned (tumble, hop) in vectorized slots, or sessions.
+pub enum Windows {
+    Aligned(AlignedState),
+    Sessions {
+        state: WindowState,
+        /// Sessions closed and not yet emitted.
+        closed: Vec<Group>,
+    },
+}
+
+impl Windows {
+    pub fn new(
+        spec: WindowSpec,
+        aggregates: Vec<crate::window::Aggregate>,
+        key_schema: &SchemaRef,
+        per_device: bool,
+    ) -> DfResult<Self> {
+        Ok(match spec {
+            WindowSpec::Session { .. } => Windows::Sessions {
+                state: WindowState::new(spec, aggregates, key_schema, per_device)?,
+                closed: Vec::new(),
+            },
+            _ => Windows::Aligned(AlignedState::new(spec, aggregates, key_schema, per_device)?),
+        })
+    }
+
+    fn aggregates(&self) -> &[crate::window::Aggregate] {
+        match self {
+            Windows::Aligned(a) => a.aggregates(),
+            Windows::Sessions { state, .. } => state.aggregates(),
+        }
+    }
+
+    fn update(&mut self, batch: &Batch<'_>) -> DfResult<()> {
+        match self {
+            Windows::Aligned(a) => a.update(batch),
+            Windows::Sessions { state, .. } => state.update(batch),
+        }
+    }
+
+    fn due_device(&mut self, device: u32, watermark: i64) {
+        match self {
+            Windows::Aligned(a) => a.due_device(device, watermark),
+            Windows::Sessions { state, closed } => {
+                closed.extend(state.close_device(device, watermark))
+            }
+        }
+    }
+
+    fn due_device_all(&mut self, device: u32) -> Option<i64> {
+        match self {
+            Windows::Aligned(a) => a.due_device_all(device),
+            Windows::Sessions { state, closed } => {
+                let groups = state.close_device_all(device);
+                let end = groups.iter().map(|g| g.end).max();
+                closed.extend(groups);
+                end
+            }
+        }
+    }
+
+    fn due_global(&mut self, watermark: i64) {
+        match self {
+            Windows::Aligned(a) => a.due_global(watermark),
+            Windows::Sessions { state, closed } => closed.extend(state.close_global(watermark)),
+        }
+    }
+
+    fn take_due(&mut self) -> DfResult<Option<Closed>> {
+        match self {
+            Windows::Aligned(a) => a.take_due(),
+            Windows::Sessions { state, closed } => {
+                if closed.is_empty() {
+                    return Ok(None);
+                }
+                state.finish(std::mem::take(closed)).map(Some)
+            }
+        }
+    }
+
+    fn retained_from(&self, partition: u32) -> Option<u64> {
+        match self {
+            Windows::Aligned(a) => a.retained_from(partition),
+            Windows::Sessions { state, .. } => state.retained_from(partition),
+        }
+    }
+
+    fn size(&self) -> usize {
+        match self {
+            Windows::Aligned(a) => a.size(),
+            Windows::Sessions { state, .. } => state.size(),
+        }
+    }
+
+    fn open(&self) -> usize {
+        match self {
+            Windows::Aligned(a) => a.open(),
+            Windows::Sessions { state, .. } => state.open(),
+        }
+    }
 }
 
 /// State handed from a replaced program to its successor.
@@ -267,30 +371,23 @@ impl WindowedProgram {
     /// Closes what the watermarks allow and emits the rows.
     fn close(&mut self, touched: &[u32], out: &mut Output) -> DfResult<()> {
         let live = &mut self.state;
-        let mut closed = Vec::new();
         if self.device_key.is_some() {
             for d in touched {
                 let wm = live.watermarks.device_watermark(*d);
-                closed.extend(live.windows.close_device(*d, wm));
+                live.windows.due_device(*d, wm);
             }
             for d in live.watermarks.silent() {
-                let groups = live.windows.close_device_all(d);
-                if let Some(end) = groups.iter().map(|g| g.end).max() {
+                if let Some(end) = live.windows.due_device_all(d) {
                     live.watermarks.raise(d, end);
                 }
-                closed.extend(groups);
             }
         } else {
             live.watermarks.silent();
-            closed.extend(
-                live.windows
-                    .close_global(live.watermarks.global_watermark()),
-            );
+            live.windows.due_global(live.watermarks.global_watermark());
         }
-        if closed.is_empty() {
+        let Some(closed) = live.windows.take_due()? else {
             return Ok(());
-        }
-        let closed = live.windows.finish(closed)?;
+        };
         let now = live.watermarks.now();
         let mut columns: Vec<ArrayRef> = Vec::new();
         for source in &self.sources {

@@ -7,11 +7,13 @@
 //! events in the same order always give the same rows, which is what the
 //! golden tests rely on.
 
+mod aligned;
 mod session;
 mod state;
 mod watermark;
 
-pub use state::{Aggregate, Batch, Closed, WindowState, timestamps};
+pub use aligned::AlignedState;
+pub use state::{Aggregate, Batch, Closed, Group, WindowState, timestamps};
 pub use watermark::Watermarks;
 
 use std::collections::BTreeMap;

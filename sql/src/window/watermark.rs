@@ -7,7 +7,9 @@
 //! devices close on the global watermark: the lowest among devices heard from
 //! within the idle timeout (it never goes back).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
+
+use datafusion::common::HashMap;
 
 use super::TimeOptions;
 
@@ -57,7 +59,7 @@ impl Watermarks {
     pub fn new(options: TimeOptions, global_wanted: bool) -> Self {
         Watermarks {
             options,
-            index: HashMap::new(),
+            index: HashMap::default(),
             names: Vec::new(),
             clocks: Vec::new(),
             by_watermark: BTreeSet::new(),
