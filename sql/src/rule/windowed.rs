@@ -205,6 +205,7 @@ impl WindowedProgram {
         let mut late = Vec::new();
         let mut device = u32::MAX;
         let mut taken = rows;
+        let mut row_devices: Vec<u32> = Vec::with_capacity(rows);
         for i in 0..rows {
             if i == 0 || devices.value(i) != devices.value(i - 1) {
                 device = live.watermarks.device(devices.value(i));
@@ -218,6 +219,7 @@ impl WindowedProgram {
             {
                 late.push(i);
             }
+            row_devices.push(device);
             if per_device {
                 let silent = live.watermarks.silent();
                 if !silent.is_empty() {
@@ -250,15 +252,34 @@ impl WindowedProgram {
             filter_record_batch(&raw, &not(&mask)?)?
         };
         if raw.num_rows() > 0 {
-            self.fold(&raw, partition, offset)?;
+            if !late.is_empty() {
+                let mut is_late = late.iter().peekable();
+                let mut i = 0;
+                row_devices.retain(|_| {
+                    let drop = is_late.peek().is_some_and(|l| **l == i);
+                    if drop {
+                        is_late.next();
+                    }
+                    i += 1;
+                    !drop
+                });
+            }
+            self.fold(&raw, &row_devices, partition, offset)?;
         }
         Ok((touched, taken))
     }
 
     /// Adds the window columns, runs the pre-aggregate steps and folds the
     /// rows into their windows.
-    fn fold(&mut self, raw: &RecordBatch, partition: u32, offset: u64) -> DfResult<()> {
+    fn fold(
+        &mut self,
+        raw: &RecordBatch,
+        row_devices: &[u32],
+        partition: u32,
+        offset: u64,
+    ) -> DfResult<()> {
         let ts = time_column(raw, TS);
+        let mut expanded: Option<Vec<u32>> = None;
         let (raw, starts) = match self.spec {
             WindowSpec::Tumble { size } => {
                 let starts: Vec<i64> = ts.values().iter().map(|t| t - t.rem_euclid(size)).collect();
@@ -275,7 +296,9 @@ impl WindowedProgram {
                         starts.push(*s);
                     }
                 }
-                (take_record_batch(raw, &UInt32Array::from(indices))?, starts)
+                let taken = take_record_batch(raw, &UInt32Array::from(indices.clone()))?;
+                expanded = Some(indices);
+                (taken, starts)
             }
             WindowSpec::Session { .. } => (raw.clone(), ts.values().to_vec()),
         };
@@ -296,7 +319,7 @@ impl WindowedProgram {
         )));
         let augmented =
             RecordBatch::try_new(Arc::new(arrow::datatypes::Schema::new(fields)), columns)?;
-        let Some((input, _)) = run_steps(&self.pre, &augmented)? else {
+        let Some((input, kept)) = run_steps(&self.pre, &augmented)? else {
             return Ok(());
         };
         let n = input.num_rows();
@@ -337,25 +360,21 @@ impl WindowedProgram {
                 None => None,
             });
         }
-        let devices = match self.device_key {
-            Some(k) => {
-                let column = arrow::compute::cast(&keys[k], &arrow::datatypes::DataType::Utf8)?;
-                let column = column
-                    .as_any()
-                    .downcast_ref::<StringArray>()
-                    .cloned()
-                    .ok_or_else(|| datafusion::error::DataFusionError::Internal("device".into()))?;
-                let mut out = Vec::with_capacity(n);
-                let mut last = u32::MAX;
-                for i in 0..n {
-                    if i == 0 || column.value(i) != column.value(i - 1) {
-                        last = self.state.watermarks.device(column.value(i));
-                    }
-                    out.push(last);
-                }
-                out
-            }
-            None => Vec::new(),
+        // Each row's device, as the watermarks know it: windows keyed by
+        // device close on the clock of the device that sent the events.
+        let devices: Vec<u32> = if self.device_key.is_some() {
+            kept.values()
+                .iter()
+                .map(|r| {
+                    let r = match &expanded {
+                        Some(e) => e[*r as usize] as usize,
+                        None => *r as usize,
+                    };
+                    row_devices.get(r).copied().unwrap_or(u32::MAX)
+                })
+                .collect()
+        } else {
+            Vec::new()
         };
         self.state.windows.update(&Batch {
             times: time.values(),

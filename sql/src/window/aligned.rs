@@ -51,6 +51,8 @@ pub struct AlignedState {
     key_bytes: Vec<Box<[u8]>>,
     /// Device → its keys (windows keyed by device).
     device_keys: HashMap<u32, Vec<u32>>,
+    /// Device → its key id, when the key is the device alone.
+    device_key_id: Vec<u32>,
     slots: BTreeMap<i64, Slot>,
     /// Slots with due groups.
     dirty: BTreeSet<i64>,
@@ -102,6 +104,7 @@ impl AlignedState {
             key_ids: HashMap::default(),
             key_bytes: Vec::new(),
             device_keys: HashMap::default(),
+            device_key_id: Vec::new(),
             slots: BTreeMap::new(),
             dirty: BTreeSet::new(),
         })
@@ -139,12 +142,74 @@ impl AlignedState {
             .min()
     }
 
+    /// The key id of each row when the key is the device alone: no row
+    /// conversion, a lookup per run of one device's rows.
+    fn device_key_ids(&mut self, batch: &Batch<'_>) -> DfResult<Option<Vec<u32>>> {
+        let rows = batch.times.len();
+        if !(self.per_device && self.key_count == 1 && batch.devices.len() == rows)
+            || batch.devices.contains(&u32::MAX)
+        {
+            return Ok(None);
+        }
+        let mut ids = Vec::with_capacity(rows);
+        let mut last = u32::MAX;
+        let mut current = 0;
+        for (i, d) in batch.devices.iter().enumerate() {
+            if *d != last {
+                last = *d;
+                current = match self.device_key_id.get(*d as usize).copied() {
+                    Some(id) if id != u32::MAX => id,
+                    _ => {
+                        let row = self
+                            .converter
+                            .convert_columns(&[batch.keys[0].slice(i, 1)])?;
+                        let id = self.intern(row.row(0).data(), Some(*d));
+                        if self.device_key_id.len() <= *d as usize {
+                            self.device_key_id.resize(*d as usize + 1, u32::MAX);
+                        }
+                        self.device_key_id[*d as usize] = id;
+                        id
+                    }
+                };
+            }
+            ids.push(current);
+        }
+        Ok(Some(ids))
+    }
+
+    /// The id of a key, adding it if new.
+    fn intern(&mut self, key: &[u8], device: Option<u32>) -> u32 {
+        if let Some(id) = self.key_ids.get(key) {
+            return *id;
+        }
+        let id = self.key_bytes.len() as u32;
+        let bytes: Box<[u8]> = key.into();
+        self.key_ids.insert(bytes.clone(), id);
+        self.key_bytes.push(bytes);
+        if self.per_device
+            && let Some(d) = device
+        {
+            self.device_keys.entry(d).or_default().push(id);
+        }
+        id
+    }
+
     /// Folds rows into their windows: `times` holds each row's window start.
     pub fn update(&mut self, batch: &Batch<'_>) -> DfResult<()> {
         let rows = batch.times.len();
         if rows == 0 {
             return Ok(());
         }
+        let ids = match self.device_key_ids(batch)? {
+            Some(ids) => ids,
+            None => self.key_ids_of(batch)?,
+        };
+        self.fold_rows(batch, &ids)
+    }
+
+    /// The key id of each row, through Arrow's row format.
+    fn key_ids_of(&mut self, batch: &Batch<'_>) -> DfResult<Vec<u32>> {
+        let rows = batch.times.len();
         let converted = if self.key_count > 0 {
             Some(self.converter.convert_columns(batch.keys)?)
         } else {
@@ -156,24 +221,15 @@ impl AlignedState {
         let mut current = 0;
         for i in 0..rows {
             if i == 0 || key_of(i) != key_of(i - 1) {
-                current = match self.key_ids.get(key_of(i)) {
-                    Some(id) => *id,
-                    None => {
-                        let id = self.key_bytes.len() as u32;
-                        let bytes: Box<[u8]> = key_of(i).into();
-                        self.key_ids.insert(bytes.clone(), id);
-                        self.key_bytes.push(bytes);
-                        if self.per_device
-                            && let Some(d) = batch.devices.get(i)
-                        {
-                            self.device_keys.entry(*d).or_default().push(id);
-                        }
-                        id
-                    }
-                };
+                current = self.intern(key_of(i), batch.devices.get(i).copied());
             }
             ids.push(current);
         }
+        Ok(ids)
+    }
+
+    fn fold_rows(&mut self, batch: &Batch<'_>, ids: &[u32]) -> DfResult<()> {
+        let rows = batch.times.len();
         // The windows these rows fall in: usually one or two per batch.
         let mut starts: Vec<i64> = Vec::new();
         for (i, s) in batch.times.iter().enumerate() {
@@ -182,6 +238,7 @@ impl AlignedState {
             }
         }
         let mut indices = vec![0usize; rows];
+        let single = starts.len() == 1;
         for start in starts {
             let slot = match self.slots.get_mut(&start) {
                 Some(s) => s,
@@ -204,18 +261,19 @@ impl AlignedState {
             if !slot.from.iter().any(|(p, _)| *p == batch.partition) {
                 slot.from.push((batch.partition, batch.offset));
             }
-            let mut all = true;
-            let mut mask = Vec::with_capacity(rows);
+            let all = single;
+            let mut mask = Vec::with_capacity(if single { 0 } else { rows });
             let mut last_key = u32::MAX;
             let mut last_group = 0u32;
             for i in 0..rows {
-                if batch.times[i] != start {
-                    all = false;
-                    mask.push(false);
-                    indices[i] = 0;
-                    continue;
+                if !single {
+                    if batch.times[i] != start {
+                        mask.push(false);
+                        indices[i] = 0;
+                        continue;
+                    }
+                    mask.push(true);
                 }
-                mask.push(true);
                 let key = ids[i];
                 if key != last_key {
                     last_group = match slot.groups.get(&key) {
