@@ -206,12 +206,11 @@ impl WindowedProgram {
         let mut device = u32::MAX;
         let mut taken = rows;
         let mut row_devices: Vec<u32> = Vec::with_capacity(rows);
+        let mut now = live.watermarks.now();
         for i in 0..rows {
             if i == 0 || devices.value(i) != devices.value(i - 1) {
                 device = live.watermarks.device(devices.value(i));
-                if !touched.contains(&device) {
-                    touched.push(device);
-                }
+                touched.push(device);
             }
             if live
                 .watermarks
@@ -220,7 +219,9 @@ impl WindowedProgram {
                 late.push(i);
             }
             row_devices.push(device);
-            if per_device {
+            // A device can only fall silent when the arrival clock moves.
+            if per_device && received.value(i) > now {
+                now = received.value(i);
                 let silent = live.watermarks.silent();
                 if !silent.is_empty() {
                     // `close` collects them.
@@ -230,6 +231,8 @@ impl WindowedProgram {
                 }
             }
         }
+        touched.sort_unstable();
+        touched.dedup();
         let raw = raw.slice(0, taken);
         let rows = taken;
         let raw = if late.is_empty() {

@@ -56,6 +56,9 @@ pub struct AlignedState {
     slots: BTreeMap<i64, Slot>,
     /// Slots with due groups.
     dirty: BTreeSet<i64>,
+    /// Buffers reused from batch to batch.
+    scratch_ids: Vec<u32>,
+    scratch_indices: Vec<usize>,
 }
 
 impl std::fmt::Debug for AlignedState {
@@ -107,6 +110,8 @@ impl AlignedState {
             device_key_id: Vec::new(),
             slots: BTreeMap::new(),
             dirty: BTreeSet::new(),
+            scratch_ids: Vec::new(),
+            scratch_indices: Vec::new(),
         })
     }
 
@@ -151,7 +156,8 @@ impl AlignedState {
         {
             return Ok(None);
         }
-        let mut ids = Vec::with_capacity(rows);
+        let mut ids = std::mem::take(&mut self.scratch_ids);
+        ids.clear();
         let mut last = u32::MAX;
         let mut current = 0;
         for (i, d) in batch.devices.iter().enumerate() {
@@ -204,7 +210,9 @@ impl AlignedState {
             Some(ids) => ids,
             None => self.key_ids_of(batch)?,
         };
-        self.fold_rows(batch, &ids)
+        let folded = self.fold_rows(batch, &ids);
+        self.scratch_ids = ids;
+        folded
     }
 
     /// The key id of each row, through Arrow's row format.
@@ -237,7 +245,9 @@ impl AlignedState {
                 starts.push(*s);
             }
         }
-        let mut indices = vec![0usize; rows];
+        let mut indices = std::mem::take(&mut self.scratch_indices);
+        indices.clear();
+        indices.resize(rows, 0);
         let single = starts.len() == 1;
         for start in starts {
             let slot = match self.slots.get_mut(&start) {
@@ -302,6 +312,7 @@ impl AlignedState {
                 acc.update_batch(&batch.args[j], &indices, filter.as_ref(), total)?;
             }
         }
+        self.scratch_indices = indices;
         Ok(())
     }
 
