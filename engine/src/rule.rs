@@ -45,7 +45,41 @@ pub struct Emitted {
     pub batch: RecordBatch,
     /// One per row; the same input always yields the same ids, so a command
     /// queued twice after a replay is queued once.
-    pub ids: Vec<String>,
+    pub ids: RowIds,
+}
+
+/// The ids of emitted rows, made into text only when a consumer needs them
+/// (commands do; streams do not).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RowIds {
+    List(Vec<String>),
+    /// Rows of closed windows: `w:<start>:<end>:<key hash>`.
+    Windows {
+        starts: Vec<i64>,
+        ends: Vec<i64>,
+        keys: Vec<u64>,
+    },
+}
+
+impl RowIds {
+    /// The id of one row.
+    pub fn get(&self, row: usize) -> Option<String> {
+        match self {
+            RowIds::List(ids) => ids.get(row).cloned(),
+            RowIds::Windows { starts, ends, keys } => Some(format!(
+                "w:{}:{}:{:016x}",
+                starts.get(row)?,
+                ends.get(row)?,
+                keys.get(row)?
+            )),
+        }
+    }
+}
+
+impl From<Vec<String>> for RowIds {
+    fn from(ids: Vec<String>) -> Self {
+        RowIds::List(ids)
+    }
 }
 
 /// What a program reports about itself, for `SHOW RULES`.
@@ -560,7 +594,7 @@ pub fn rows_to_commands(rule: &str, emitted: &Emitted) -> Result<Vec<NewCommand>
             continue;
         }
         commands.push(NewCommand {
-            id: format!("{rule}:{}", emitted.ids.get(row).map_or("", String::as_str)),
+            id: format!("{rule}:{}", emitted.ids.get(row).unwrap_or_default()),
             device_id: devices.value(row).to_string(),
             name: names.value(row).to_string(),
             payload,
@@ -629,7 +663,7 @@ mod tests {
         .unwrap();
         let emitted = Emitted {
             batch: out,
-            ids: vec!["2:40:0".into(), "2:40:1".into(), "2:40:2".into()],
+            ids: vec!["2:40:0".to_string(), "2:40:1".into(), "2:40:2".into()].into(),
         };
         let cmds = rows_to_commands("hot", &emitted).unwrap();
         assert_eq!(cmds.len(), 2);
@@ -666,7 +700,8 @@ mod tests {
                     batch: rows,
                     ids: (0..batch.num_rows())
                         .map(|i| format!("{}:{i}", record.offset))
-                        .collect(),
+                        .collect::<Vec<_>>()
+                        .into(),
                 });
             }
             Ok(())

@@ -988,7 +988,7 @@ mod window_tests {
         // b's window stays open on its own clock.
         assert_eq!(rule.program.stats().open_windows, 2);
         // The id is derived from the window and the key, so a replay repeats it.
-        assert!(out.rows[0].ids[0].starts_with("w:0:10000:"));
+        assert!(out.rows[0].ids.get(0).unwrap().starts_with("w:0:10000:"));
     }
 
     #[tokio::test]
@@ -1127,7 +1127,7 @@ mod over_tests {
         assert_eq!(payloads[0], serde_json::json!({"prev": null, "avg": 10.0}));
         assert_eq!(payloads[1], serde_json::json!({"prev": 10.0, "avg": 15.0}));
         assert_eq!(payloads[2], serde_json::json!({"prev": 20.0, "avg": 20.0}));
-        assert_eq!(out.rows[0].ids[2], "o:0:1");
+        assert_eq!(out.rows[0].ids.get(2).unwrap(), "o:0:1");
     }
 
     #[tokio::test]

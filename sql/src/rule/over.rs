@@ -383,7 +383,7 @@ impl OverProgram {
             return Ok(());
         };
         let batch = RecordBatch::try_new(self.output.clone(), batch.columns().to_vec())?;
-        let ids = kept
+        let ids: Vec<String> = kept
             .values()
             .iter()
             .map(|r| {

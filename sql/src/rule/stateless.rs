@@ -49,7 +49,7 @@ impl StatelessProgram {
         }
         let batch = RecordBatch::try_new(self.output.clone(), batch.columns().to_vec())
             .map_err(|e| e.to_string())?;
-        let ids = rows
+        let ids: Vec<String> = rows
             .values()
             .iter()
             .map(|r| format!("{}:{}:{r}", record.partition, record.offset))

@@ -7,7 +7,7 @@ use arrow::array::{Array, ArrayRef, RecordBatch, StringArray, new_null_array};
 use arrow::compute::cast;
 use arrow::datatypes::{DataType, Schema, SchemaRef};
 use tributary_engine::event::{ColumnDef, ColumnType, DEVICE_ID, RECEIVED_AT, StreamDef, TS};
-use tributary_engine::rule::Emitted;
+use tributary_engine::rule::{Emitted, RowIds};
 
 use crate::error::{Error, Result};
 use crate::window::timestamps as timestamp_array;
@@ -118,12 +118,17 @@ impl Target {
     pub fn emit(
         &self,
         batch: RecordBatch,
-        ids: Vec<String>,
+        ids: impl Into<RowIds>,
         times: Vec<i64>,
         now: i64,
     ) -> std::result::Result<Emitted, String> {
         let (rule, schema, fills) = match self {
-            Target::Commands => return Ok(Emitted { batch, ids }),
+            Target::Commands => {
+                return Ok(Emitted {
+                    batch,
+                    ids: ids.into(),
+                });
+            }
             Target::Stream {
                 rule,
                 schema,
@@ -169,7 +174,10 @@ impl Target {
             columns.push(column);
         }
         let batch = RecordBatch::try_new(schema.clone(), columns).map_err(|e| e.to_string())?;
-        Ok(Emitted { batch, ids })
+        Ok(Emitted {
+            batch,
+            ids: ids.into(),
+        })
     }
 }
 

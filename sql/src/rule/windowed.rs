@@ -11,13 +11,14 @@ use arrow::datatypes::SchemaRef;
 use datafusion::physical_expr::PhysicalExpr;
 use tributary_engine::event::{DEVICE_ID, RECEIVED_AT, TS};
 use tributary_engine::log::Record;
-use tributary_engine::rule::{Output, ProgramStats, RuleProgram};
+use tributary_engine::rule::{Output, ProgramStats, RowIds, RuleProgram};
 
 use super::stateless::time_column;
 use super::steps::{Step, run_steps};
 use super::target::Target;
 use crate::window::{
-    AlignedState, Batch, Closed, Group, TimeOptions, Watermarks, WindowSpec, WindowState, timestamps,
+    AlignedState, Batch, Closed, Group, TimeOptions, Watermarks, WindowSpec, WindowState,
+    timestamps,
 };
 
 type DfResult<T> = datafusion::error::Result<T>;
@@ -436,19 +437,17 @@ impl WindowedProgram {
             return Ok(());
         };
         let batch = RecordBatch::try_new(self.output.clone(), batch.columns().to_vec())?;
-        let ids = rows
-            .values()
-            .iter()
-            .map(|r| {
-                let r = *r as usize;
-                format!(
-                    "w:{}:{}:{:016x}",
-                    closed.starts[r],
-                    closed.ends[r],
-                    fnv1a(&closed.key_bytes[r])
-                )
-            })
-            .collect();
+        let picked =
+            |v: &[i64]| -> Vec<i64> { rows.values().iter().map(|r| v[*r as usize]).collect() };
+        let ids = RowIds::Windows {
+            starts: picked(&closed.starts),
+            ends: picked(&closed.ends),
+            keys: rows
+                .values()
+                .iter()
+                .map(|r| closed.key_hashes[*r as usize])
+                .collect(),
+        };
         let times = rows
             .values()
             .iter()
@@ -461,16 +460,6 @@ impl WindowedProgram {
         out.rows.push(emitted);
         Ok(())
     }
-}
-
-/// A stable 64-bit hash (ids must not change between runs).
-fn fnv1a(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in bytes {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h
 }
 
 impl RuleProgram for WindowedProgram {

@@ -49,6 +49,7 @@ pub struct AlignedState {
     /// Group keys (Arrow row format) seen so far, interned.
     key_ids: HashMap<Box<[u8]>, u32>,
     key_bytes: Vec<Box<[u8]>>,
+    key_hashes: Vec<u64>,
     /// Device → its keys (windows keyed by device).
     device_keys: HashMap<u32, Vec<u32>>,
     /// Device → its key id, when the key is the device alone.
@@ -106,6 +107,7 @@ impl AlignedState {
             per_device,
             key_ids: HashMap::default(),
             key_bytes: Vec::new(),
+            key_hashes: Vec::new(),
             device_keys: HashMap::default(),
             device_key_id: Vec::new(),
             slots: BTreeMap::new(),
@@ -191,6 +193,7 @@ impl AlignedState {
         let id = self.key_bytes.len() as u32;
         let bytes: Box<[u8]> = key.into();
         self.key_ids.insert(bytes.clone(), id);
+        self.key_hashes.push(super::state::key_hash(&bytes));
         self.key_bytes.push(bytes);
         if self.per_device
             && let Some(d) = device
@@ -453,23 +456,22 @@ impl AlignedState {
                 })
             })
             .collect::<DfResult<Vec<_>>>()?;
-        let key_bytes: Vec<Box<[u8]>> = keys
-            .iter()
-            .map(|k| self.key_bytes[*k as usize].clone())
-            .collect();
+        let key_hashes: Vec<u64> = keys.iter().map(|k| self.key_hashes[*k as usize]).collect();
         let key_columns = if self.key_count == 0 {
             Vec::new()
         } else {
             let parser = self.converter.parser();
-            self.converter
-                .convert_rows(key_bytes.iter().map(|k| parser.parse(k)))?
+            self.converter.convert_rows(
+                keys.iter()
+                    .map(|k| parser.parse(&self.key_bytes[*k as usize])),
+            )?
         };
         let ends = starts.iter().map(|s| s + self.size).collect();
         Ok(Some(Closed {
             starts,
             ends,
             keys: key_columns,
-            key_bytes,
+            key_hashes,
             values,
         }))
     }

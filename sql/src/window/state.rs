@@ -60,8 +60,8 @@ pub struct Closed {
     pub ends: Vec<i64>,
     /// The user's group keys, one array per key.
     pub keys: Vec<ArrayRef>,
-    /// Each group key in row format (stable: used to derive row ids).
-    pub key_bytes: Vec<Box<[u8]>>,
+    /// A stable hash of each group key (row ids are derived from it).
+    pub key_hashes: Vec<u64>,
     /// One array per aggregate.
     pub values: Vec<ArrayRef>,
 }
@@ -447,14 +447,14 @@ impl WindowState {
             vec![Vec::with_capacity(groups.len()); self.aggregates.len()];
         let mut starts = Vec::with_capacity(groups.len());
         let mut ends = Vec::with_capacity(groups.len());
-        let mut key_bytes = Vec::with_capacity(groups.len());
+        let mut key_hashes = Vec::with_capacity(groups.len());
         for mut g in groups {
             starts.push(g.start);
             ends.push(g.end);
             for (i, acc) in g.accumulators.iter_mut().enumerate() {
                 values[i].push(acc.evaluate()?);
             }
-            key_bytes.push(g.key);
+            key_hashes.push(key_hash(&g.key));
         }
         let values = values
             .into_iter()
@@ -475,7 +475,7 @@ impl WindowState {
             starts,
             ends,
             keys,
-            key_bytes,
+            key_hashes,
             values,
         })
     }
@@ -487,6 +487,17 @@ impl WindowState {
             .collect();
         all.into_iter().filter_map(|g| self.remove(g)).collect()
     }
+}
+
+/// A stable 64-bit hash of a group key (FNV-1a): row ids derive from it, so
+/// it must not change between runs or versions.
+pub fn key_hash(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
 }
 
 /// Window starts or ends as a `TIMESTAMP` column.
