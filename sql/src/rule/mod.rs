@@ -991,6 +991,36 @@ mod window_tests {
         assert!(out.rows[0].ids.get(0).unwrap().starts_with("w:0:10000:"));
     }
 
+    /// Regression: a HAVING that failed on one window's value used to make
+    /// `process` fail, and the runtime re-fed records already folded.
+    #[tokio::test]
+    async fn a_window_whose_having_fails_is_counted_and_the_rule_goes_on() {
+        let mut rule = compile(
+            "CREATE RULE r AS INSERT INTO commands SELECT device_id, 'avg', avg(temp) FROM t GROUP BY device_id, tumble(ts, INTERVAL '10' SECOND) HAVING CAST(avg(temp) AS TINYINT) > 0",
+            "0s",
+        )
+        .await;
+        let mut out = Output::default();
+        rule.program
+            .process(
+                &[batch(&[("a", 1_000, 1000.0), ("a", 11_000, 5.0)])],
+                &mut out,
+            )
+            .unwrap();
+        assert_eq!(out.errors.len(), 1, "{:?}", out.errors);
+        assert!(out.rows.is_empty());
+        rule.program
+            .process(&[batch(&[("a", 21_000, 0.0)])], &mut out)
+            .unwrap();
+        let avg = out.rows[0]
+            .batch
+            .column(2)
+            .as_any()
+            .downcast_ref::<Float64Array>()
+            .unwrap();
+        assert_eq!(avg.values(), &[5.0]);
+    }
+
     #[tokio::test]
     async fn windows_across_devices_wait_for_the_slowest_active_device() {
         let mut rule = compile(

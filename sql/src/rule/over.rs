@@ -245,6 +245,15 @@ impl OverProgram {
         Ok(taken)
     }
 
+    /// Releases rows; a failure while evaluating them is counted and those
+    /// rows are skipped, never returned as fatal (the runtime would re-feed
+    /// input already taken in).
+    fn release_or_count(&mut self, out: &mut Output) {
+        if let Err(e) = self.release(out) {
+            out.errors.push(format!("evaluating OVER: {e}"));
+        }
+    }
+
     /// Evaluates and emits the pending rows the watermarks have passed.
     fn release(&mut self, out: &mut Output) -> DfResult<()> {
         for d in self.watermarks.silent() {
@@ -519,7 +528,8 @@ fn step(
 impl RuleProgram for OverProgram {
     fn process(&mut self, records: &[Record], out: &mut Output) -> Result<(), String> {
         let Some(first) = records.first() else {
-            return self.release(out).map_err(|e| e.to_string());
+            self.release_or_count(out);
+            return Ok(());
         };
         let raw = if records.len() == 1 {
             Ok(first.batch.clone())
@@ -538,7 +548,8 @@ impl RuleProgram for OverProgram {
             Ok(raw) => raw,
             Err(e) => {
                 error(e, out);
-                return self.release(out).map_err(|e| e.to_string());
+                self.release_or_count(out);
+                return Ok(());
             }
         };
         // In pieces: a per-device rule releases a silent device's rows
@@ -553,7 +564,7 @@ impl RuleProgram for OverProgram {
                     start = raw.num_rows();
                 }
             }
-            self.release(out).map_err(|e| e.to_string())?;
+            self.release_or_count(out);
             if start >= raw.num_rows() {
                 return Ok(());
             }
@@ -563,7 +574,8 @@ impl RuleProgram for OverProgram {
     fn advance(&mut self, now_ms: i64, out: &mut Output) -> Result<(), String> {
         let silent = self.watermarks.advance(now_ms);
         self.watermarks.requeue_silent(silent);
-        self.release(out).map_err(|e| e.to_string())
+        self.release_or_count(out);
+        Ok(())
     }
 
     fn retained_from(&self, partition: u32) -> Option<u64> {

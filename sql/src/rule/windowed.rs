@@ -391,6 +391,15 @@ impl WindowedProgram {
         })
     }
 
+    /// Closes windows; a failure while finishing them (say, HAVING fails on
+    /// one window's value) is counted and those rows are skipped. It is not
+    /// returned as fatal: the runtime would re-feed input already folded.
+    fn close_or_count(&mut self, touched: &[u32], out: &mut Output) {
+        if let Err(e) = self.close(touched, out) {
+            out.errors.push(format!("closing windows: {e}"));
+        }
+    }
+
     /// Closes what the watermarks allow and emits the rows.
     fn close(&mut self, touched: &[u32], out: &mut Output) -> DfResult<()> {
         let live = &mut self.state;
@@ -487,7 +496,8 @@ impl RuleProgram for WindowedProgram {
             }
         };
         let Some(raw) = raw else {
-            return self.close(&[], out).map_err(|e| e.to_string());
+            self.close_or_count(&[], out);
+            return Ok(());
         };
         let (partition, offset) = (records[0].partition, records[0].offset);
         let mut start = 0;
@@ -504,7 +514,7 @@ impl RuleProgram for WindowedProgram {
                     Vec::new()
                 }
             };
-            self.close(&touched, out).map_err(|e| e.to_string())?;
+            self.close_or_count(&touched, out);
             if start >= raw.num_rows() {
                 return Ok(());
             }
@@ -517,7 +527,8 @@ impl RuleProgram for WindowedProgram {
             // `close` collects the silent devices itself.
             self.state.watermarks.requeue_silent(silent);
         }
-        self.close(&[], out).map_err(|e| e.to_string())
+        self.close_or_count(&[], out);
+        Ok(())
     }
 
     fn retained_from(&self, partition: u32) -> Option<u64> {
