@@ -7,6 +7,7 @@
 //! aggregate's physical accumulators, folded per window as events arrive and
 //! finished when the window closes. Nothing is planned per batch.
 
+mod arrival;
 mod over;
 mod stateless;
 mod steps;
@@ -431,6 +432,7 @@ fn windowed(
             windows,
             late_events: 0,
         },
+        touched: Vec::new(),
     })
 }
 

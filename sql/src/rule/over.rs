@@ -24,11 +24,10 @@ use datafusion::error::DataFusionError;
 use datafusion::logical_expr::Accumulator;
 use datafusion::physical_expr::PhysicalExpr;
 use datafusion::physical_expr::aggregate::AggregateFunctionExpr;
-use tributary_engine::event::{DEVICE_ID, RECEIVED_AT, TS};
 use tributary_engine::log::Record;
 use tributary_engine::rule::{Output, ProgramStats, RuleProgram};
 
-use super::stateless::time_column;
+use super::arrival;
 use super::steps::{Step, run_steps};
 use super::target::Target;
 use crate::window::Watermarks;
@@ -157,57 +156,15 @@ impl OverProgram {
         if raw.num_rows() == 0 {
             return Ok(0);
         }
-        let devices = raw
-            .column_by_name(DEVICE_ID)
-            .and_then(|c| c.as_any().downcast_ref::<StringArray>())
-            .cloned()
-            .ok_or_else(|| DataFusionError::Internal("no device_id".into()))?;
-        let ts = time_column(raw, TS);
-        let received = time_column(raw, RECEIVED_AT);
         let per_device = self.per_device();
-        let mut late = Vec::with_capacity(raw.num_rows());
-        let mut device = 0;
-        for i in 0..raw.num_rows() {
-            if i == 0 || devices.value(i) != devices.value(i - 1) {
-                device = self.watermarks.device(devices.value(i));
-            }
-            late.push(
-                self.watermarks
-                    .observe(device, ts.value(i), received.value(i), per_device),
-            );
-            if per_device {
-                let silent = self.watermarks.silent();
-                if !silent.is_empty() {
-                    // `release` collects them.
-                    self.watermarks.requeue_silent(silent);
-                    break;
-                }
-            }
-        }
-        let taken = late.len();
+        let arrival = arrival::observe(&mut self.watermarks, raw, per_device)?;
+        let taken = arrival.taken;
         let raw = raw.slice(0, taken);
-        let late = BooleanArray::from(late);
-        let mut kept_rows = UInt32Array::from_iter_values(0..raw.num_rows() as u32);
-        let raw = if late.true_count() == 0 {
-            raw
-        } else {
-            self.late_events += late.true_count() as u64;
-            let late_rows = filter_record_batch(&raw, &late)?;
-            let mut columns = late_rows.columns().to_vec();
-            columns.push(Arc::new(StringArray::from(vec![
-                self.rule.as_str();
-                late_rows.num_rows()
-            ])));
-            out.late
-                .push(RecordBatch::try_new(self.late_schema.clone(), columns)?);
-            let keep = not(&late)?;
-            kept_rows = arrow::compute::filter(&kept_rows, &keep)?
-                .as_any()
-                .downcast_ref::<UInt32Array>()
-                .cloned()
-                .ok_or_else(|| DataFusionError::Internal("row numbers".into()))?;
-            filter_record_batch(&raw, &keep)?
-        };
+        self.late_events += arrival.late.iter().filter(|l| **l).count() as u64;
+        // Each on-time row's index in `raw`, for its offset.
+        let positions: Vec<u32> = (0..taken as u32).collect();
+        let kept_rows = UInt32Array::from(arrival::on_time(&positions, &arrival.late));
+        let raw = arrival::split_late(&raw, &arrival.late, &self.rule, &self.late_schema, out)?;
         let Some((input, rows)) = run_steps(&self.pre, &raw)? else {
             return Ok(taken);
         };
@@ -527,48 +484,8 @@ fn step(
 
 impl RuleProgram for OverProgram {
     fn process(&mut self, records: &[Record], out: &mut Output) -> Result<(), String> {
-        let Some(first) = records.first() else {
-            self.release_or_count(out);
-            return Ok(());
-        };
-        let raw = if records.len() == 1 {
-            Ok(first.batch.clone())
-        } else {
-            concat_batches(&first.batch.schema(), records.iter().map(|r| &r.batch))
-                .map_err(DataFusionError::from)
-        };
-        let error = |e: DataFusionError, out: &mut Output| {
-            let (from, to) = (
-                records.first().map_or(0, |r| r.offset),
-                records.last().map_or(0, Record::end_offset),
-            );
-            out.errors.push(format!("events {from}..{to}: {e}"));
-        };
-        let raw = match raw {
-            Ok(raw) => raw,
-            Err(e) => {
-                error(e, out);
-                self.release_or_count(out);
-                return Ok(());
-            }
-        };
-        // In pieces: a per-device rule releases a silent device's rows
-        // before it judges the rows after the one that made it silent.
-        let mut start = 0;
-        loop {
-            let rest = raw.slice(start, raw.num_rows() - start);
-            match self.ingest(&rest, first.partition, first.offset + start as u64, out) {
-                Ok(taken) => start += taken,
-                Err(e) => {
-                    error(e, out);
-                    start = raw.num_rows();
-                }
-            }
-            self.release_or_count(out);
-            if start >= raw.num_rows() {
-                return Ok(());
-            }
-        }
+        arrival::in_pieces(self, records, out, Self::ingest, Self::release_or_count);
+        Ok(())
     }
 
     fn advance(&mut self, now_ms: i64, out: &mut Output) -> Result<(), String> {

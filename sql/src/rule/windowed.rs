@@ -5,14 +5,15 @@
 use std::any::Any;
 use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, BooleanArray, RecordBatch, StringArray, UInt32Array};
-use arrow::compute::{concat_batches, filter_record_batch, not, take_record_batch};
+use arrow::array::{Array, ArrayRef, BooleanArray, RecordBatch, UInt32Array};
+use arrow::compute::take_record_batch;
 use arrow::datatypes::SchemaRef;
 use datafusion::physical_expr::PhysicalExpr;
-use tributary_engine::event::{DEVICE_ID, RECEIVED_AT, TS};
+use tributary_engine::event::TS;
 use tributary_engine::log::Record;
 use tributary_engine::rule::{Output, ProgramStats, RowIds, RuleProgram};
 
+use super::arrival;
 use super::stateless::time_column;
 use super::steps::{Step, run_steps};
 use super::target::Target;
@@ -57,6 +58,8 @@ pub struct WindowedProgram {
     /// signature can take the state over.
     pub(super) signature: String,
     pub(super) state: Live,
+    /// Devices seen in the piece being processed (their windows may close).
+    pub(super) touched: Vec<u32>,
 }
 
 /// What a windowed rule carries from batch to batch.
@@ -179,98 +182,27 @@ impl WindowedProgram {
         self.device_key.is_some()
     }
 
-    /// Watermarks, late events and window assignment over raw rows (of
-    /// records starting at `offset` of `partition`). A per-device rule stops
-    /// after the row at which a device went silent, so that the caller closes
-    /// that device's windows before later rows are judged against its
-    /// watermark: the same events give the same rows however they are
-    /// batched. Returns the devices touched and the rows taken.
+    /// Watermarks, late events and window assignment over raw rows
+    /// starting at `offset` of `partition`; returns the rows taken (see
+    /// [`arrival::observe`]) and leaves the devices seen in `touched`.
     fn ingest(
         &mut self,
         raw: &RecordBatch,
         partition: u32,
         offset: u64,
         out: &mut Output,
-    ) -> DfResult<(Vec<u32>, usize)> {
-        let rows = raw.num_rows();
-        let devices = raw
-            .column_by_name(DEVICE_ID)
-            .and_then(|c| c.as_any().downcast_ref::<StringArray>())
-            .cloned()
-            .ok_or_else(|| datafusion::error::DataFusionError::Internal("no device_id".into()))?;
-        let ts = time_column(raw, TS);
-        let received = time_column(raw, RECEIVED_AT);
+    ) -> DfResult<usize> {
         let per_device = self.per_device();
-        let live = &mut self.state;
-        let mut touched: Vec<u32> = Vec::new();
-        let mut late = Vec::new();
-        let mut device = u32::MAX;
-        let mut taken = rows;
-        let mut row_devices: Vec<u32> = Vec::with_capacity(rows);
-        let mut now = live.watermarks.now();
-        for i in 0..rows {
-            if i == 0 || devices.value(i) != devices.value(i - 1) {
-                device = live.watermarks.device(devices.value(i));
-                touched.push(device);
-            }
-            if live
-                .watermarks
-                .observe(device, ts.value(i), received.value(i), per_device)
-            {
-                late.push(i);
-            }
-            row_devices.push(device);
-            // A device can only fall silent when the arrival clock moves.
-            if per_device && received.value(i) > now {
-                now = received.value(i);
-                let silent = live.watermarks.silent();
-                if !silent.is_empty() {
-                    // `close` collects them.
-                    live.watermarks.requeue_silent(silent);
-                    taken = i + 1;
-                    break;
-                }
-            }
-        }
-        touched.sort_unstable();
-        touched.dedup();
-        let raw = raw.slice(0, taken);
-        let rows = taken;
-        let raw = if late.is_empty() {
-            raw
-        } else {
-            live.late_events += late.len() as u64;
-            let mut mask = vec![false; rows];
-            for i in &late {
-                mask[*i] = true;
-            }
-            let mask = BooleanArray::from(mask);
-            let late_rows = filter_record_batch(&raw, &mask)?;
-            let mut columns = late_rows.columns().to_vec();
-            columns.push(Arc::new(StringArray::from(vec![
-                self.rule.as_str();
-                late_rows.num_rows()
-            ])));
-            out.late
-                .push(RecordBatch::try_new(self.late_schema.clone(), columns)?);
-            filter_record_batch(&raw, &not(&mask)?)?
-        };
+        let arrival = arrival::observe(&mut self.state.watermarks, raw, per_device)?;
+        self.touched = arrival.touched;
+        let raw = raw.slice(0, arrival.taken);
+        self.state.late_events += arrival.late.iter().filter(|l| **l).count() as u64;
+        let raw = arrival::split_late(&raw, &arrival.late, &self.rule, &self.late_schema, out)?;
         if raw.num_rows() > 0 {
-            if !late.is_empty() {
-                let mut is_late = late.iter().peekable();
-                let mut i = 0;
-                row_devices.retain(|_| {
-                    let drop = is_late.peek().is_some_and(|l| **l == i);
-                    if drop {
-                        is_late.next();
-                    }
-                    i += 1;
-                    !drop
-                });
-            }
-            self.fold(&raw, &row_devices, partition, offset)?;
+            let devices = arrival::on_time(&arrival.devices, &arrival.late);
+            self.fold(&raw, &devices, partition, offset)?;
         }
-        Ok((touched, taken))
+        Ok(arrival.taken)
     }
 
     /// Adds the window columns, runs the pre-aggregate steps and folds the
@@ -473,52 +405,11 @@ impl WindowedProgram {
 
 impl RuleProgram for WindowedProgram {
     fn process(&mut self, records: &[Record], out: &mut Output) -> Result<(), String> {
-        // The batch cannot be evaluated (say, a cast fails on one value):
-        // skip it, count it, go on.
-        let skip = |e: &dyn std::fmt::Display, out: &mut Output| {
-            let (from, to) = (
-                records.first().map_or(0, |r| r.offset),
-                records.last().map_or(0, Record::end_offset),
-            );
-            out.errors.push(format!("events {from}..{to}: {e}"));
-        };
-        let raw = match records {
-            [] => None,
-            [one] => Some(one.batch.clone()),
-            [first, ..] => {
-                match concat_batches(&first.batch.schema(), records.iter().map(|r| &r.batch)) {
-                    Ok(b) => Some(b),
-                    Err(e) => {
-                        skip(&e, out);
-                        None
-                    }
-                }
-            }
-        };
-        let Some(raw) = raw else {
-            self.close_or_count(&[], out);
-            return Ok(());
-        };
-        let (partition, offset) = (records[0].partition, records[0].offset);
-        let mut start = 0;
-        loop {
-            let rest = raw.slice(start, raw.num_rows() - start);
-            let touched = match self.ingest(&rest, partition, offset, out) {
-                Ok((touched, taken)) => {
-                    start += taken;
-                    touched
-                }
-                Err(e) => {
-                    skip(&e, out);
-                    start = raw.num_rows();
-                    Vec::new()
-                }
-            };
-            self.close_or_count(&touched, out);
-            if start >= raw.num_rows() {
-                return Ok(());
-            }
-        }
+        arrival::in_pieces(self, records, out, Self::ingest, |p, out| {
+            let touched = std::mem::take(&mut p.touched);
+            p.close_or_count(&touched, out);
+        });
+        Ok(())
     }
 
     fn advance(&mut self, now_ms: i64, out: &mut Output) -> Result<(), String> {

@@ -15,13 +15,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use arrow::array::{Array, ArrayRef, BooleanArray, UInt32Array};
 use arrow::compute::{and, concat, take};
 use arrow::datatypes::{DataType, SchemaRef};
-use arrow::row::{RowConverter, SortField};
+use arrow::row::RowConverter;
 use datafusion::common::HashMap;
 use datafusion::logical_expr::{EmitTo, GroupsAccumulator};
 use datafusion::physical_expr::GroupsAccumulatorAdapter;
 
 use super::WindowSpec;
-use super::state::{Aggregate, Batch, Closed};
+use super::state::{Aggregate, Batch, Closed, key_converter, value_types};
 
 type DfResult<T> = datafusion::error::Result<T>;
 
@@ -87,17 +87,8 @@ impl AlignedState {
         key_schema: &SchemaRef,
         per_device: bool,
     ) -> DfResult<Self> {
-        let converter = RowConverter::new(
-            key_schema
-                .fields()
-                .iter()
-                .map(|f| SortField::new(f.data_type().clone()))
-                .collect(),
-        )?;
-        let value_types = aggregates
-            .iter()
-            .map(|a| a.expr.field().data_type().clone())
-            .collect();
+        let converter = key_converter(key_schema)?;
+        let value_types = value_types(&aggregates);
         Ok(AlignedState {
             size: spec.size().unwrap_or(1),
             aggregates,

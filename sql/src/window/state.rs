@@ -136,17 +136,8 @@ impl WindowState {
         key_schema: &SchemaRef,
         per_device: bool,
     ) -> DfResult<Self> {
-        let converter = RowConverter::new(
-            key_schema
-                .fields()
-                .iter()
-                .map(|f| SortField::new(f.data_type().clone()))
-                .collect(),
-        )?;
-        let value_types = aggregates
-            .iter()
-            .map(|a| a.expr.field().data_type().clone())
-            .collect();
+        let converter = key_converter(key_schema)?;
+        let value_types = value_types(&aggregates);
         Ok(WindowState {
             spec,
             aggregates,
@@ -487,6 +478,25 @@ impl WindowState {
             .collect();
         all.into_iter().filter_map(|g| self.remove(g)).collect()
     }
+}
+
+/// Converts group keys to Arrow's row format, to compare and intern them.
+pub(super) fn key_converter(key_schema: &SchemaRef) -> DfResult<RowConverter> {
+    Ok(RowConverter::new(
+        key_schema
+            .fields()
+            .iter()
+            .map(|f| SortField::new(f.data_type().clone()))
+            .collect(),
+    )?)
+}
+
+/// The type each aggregate's final value has.
+pub(super) fn value_types(aggregates: &[Aggregate]) -> Vec<DataType> {
+    aggregates
+        .iter()
+        .map(|a| a.expr.field().data_type().clone())
+        .collect()
 }
 
 /// A stable 64-bit hash of a group key (FNV-1a): row ids derive from it, so
