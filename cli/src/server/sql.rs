@@ -307,7 +307,7 @@ impl SqlService {
             .unwrap_or_else(|p| p.into_inner())
             .clone();
         let stats: Vec<_> = rules.iter().map(|r| self.rules.stats(&r.name)).collect();
-        let count = |f: fn(&tributary_engine::rule::RuleStatsSnapshot) -> u64| -> ArrayRef {
+        let count = |f: Counter| -> ArrayRef {
             Arc::new(UInt64Array::from(
                 stats
                     .iter()
@@ -315,7 +315,17 @@ impl SqlService {
                     .collect::<Vec<_>>(),
             ))
         };
-        let columns = vec![
+        type Counter = fn(&tributary_engine::rule::RuleStatsSnapshot) -> u64;
+        let counters: [(&str, Counter); 7] = [
+            ("events_in", |s| s.events_in),
+            ("rows_out", |s| s.rows_out),
+            ("commands_queued", |s| s.commands_queued),
+            ("late_events", |s| s.late_events),
+            ("open_windows", |s| s.open_windows),
+            ("state_bytes", |s| s.state_bytes),
+            ("errors", |s| s.errors),
+        ];
+        let mut columns = vec![
             text("name", rules.iter().map(|r| r.name.clone())),
             text("source", rules.iter().map(|r| r.source.clone())),
             text("target", rules.iter().map(|r| r.target.to_string())),
@@ -330,34 +340,13 @@ impl SqlService {
                     .to_string()
                 }),
             ),
-            (
-                Field::new("events_in", DataType::UInt64, false),
-                count(|s| s.events_in),
-            ),
-            (
-                Field::new("rows_out", DataType::UInt64, false),
-                count(|s| s.rows_out),
-            ),
-            (
-                Field::new("commands_queued", DataType::UInt64, false),
-                count(|s| s.commands_queued),
-            ),
-            (
-                Field::new("late_events", DataType::UInt64, false),
-                count(|s| s.late_events),
-            ),
-            (
-                Field::new("open_windows", DataType::UInt64, false),
-                count(|s| s.open_windows),
-            ),
-            (
-                Field::new("state_bytes", DataType::UInt64, false),
-                count(|s| s.state_bytes),
-            ),
-            (
-                Field::new("errors", DataType::UInt64, false),
-                count(|s| s.errors),
-            ),
+        ];
+        columns.extend(
+            counters
+                .into_iter()
+                .map(|(name, f)| (Field::new(name, DataType::UInt64, false), count(f))),
+        );
+        columns.extend([
             (
                 Field::new("last_error", DataType::Utf8, true),
                 Arc::new(StringArray::from(
@@ -369,10 +358,10 @@ impl SqlService {
                             None => failed.get(&r.name).cloned(),
                         })
                         .collect::<Vec<_>>(),
-                )),
+                )) as ArrayRef,
             ),
             text("sql", rules.iter().map(|r| r.sql.clone())),
-        ];
+        ]);
         // Every column is built from the same rules, so this cannot fail.
         table(columns).unwrap_or_else(|_| message("no rules".into()))
     }
