@@ -1023,6 +1023,81 @@ mod window_tests {
         assert_eq!(avg.values(), &[5.0]);
     }
 
+    /// Thousands of devices whose windows close one device at a time, in
+    /// arrival order: open windows stay correct while emitted ones leave
+    /// holes in the state and the state is renumbered.
+    #[tokio::test]
+    async fn many_devices_closing_their_windows_one_by_one() {
+        let mut rule = compile(
+            "CREATE RULE r AS INSERT INTO commands SELECT device_id, 'n', count(*) * 100000 + CAST(sum(temp) AS BIGINT) FROM t GROUP BY device_id, tumble(ts, INTERVAL '10' SECOND)",
+            "0s",
+        )
+        .await;
+        const DEVICES: usize = 1500;
+        let names: Vec<String> = (0..DEVICES).map(|d| format!("device-{d}")).collect();
+        // Each device sends 45 events a second apart, from its own start,
+        // in frames of 1 to 12 events; frames of devices interleave.
+        let mut next = vec![0usize; DEVICES];
+        let mut expected = std::collections::HashMap::new();
+        let mut frames: Vec<Record> = Vec::new();
+        let mut turn = 0usize;
+        while next.iter().any(|n| *n < 45) {
+            turn += 1;
+            let d = (turn * 7919) % DEVICES;
+            let take = (1 + (turn * 31) % 12).min(45 - next[d]);
+            let rows: Vec<(&str, i64, f64)> = (next[d]..next[d] + take)
+                .map(|i| {
+                    let ts = (d as i64 % 10) * 1_000 + i as i64 * 1_000;
+                    let temp = ((d * 13 + i * 7) % 50) as f64;
+                    let e = expected
+                        .entry((d, ts - ts % 10_000))
+                        .or_insert((0i64, 0i64));
+                    e.0 += 1;
+                    e.1 += temp as i64;
+                    (names[d].as_str(), ts, temp)
+                })
+                .collect();
+            next[d] += take;
+            frames.push(batch(&rows));
+        }
+        let mut out = Output::default();
+        let mut at = 0;
+        let mut size = 1;
+        while at < frames.len() {
+            let end = (at + size).min(frames.len());
+            rule.program.process(&frames[at..end], &mut out).unwrap();
+            at = end;
+            size = size % 97 + 13;
+        }
+        // The last windows close when their devices fall silent.
+        rule.program.advance(i64::MAX / 2, &mut out).unwrap();
+        assert!(out.errors.is_empty(), "{:?}", out.errors);
+        assert_eq!(rule.program.stats().open_windows, 0);
+        let mut got = std::collections::HashMap::new();
+        for emitted in &out.rows {
+            let b = &emitted.batch;
+            let devices = b.column(0).as_any().downcast_ref::<StringArray>().unwrap();
+            let values = b.column(2).as_any().downcast_ref::<Int64Array>().unwrap();
+            for row in 0..b.num_rows() {
+                let id = emitted.ids.get(row).unwrap();
+                // "w:<start>:<end>:<key hash>"
+                let start: i64 = id.split(':').nth(1).unwrap().parse().unwrap();
+                let d: usize = devices.value(row)["device-".len()..].parse().unwrap();
+                let value = values.value(row);
+                let before = got.insert((d, start), (value / 100000, value % 100000));
+                assert!(before.is_none(), "window {id} emitted twice");
+            }
+        }
+        assert_eq!(got.len(), expected.len());
+        let wrong: Vec<_> = expected
+            .iter()
+            .filter(|(k, v)| got.get(k) != Some(v))
+            .take(5)
+            .map(|(k, v)| (k, v, got.get(k)))
+            .collect();
+        assert!(wrong.is_empty(), "(window, expected, got): {wrong:?}");
+    }
+
     #[tokio::test]
     async fn windows_across_devices_wait_for_the_slowest_active_device() {
         let mut rule = compile(

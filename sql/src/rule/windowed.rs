@@ -218,7 +218,20 @@ impl WindowedProgram {
         let mut expanded: Option<Vec<u32>> = None;
         let (raw, starts) = match self.spec {
             WindowSpec::Tumble { size } => {
-                let starts: Vec<i64> = ts.values().iter().map(|t| t - t.rem_euclid(size)).collect();
+                // Consecutive events mostly share a window: divide only
+                // when one leaves the window of the one before.
+                let mut window = (i64::MAX, i64::MIN);
+                let starts: Vec<i64> = ts
+                    .values()
+                    .iter()
+                    .map(|t| {
+                        if *t < window.0 || *t >= window.1 {
+                            let start = t - t.rem_euclid(size);
+                            window = (start, start.saturating_add(size));
+                        }
+                        window.0
+                    })
+                    .collect();
                 (raw.clone(), starts)
             }
             WindowSpec::Hop { .. } => {
@@ -239,9 +252,10 @@ impl WindowedProgram {
             WindowSpec::Session { .. } => (raw.clone(), ts.values().to_vec()),
         };
         let size = self.spec.size().unwrap_or(0);
+        let ends = starts.iter().map(|s| s + size).collect();
         let mut columns = raw.columns().to_vec();
-        columns.push(timestamps(starts.clone()));
-        columns.push(timestamps(starts.iter().map(|s| s + size).collect()));
+        columns.push(timestamps(starts));
+        columns.push(timestamps(ends));
         let mut fields: Vec<_> = raw.schema().fields().iter().cloned().collect();
         fields.push(Arc::new(arrow::datatypes::Field::new(
             super::window_sql::WINDOW_START,
@@ -298,8 +312,15 @@ impl WindowedProgram {
         }
         // Each row's device, as the watermarks know it: windows keyed by
         // device close on the clock of the device that sent the events.
-        let devices: Vec<u32> = if self.device_key.is_some() {
-            kept.values()
+        let mapped: Vec<u32>;
+        let devices: &[u32] = if self.device_key.is_none() {
+            &[]
+        } else if expanded.is_none() && kept.len() == row_devices.len() {
+            // Every row was kept, in order.
+            row_devices
+        } else {
+            mapped = kept
+                .values()
                 .iter()
                 .map(|r| {
                     let r = match &expanded {
@@ -308,14 +329,13 @@ impl WindowedProgram {
                     };
                     row_devices.get(r).copied().unwrap_or(u32::MAX)
                 })
-                .collect()
-        } else {
-            Vec::new()
+                .collect();
+            &mapped
         };
         self.state.windows.update(&Batch {
             times: time.values(),
             keys: &keys,
-            devices: &devices,
+            devices,
             args: &args,
             filters: &filters,
             partition,

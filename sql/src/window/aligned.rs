@@ -1,19 +1,21 @@
-//! Tumbling and hopping windows, vectorized: all groups of one window (a
-//! "slot", keyed by its start) share one DataFusion `GroupsAccumulator` per
-//! aggregate, so a batch is folded with one `update_batch` call per
-//! aggregate and slot, whatever the number of devices.
+//! Tumbling and hopping windows, vectorized: every open (window, group key)
+//! pair of a rule is one group of a single DataFusion `GroupsAccumulator`
+//! per aggregate, so a batch is folded with one `update_batch` call per
+//! aggregate, whatever the number of devices and windows it touches.
 //!
-//! Groups become *due* when their watermark passes the window's end. A slot
-//! whose groups are all due is finished with `EmitTo::All`. When only some
-//! are (windows keyed by device close on each device's own clock), the slot's
-//! state is taken out, the due groups are finished from their share of it and
-//! the rest is merged back: the partial-then-final path DataFusion's
-//! aggregates already support, so every aggregate behaves the same.
+//! Groups become *due* when their watermark passes the window's end; windows
+//! keyed by device close on each device's own clock, so groups fall due in
+//! any order. Due groups are finished through the partial-then-final path
+//! DataFusion's aggregates already support, so every aggregate behaves the
+//! same: the accumulators' state is taken out, the due groups' share is
+//! merged into fresh accumulators and evaluated, and the rest is merged back
+//! in place. Emitted groups leave holes in the numbering until the holes
+//! outnumber the open groups; then the open ones are renumbered densely.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
-use arrow::array::{Array, ArrayRef, BooleanArray, UInt32Array};
-use arrow::compute::{and, concat, take};
+use arrow::array::{Array, ArrayRef, UInt32Array};
+use arrow::compute::{TakeOptions, take};
 use arrow::datatypes::{DataType, SchemaRef};
 use arrow::row::RowConverter;
 use datafusion::common::HashMap;
@@ -25,15 +27,23 @@ use super::state::{Aggregate, Batch, Closed, key_converter, value_types};
 
 type DfResult<T> = datafusion::error::Result<T>;
 
-/// The groups of one window.
+/// Indices are checked: a bad one is an error, never a panic.
+const CHECKED: Option<TakeOptions> = Some(TakeOptions { check_bounds: true });
+
+/// The key of a group whose row was emitted (a hole in the numbering).
+const EMITTED: u32 = u32::MAX;
+
+/// Renumbering is not worth it below this many groups.
+const COMPACT_MIN: usize = 1024;
+
+/// The open groups of one window start.
+#[derive(Default)]
 struct Slot {
-    accumulators: Vec<Box<dyn GroupsAccumulator>>,
-    /// Key id → group index.
-    groups: HashMap<u32, u32>,
-    /// Group index → key id.
-    keys: Vec<u32>,
-    due: Vec<bool>,
-    due_count: usize,
+    /// Its groups (kept for windows across devices, which close a slot at
+    /// a time).
+    groups: Vec<u32>,
+    /// Groups not yet due.
+    live: usize,
     /// First offset of each partition that fed the slot.
     from: Vec<(u32, u64)>,
 }
@@ -43,6 +53,8 @@ pub struct AlignedState {
     size: i64,
     aggregates: Vec<Aggregate>,
     value_types: Vec<DataType>,
+    /// One per aggregate, over every open group.
+    accumulators: Vec<Box<dyn GroupsAccumulator>>,
     converter: RowConverter,
     key_count: usize,
     per_device: bool,
@@ -50,13 +62,21 @@ pub struct AlignedState {
     key_ids: HashMap<Box<[u8]>, u32>,
     key_bytes: Vec<Box<[u8]>>,
     key_hashes: Vec<u64>,
-    /// Device → its keys (windows keyed by device).
-    device_keys: HashMap<u32, Vec<u32>>,
+    /// Key id → its open windows: (window start, group).
+    open: Vec<Vec<(i64, u32)>>,
+    /// Device → its key ids (windows keyed by device).
+    device_keys: Vec<Vec<u32>>,
     /// Device → its key id, when the key is the device alone.
     device_key_id: Vec<u32>,
+    /// Group → its key id, or [`EMITTED`].
+    group_keys: Vec<u32>,
+    /// Group → its window start.
+    group_starts: Vec<i64>,
+    /// Groups that are neither emitted nor due.
+    live: usize,
     slots: BTreeMap<i64, Slot>,
-    /// Slots with due groups.
-    dirty: BTreeSet<i64>,
+    /// Groups whose watermark passed their end, to emit.
+    due: Vec<u32>,
     /// Buffers reused from batch to batch.
     scratch_ids: Vec<u32>,
     scratch_indices: Vec<usize>,
@@ -66,6 +86,7 @@ impl std::fmt::Debug for AlignedState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AlignedState")
             .field("slots", &self.slots.len())
+            .field("open", &self.live)
             .finish()
     }
 }
@@ -89,20 +110,29 @@ impl AlignedState {
     ) -> DfResult<Self> {
         let converter = key_converter(key_schema)?;
         let value_types = value_types(&aggregates);
+        let accumulators = aggregates
+            .iter()
+            .map(new_accumulator)
+            .collect::<DfResult<Vec<_>>>()?;
         Ok(AlignedState {
             size: spec.size().unwrap_or(1),
             aggregates,
             value_types,
+            accumulators,
             converter,
             key_count: key_schema.fields().len(),
             per_device,
             key_ids: HashMap::default(),
             key_bytes: Vec::new(),
             key_hashes: Vec::new(),
-            device_keys: HashMap::default(),
+            open: Vec::new(),
+            device_keys: Vec::new(),
             device_key_id: Vec::new(),
+            group_keys: Vec::new(),
+            group_starts: Vec::new(),
+            live: 0,
             slots: BTreeMap::new(),
-            dirty: BTreeSet::new(),
+            due: Vec::new(),
             scratch_ids: Vec::new(),
             scratch_indices: Vec::new(),
         })
@@ -114,21 +144,21 @@ impl AlignedState {
 
     /// Open (window, group) pairs.
     pub fn open(&self) -> usize {
-        self.slots.values().map(|s| s.keys.len()).sum()
+        self.live + self.due.len()
     }
 
     /// Bytes held, roughly.
     pub fn size(&self) -> usize {
+        let accumulators: usize = self.accumulators.iter().map(|a| a.size()).sum();
+        let groups = self.group_keys.capacity() * 12;
+        let open: usize = self.open.iter().map(|o| 24 + o.capacity() * 16).sum();
         let slots: usize = self
             .slots
             .values()
-            .map(|s| {
-                s.accumulators.iter().map(|a| a.size()).sum::<usize>()
-                    + s.groups.capacity() * 16
-                    + s.keys.capacity() * 5
-            })
+            .map(|s| 64 + s.groups.capacity() * 4 + s.from.capacity() * 16)
             .sum();
-        slots + self.key_bytes.iter().map(|k| k.len() + 40).sum::<usize>()
+        let keys: usize = self.key_bytes.iter().map(|k| k.len() + 48).sum();
+        accumulators + groups + open + slots + keys
     }
 
     pub fn retained_from(&self, partition: u32) -> Option<u64> {
@@ -186,18 +216,22 @@ impl AlignedState {
         self.key_ids.insert(bytes.clone(), id);
         self.key_hashes.push(super::state::key_hash(&bytes));
         self.key_bytes.push(bytes);
+        self.open.push(Vec::new());
         if self.per_device
             && let Some(d) = device
         {
-            self.device_keys.entry(d).or_default().push(id);
+            let d = d as usize;
+            if self.device_keys.len() <= d {
+                self.device_keys.resize_with(d + 1, Vec::new);
+            }
+            self.device_keys[d].push(id);
         }
         id
     }
 
     /// Folds rows into their windows: `times` holds each row's window start.
     pub fn update(&mut self, batch: &Batch<'_>) -> DfResult<()> {
-        let rows = batch.times.len();
-        if rows == 0 {
+        if batch.times.is_empty() {
             return Ok(());
         }
         let ids = match self.device_key_ids(batch)? {
@@ -230,125 +264,104 @@ impl AlignedState {
         Ok(ids)
     }
 
-    fn fold_rows(&mut self, batch: &Batch<'_>, ids: &[u32]) -> DfResult<()> {
-        let rows = batch.times.len();
-        // The windows these rows fall in: usually one or two per batch.
-        let mut starts: Vec<i64> = Vec::new();
-        for (i, s) in batch.times.iter().enumerate() {
-            if (i == 0 || *s != batch.times[i - 1]) && !starts.contains(s) {
-                starts.push(*s);
-            }
+    /// A new group for window `start` of key `key`.
+    fn new_group(&mut self, key: u32, start: i64) -> u32 {
+        let g = self.group_keys.len() as u32;
+        self.group_keys.push(key);
+        self.group_starts.push(start);
+        self.open[key as usize].push((start, g));
+        let slot = self.slots.entry(start).or_default();
+        if !self.per_device {
+            slot.groups.push(g);
         }
-        let mut indices = std::mem::take(&mut self.scratch_indices);
-        indices.clear();
-        indices.resize(rows, 0);
-        let single = starts.len() == 1;
-        for start in starts {
-            let slot = match self.slots.get_mut(&start) {
-                Some(s) => s,
-                None => {
-                    let accumulators = self
-                        .aggregates
-                        .iter()
-                        .map(new_accumulator)
-                        .collect::<DfResult<Vec<_>>>()?;
-                    self.slots.entry(start).or_insert(Slot {
-                        accumulators,
-                        groups: HashMap::default(),
-                        keys: Vec::new(),
-                        due: Vec::new(),
-                        due_count: 0,
-                        from: Vec::new(),
-                    })
-                }
-            };
-            if !slot.from.iter().any(|(p, _)| *p == batch.partition) {
-                slot.from.push((batch.partition, batch.offset));
-            }
-            let all = single;
-            let mut mask = Vec::with_capacity(if single { 0 } else { rows });
-            let mut last_key = u32::MAX;
-            let mut last_group = 0u32;
-            for i in 0..rows {
-                if !single {
-                    if batch.times[i] != start {
-                        mask.push(false);
-                        indices[i] = 0;
-                        continue;
-                    }
-                    mask.push(true);
-                }
-                let key = ids[i];
-                if key != last_key {
-                    last_group = match slot.groups.get(&key) {
-                        Some(g) => *g,
-                        None => {
-                            let g = slot.keys.len() as u32;
-                            slot.groups.insert(key, g);
-                            slot.keys.push(key);
-                            slot.due.push(false);
-                            g
-                        }
-                    };
-                    last_key = key;
-                }
-                indices[i] = last_group as usize;
-            }
-            let total = slot.keys.len();
-            let in_slot = (!all).then(|| BooleanArray::from(mask));
-            for (j, acc) in slot.accumulators.iter_mut().enumerate() {
-                let filter = match (&in_slot, &batch.filters[j]) {
-                    (None, None) => None,
-                    (Some(m), None) => Some(m.clone()),
-                    (None, Some(f)) => Some(f.clone()),
-                    (Some(m), Some(f)) => Some(and(m, f)?),
-                };
-                acc.update_batch(&batch.args[j], &indices, filter.as_ref(), total)?;
-            }
-        }
-        self.scratch_indices = indices;
-        Ok(())
+        slot.live += 1;
+        self.live += 1;
+        g
     }
 
-    fn mark(slot: &mut Slot, group: u32) -> bool {
-        let g = group as usize;
-        if slot.due[g] {
-            return false;
+    fn fold_rows(&mut self, batch: &Batch<'_>, ids: &[u32]) -> DfResult<()> {
+        let mut indices = std::mem::take(&mut self.scratch_indices);
+        indices.clear();
+        // The window starts these rows fall in: a handful per batch.
+        let mut fed: Vec<i64> = Vec::new();
+        let mut last = (u32::MAX, i64::MIN);
+        let mut group = 0u32;
+        for (key, start) in ids.iter().zip(batch.times) {
+            if (*key, *start) != last {
+                last = (*key, *start);
+                group = match self.open[*key as usize].iter().find(|(s, _)| s == start) {
+                    Some((_, g)) => *g,
+                    None => self.new_group(*key, *start),
+                };
+                if !fed.contains(start) {
+                    fed.push(*start);
+                }
+            }
+            indices.push(group as usize);
         }
-        slot.due[g] = true;
-        slot.due_count += 1;
-        true
+        for start in fed {
+            if let Some(slot) = self.slots.get_mut(&start)
+                && !slot.from.iter().any(|(p, _)| *p == batch.partition)
+            {
+                slot.from.push((batch.partition, batch.offset));
+            }
+        }
+        let total = self.group_keys.len();
+        let result = self
+            .accumulators
+            .iter_mut()
+            .enumerate()
+            .try_for_each(|(j, acc)| {
+                acc.update_batch(&batch.args[j], &indices, batch.filters[j].as_ref(), total)
+            });
+        self.scratch_indices = indices;
+        result
+    }
+
+    /// Counts a group as due: it leaves its slot's open groups.
+    fn mark(
+        slots: &mut BTreeMap<i64, Slot>,
+        due: &mut Vec<u32>,
+        live: &mut usize,
+        start: i64,
+        group: u32,
+    ) {
+        due.push(group);
+        *live -= 1;
+        if let Some(slot) = slots.get_mut(&start) {
+            slot.live -= 1;
+            if slot.live == 0 {
+                slots.remove(&start);
+            }
+        }
     }
 
     /// Marks the windows of `device` that end at or before `watermark` due.
     pub fn due_device(&mut self, device: u32, watermark: i64) {
-        let Some(keys) = self.device_keys.get(&device) else {
+        let last_start = watermark.saturating_sub(self.size);
+        let Some(keys) = self.device_keys.get(device as usize) else {
             return;
         };
-        let last_start = watermark.saturating_sub(self.size);
-        for (start, slot) in self.slots.range_mut(..=last_start) {
-            for key in keys {
-                if let Some(g) = slot.groups.get(key).copied()
-                    && Self::mark(slot, g)
-                {
-                    self.dirty.insert(*start);
+        for key in keys {
+            self.open[*key as usize].retain(|(start, g)| {
+                if *start > last_start {
+                    return true;
                 }
-            }
+                Self::mark(&mut self.slots, &mut self.due, &mut self.live, *start, *g);
+                false
+            });
         }
     }
 
     /// Marks every window of `device` due (it went silent); returns the
     /// latest end among them.
     pub fn due_device_all(&mut self, device: u32) -> Option<i64> {
-        let keys = self.device_keys.get(&device)?;
+        let keys = self.device_keys.get(device as usize)?;
         let mut latest = None;
-        for (start, slot) in self.slots.iter_mut() {
-            for key in keys {
-                if let Some(g) = slot.groups.get(key).copied() {
-                    Self::mark(slot, g);
-                    self.dirty.insert(*start);
-                    latest = Some(start + self.size);
-                }
+        for key in keys {
+            for (start, g) in std::mem::take(&mut self.open[*key as usize]) {
+                Self::mark(&mut self.slots, &mut self.due, &mut self.live, start, g);
+                latest = latest.max(Some(start + self.size));
             }
         }
         latest
@@ -357,96 +370,43 @@ impl AlignedState {
     /// Marks every window that ends at or before `watermark` due.
     pub fn due_global(&mut self, watermark: i64) {
         let last_start = watermark.saturating_sub(self.size);
-        for (start, slot) in self.slots.range_mut(..=last_start) {
-            for g in 0..slot.keys.len() as u32 {
-                Self::mark(slot, g);
+        while let Some(entry) = self.slots.first_entry() {
+            if *entry.key() > last_start {
+                break;
             }
-            if slot.due_count > 0 {
-                self.dirty.insert(*start);
+            let start = *entry.key();
+            let slot = entry.remove();
+            for g in slot.groups {
+                let key = self.group_keys[g as usize];
+                if key == EMITTED {
+                    continue;
+                }
+                self.open[key as usize].retain(|(s, _)| *s != start);
+                self.due.push(g);
+                self.live -= 1;
             }
         }
     }
 
     /// Finishes the due windows.
     pub fn take_due(&mut self) -> DfResult<Option<Closed>> {
-        if self.dirty.is_empty() {
+        if self.due.is_empty() {
             return Ok(None);
         }
-        let mut starts = Vec::new();
-        let mut keys: Vec<u32> = Vec::new();
-        let mut values: Vec<Vec<ArrayRef>> = vec![Vec::new(); self.aggregates.len()];
-        for start in std::mem::take(&mut self.dirty) {
-            let Some(slot) = self.slots.get_mut(&start) else {
-                continue;
-            };
-            if slot.due_count == 0 {
-                continue;
-            }
-            if slot.due_count == slot.keys.len() {
-                let Some(mut slot) = self.slots.remove(&start) else {
-                    continue;
-                };
-                for (j, acc) in slot.accumulators.iter_mut().enumerate() {
-                    values[j].push(acc.evaluate(EmitTo::All)?);
-                }
-                starts.extend(std::iter::repeat_n(start, slot.keys.len()));
-                keys.extend(slot.keys);
-                continue;
-            }
-            // Some groups are due: take the state out, finish theirs, merge
-            // the rest back.
-            let due: Vec<u32> = (0..slot.keys.len() as u32)
-                .filter(|g| slot.due[*g as usize])
-                .collect();
-            let kept: Vec<u32> = (0..slot.keys.len() as u32)
-                .filter(|g| !slot.due[*g as usize])
-                .collect();
-            let due_idx = UInt32Array::from(due.clone());
-            let kept_idx = UInt32Array::from(kept.clone());
-            let due_groups: Vec<usize> = (0..due.len()).collect();
-            let kept_groups: Vec<usize> = (0..kept.len()).collect();
-            for (j, acc) in slot.accumulators.iter_mut().enumerate() {
-                let state = acc.state(EmitTo::All)?;
-                let pick = |idx: &UInt32Array| {
-                    state
-                        .iter()
-                        .map(|s| take(s.as_ref(), idx, None))
-                        .collect::<Result<Vec<_>, _>>()
-                };
-                let mut finished = new_accumulator(&self.aggregates[j])?;
-                finished.merge_batch(&pick(&due_idx)?, &due_groups, due.len())?;
-                values[j].push(finished.evaluate(EmitTo::All)?);
-                // `state(EmitTo::All)` left the accumulator empty.
-                acc.merge_batch(&pick(&kept_idx)?, &kept_groups, kept.len())?;
-            }
-            starts.extend(std::iter::repeat_n(start, due.len()));
-            keys.extend(due.iter().map(|g| slot.keys[*g as usize]));
-            let kept_keys: Vec<u32> = kept.iter().map(|g| slot.keys[*g as usize]).collect();
-            slot.groups = kept_keys
-                .iter()
-                .enumerate()
-                .map(|(g, k)| (*k, g as u32))
-                .collect();
-            slot.keys = kept_keys;
-            slot.due = vec![false; slot.keys.len()];
-            slot.due_count = 0;
+        // In window order, for readers of the output.
+        let mut order: Vec<(i64, u32)> = self
+            .due
+            .drain(..)
+            .map(|g| (self.group_starts[g as usize], g))
+            .collect();
+        order.sort_unstable();
+        let due: Vec<u32> = order.iter().map(|(_, g)| *g).collect();
+        let starts: Vec<i64> = order.iter().map(|(s, _)| *s).collect();
+        let keys: Vec<u32> = due.iter().map(|g| self.group_keys[*g as usize]).collect();
+        for g in &due {
+            self.group_keys[*g as usize] = EMITTED;
         }
-        if starts.is_empty() {
-            return Ok(None);
-        }
-        let values = values
-            .into_iter()
-            .zip(&self.value_types)
-            .map(|(parts, ty)| {
-                let refs: Vec<&dyn Array> = parts.iter().map(|a| a.as_ref()).collect();
-                let array = concat(&refs)?;
-                Ok(if array.data_type() == ty {
-                    array
-                } else {
-                    arrow::compute::cast(&array, ty)?
-                })
-            })
-            .collect::<DfResult<Vec<_>>>()?;
+        let values = self.finish(due)?;
         let key_hashes: Vec<u64> = keys.iter().map(|k| self.key_hashes[*k as usize]).collect();
         let key_columns = if self.key_count == 0 {
             Vec::new()
@@ -465,5 +425,96 @@ impl AlignedState {
             key_hashes,
             values,
         }))
+    }
+
+    /// The final values of the `due` groups (already marked emitted). The
+    /// open groups stay where they are, and so does the spent state of the
+    /// emitted ones, never read again, until the holes outnumber the open
+    /// groups: then the open ones are renumbered densely.
+    fn finish(&mut self, due: Vec<u32>) -> DfResult<Vec<ArrayRef>> {
+        let total = self.group_keys.len();
+        let due_count = due.len();
+        let due_idx = UInt32Array::from(due);
+        let mut values = Vec::with_capacity(self.accumulators.len());
+        if self.live == 0 {
+            // Nothing stays open: evaluate everything, keep the due rows.
+            for acc in self.accumulators.iter_mut() {
+                values.push(take(
+                    acc.evaluate(EmitTo::All)?.as_ref(),
+                    &due_idx,
+                    CHECKED,
+                )?);
+            }
+            self.group_keys.clear();
+            self.group_starts.clear();
+        } else {
+            let compact = total >= COMPACT_MIN && self.live * 2 < total;
+            let kept: Option<Vec<u32>> = compact.then(|| {
+                (0..total as u32)
+                    .filter(|g| self.group_keys[*g as usize] != EMITTED)
+                    .collect()
+            });
+            let kept_idx = kept.as_ref().map(|k| UInt32Array::from(k.clone()));
+            let due_groups: Vec<usize> = (0..due_count).collect();
+            let mut identity = std::mem::take(&mut self.scratch_indices);
+            identity.clear();
+            identity.extend(0..kept.as_ref().map_or(total, Vec::len));
+            for (j, acc) in self.accumulators.iter_mut().enumerate() {
+                let state = acc.state(EmitTo::All)?;
+                let pick = |idx: &UInt32Array| {
+                    state
+                        .iter()
+                        .map(|s| take(s.as_ref(), idx, CHECKED))
+                        .collect::<Result<Vec<_>, _>>()
+                };
+                let mut finished = new_accumulator(&self.aggregates[j])?;
+                finished.merge_batch(&pick(&due_idx)?, &due_groups, due_count)?;
+                values.push(finished.evaluate(EmitTo::All)?);
+                // `state(EmitTo::All)` left the accumulator empty: put the
+                // open groups back (with the spent ones, unless compacting).
+                match &kept_idx {
+                    Some(idx) => acc.merge_batch(&pick(idx)?, &identity, identity.len())?,
+                    None => acc.merge_batch(&state, &identity, total)?,
+                }
+            }
+            self.scratch_indices = identity;
+            if let Some(kept) = kept {
+                self.renumber(&kept);
+            }
+        }
+        values
+            .into_iter()
+            .zip(&self.value_types)
+            .map(|(array, ty)| {
+                Ok(if array.data_type() == ty {
+                    array
+                } else {
+                    arrow::compute::cast(&array, ty)?
+                })
+            })
+            .collect()
+    }
+
+    /// Numbers the `kept` groups 0, 1, ... in order.
+    fn renumber(&mut self, kept: &[u32]) {
+        let mut new_id = vec![EMITTED; self.group_keys.len()];
+        for (n, g) in kept.iter().enumerate() {
+            new_id[*g as usize] = n as u32;
+        }
+        self.group_keys = kept.iter().map(|g| self.group_keys[*g as usize]).collect();
+        self.group_starts = kept
+            .iter()
+            .map(|g| self.group_starts[*g as usize])
+            .collect();
+        for open in &mut self.open {
+            for (_, g) in open.iter_mut() {
+                *g = new_id[*g as usize];
+            }
+        }
+        for slot in self.slots.values_mut() {
+            for g in &mut slot.groups {
+                *g = new_id[*g as usize];
+            }
+        }
     }
 }

@@ -7,7 +7,8 @@
 //! devices close on the global watermark: the lowest among devices heard from
 //! within the idle timeout (it never goes back).
 
-use std::collections::BTreeSet;
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 
 use datafusion::common::HashMap;
 
@@ -25,6 +26,8 @@ struct Clock {
     floor: i64,
     /// Whether the device counts for the global watermark now.
     active: bool,
+    /// Whether the device has an entry in `by_watermark`.
+    ranked: bool,
 }
 
 impl Clock {
@@ -33,17 +36,79 @@ impl Clock {
     }
 }
 
+/// A device id as a hash-map key: short ids live in the entry itself, so
+/// finding a device (once per run of its events) compares bytes already
+/// in cache instead of following a pointer to each candidate's text.
+#[derive(Debug, Clone)]
+enum DeviceName {
+    Short { len: u8, bytes: [u8; SHORT] },
+    Long(Box<[u8]>),
+}
+
+/// The longest id kept in place.
+const SHORT: usize = 23;
+
+impl DeviceName {
+    fn new(id: &str) -> Self {
+        let id = id.as_bytes();
+        if id.len() <= SHORT {
+            let mut bytes = [0; SHORT];
+            bytes[..id.len()].copy_from_slice(id);
+            DeviceName::Short {
+                len: id.len() as u8,
+                bytes,
+            }
+        } else {
+            DeviceName::Long(id.into())
+        }
+    }
+}
+
+impl std::borrow::Borrow<[u8]> for DeviceName {
+    fn borrow(&self) -> &[u8] {
+        match self {
+            DeviceName::Short { len, bytes } => &bytes[..*len as usize],
+            DeviceName::Long(bytes) => bytes,
+        }
+    }
+}
+
+impl std::hash::Hash for DeviceName {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        // As `[u8]` hashes, so lookups by `&[u8]` find it.
+        std::borrow::Borrow::<[u8]>::borrow(self).hash(state)
+    }
+}
+
+impl PartialEq for DeviceName {
+    fn eq(&self, other: &Self) -> bool {
+        std::borrow::Borrow::<[u8]>::borrow(self) == std::borrow::Borrow::<[u8]>::borrow(other)
+    }
+}
+
+impl Eq for DeviceName {}
+
+/// A min-heap of (time, device).
+type Queue = BinaryHeap<Reverse<(i64, u32)>>;
+
 /// The watermarks of every device a rule has seen.
+///
+/// Events only move a device's clock forward, so the two queues are kept
+/// lazily: an entry records a time the device had when it was queued, which
+/// may since have grown. Nothing is queued per event; an entry is corrected
+/// when it comes to the front.
 #[derive(Debug, Clone)]
 pub struct Watermarks {
     options: TimeOptions,
-    index: HashMap<String, u32>,
+    index: HashMap<DeviceName, u32>,
     names: Vec<String>,
     clocks: Vec<Clock>,
-    /// Active devices by watermark, for the global minimum.
-    by_watermark: BTreeSet<(i64, u32)>,
-    /// Active devices by arrival, to find the ones that went silent.
-    by_arrival: BTreeSet<(i64, u32)>,
+    /// Devices by watermark, for the global minimum: one entry per active
+    /// device (and maybe one left by a device since gone silent).
+    by_watermark: Queue,
+    /// Active devices by arrival, to find the ones that went silent: one
+    /// entry each.
+    by_arrival: Queue,
     /// Whether the global watermark is kept up to date (rules across devices).
     global_wanted: bool,
     global: i64,
@@ -62,8 +127,8 @@ impl Watermarks {
             index: HashMap::default(),
             names: Vec::new(),
             clocks: Vec::new(),
-            by_watermark: BTreeSet::new(),
-            by_arrival: BTreeSet::new(),
+            by_watermark: BinaryHeap::new(),
+            by_arrival: BinaryHeap::new(),
             global_wanted,
             global: i64::MIN,
             now: i64::MIN,
@@ -78,24 +143,25 @@ impl Watermarks {
 
     /// The index of a device, adding it if new.
     pub fn device(&mut self, id: &str) -> u32 {
-        if let Some(&i) = self.index.get(id) {
+        if let Some(&i) = self.index.get(id.as_bytes()) {
             return i;
         }
         let i = self.clocks.len() as u32;
-        self.index.insert(id.to_string(), i);
+        self.index.insert(DeviceName::new(id), i);
         self.names.push(id.to_string());
         self.clocks.push(Clock {
             max_ts: i64::MIN,
             last_seen: i64::MIN,
             floor: i64::MIN,
             active: false,
+            ranked: false,
         });
         i
     }
 
     /// The index of a device already seen.
     pub fn find(&self, id: &str) -> Option<u32> {
-        self.index.get(id).copied()
+        self.index.get(id.as_bytes()).copied()
     }
 
     /// A device's id.
@@ -143,28 +209,20 @@ impl Watermarks {
         let Some(clock) = self.clocks.get_mut(device as usize) else {
             return late;
         };
-        let old_wm = clock.watermark(delay);
-        let old_seen = clock.last_seen;
         let was_active = clock.active;
         clock.max_ts = clock.max_ts.max(ts);
         clock.last_seen = clock.last_seen.max(received_at);
         clock.active = true;
-        let new_wm = clock.watermark(delay);
-        let new_seen = clock.last_seen;
         self.now = self.now.max(received_at);
-        if was_active && old_seen != new_seen {
-            self.by_arrival.remove(&(old_seen, device));
-        }
-        if !was_active || old_seen != new_seen {
-            self.by_arrival.insert((new_seen, device));
+        if !was_active {
+            self.by_arrival.push(Reverse((clock.last_seen, device)));
+            if self.global_wanted && !clock.ranked {
+                clock.ranked = true;
+                self.by_watermark
+                    .push(Reverse((clock.watermark(delay), device)));
+            }
         }
         if self.global_wanted {
-            if was_active && old_wm != new_wm {
-                self.by_watermark.remove(&(old_wm, device));
-            }
-            if !was_active || old_wm != new_wm {
-                self.by_watermark.insert((new_wm, device));
-            }
             self.expire_silent_into_pending();
             self.update_global();
         }
@@ -184,29 +242,56 @@ impl Watermarks {
     fn expire_silent(&mut self) -> Vec<u32> {
         let before = self.idle_before();
         let mut silent = Vec::new();
-        while let Some(&(seen, device)) = self.by_arrival.first() {
+        while let Some(&Reverse((seen, device))) = self.by_arrival.peek() {
             if seen >= before {
                 break;
             }
-            self.by_arrival.pop_first();
-            if let Some(clock) = self.clocks.get_mut(device as usize) {
-                clock.active = false;
-                let wm = clock.watermark(self.options.watermark_delay);
-                self.by_watermark.remove(&(wm, device));
+            self.by_arrival.pop();
+            let Some(clock) = self.clocks.get_mut(device as usize) else {
+                continue;
+            };
+            if clock.last_seen > seen {
+                // Heard from since it was queued: queue it again as it is.
+                self.by_arrival.push(Reverse((clock.last_seen, device)));
+                continue;
             }
+            // Its entry in `by_watermark` goes when it comes to the front.
+            clock.active = false;
             silent.push(device);
         }
         silent
     }
 
     fn update_global(&mut self) {
-        let candidate = match self.by_watermark.first() {
-            Some(&(wm, _)) => wm,
+        let delay = self.options.watermark_delay;
+        // Correct the front of the queue until it is a current entry.
+        let candidate = loop {
+            let Some(&Reverse((wm, device))) = self.by_watermark.peek() else {
+                break None;
+            };
+            let Some(clock) = self.clocks.get_mut(device as usize) else {
+                self.by_watermark.pop();
+                continue;
+            };
+            if !clock.active {
+                self.by_watermark.pop();
+                clock.ranked = false;
+                continue;
+            }
+            let now = clock.watermark(delay);
+            if now == wm {
+                break Some(wm);
+            }
+            self.by_watermark.pop();
+            self.by_watermark.push(Reverse((now, device)));
+        };
+        let candidate = match candidate {
+            Some(wm) => wm,
             // Everyone is silent: nothing holds windows open.
             None => self
                 .clocks
                 .iter()
-                .map(|c| c.watermark(self.options.watermark_delay))
+                .map(|c| c.watermark(delay))
                 .max()
                 .unwrap_or(i64::MIN),
         };
@@ -245,15 +330,9 @@ impl Watermarks {
     /// Raises a device's watermark to at least `floor`: its events before
     /// that are late from now on (used when a silent device's windows close).
     pub fn raise(&mut self, device: u32, floor: i64) {
-        let delay = self.options.watermark_delay;
+        // A watermark only grows: the queue entry is corrected lazily.
         if let Some(clock) = self.clocks.get_mut(device as usize) {
-            let old = clock.watermark(delay);
             clock.floor = clock.floor.max(floor);
-            let new = clock.watermark(delay);
-            if self.global_wanted && clock.active && old != new {
-                self.by_watermark.remove(&(old, device));
-                self.by_watermark.insert((new, device));
-            }
         }
     }
 
@@ -261,7 +340,7 @@ impl Watermarks {
     pub fn size(&self) -> usize {
         self.names.iter().map(|n| n.len() * 2 + 64).sum::<usize>()
             + self.clocks.len() * std::mem::size_of::<Clock>()
-            + (self.by_arrival.len() + self.by_watermark.len()) * 32
+            + (self.by_arrival.len() + self.by_watermark.len()) * 16
     }
 }
 
@@ -310,6 +389,21 @@ mod tests {
         // does not go back.
         assert!(w.observe(b, 41, 201, false));
         assert_eq!(w.global_watermark(), 75);
+    }
+
+    #[test]
+    fn short_and_long_ids_are_told_apart() {
+        let mut w = Watermarks::new(options(5, 100), false);
+        let long = "a-device-id-longer-than-twenty-three-bytes";
+        let ids = ["", "a", "ab", "exactly-23-bytes-long-x", long, &long[..24]];
+        let numbers: Vec<u32> = ids.iter().map(|id| w.device(id)).collect();
+        assert_eq!(numbers, vec![0, 1, 2, 3, 4, 5]);
+        for (id, n) in ids.iter().zip(&numbers) {
+            assert_eq!(w.device(id), *n);
+            assert_eq!(w.find(id), Some(*n));
+            assert_eq!(w.name(*n), *id);
+        }
+        assert_eq!(w.find("abc"), None);
     }
 
     #[test]
