@@ -160,5 +160,6 @@ pub fn device_options(args: &DeviceArgs, commands: bool) -> Result<ClientOptions
         device_id: args.device.clone(),
         token: args.token.clone(),
         commands,
+        idempotent: false,
     })
 }

@@ -37,6 +37,9 @@ pub enum Error {
     /// Arrow failed to build, encode or decode a batch.
     #[error("arrow: {0}")]
     Arrow(#[from] arrow::error::ArrowError),
+    /// The engine cannot take this now; the same request may succeed later.
+    #[error("{0}")]
+    Unavailable(String),
     /// The engine is shutting down.
     #[error("the engine is shutting down")]
     ShuttingDown,

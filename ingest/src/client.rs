@@ -10,6 +10,7 @@
 //!     device_id: "sensor-1".into(),
 //!     token: "trb_...".into(),
 //!     commands: true,
+//!     idempotent: false,
 //! })
 //! .await?;
 //! match client.send("telemetry", br#"{"temp": 21.5}"#.to_vec()).await? {
@@ -52,6 +53,9 @@ pub struct ClientOptions {
     pub token: String,
     /// Whether to receive commands on this session (false for send-only clients).
     pub commands: bool,
+    /// Whether the caller numbers its frames itself, across connections
+    /// ([`Client::submit_numbered`]), so that resent frames are stored once.
+    pub idempotent: bool,
 }
 
 /// The server's answer to one EVENTS frame.
@@ -107,6 +111,7 @@ impl Client {
             device_id: options.device_id.clone(),
             token: options.token.clone(),
             commands: options.commands,
+            idempotent: options.idempotent,
         });
         send.write_all(&hello.encode_to_vec())
             .await
@@ -178,6 +183,22 @@ impl Client {
         payload: Bytes,
     ) -> Result<impl Future<Output = Result<Outcome>> + use<>> {
         let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+        self.submit_numbered(stream, seq, payload).await
+    }
+
+    /// [`submit`](Client::submit) with the frame's number chosen by the
+    /// caller. In an idempotent session that is the device's own sequence
+    /// number: send a frame that was never acknowledged again with the same
+    /// number (on any connection) and the server stores it once; its ACK
+    /// then has `count` 0 if the first one was stored. Numbers must grow on
+    /// a connection; later [`submit`](Client::submit)s go on from this one.
+    pub async fn submit_numbered(
+        &self,
+        stream: &str,
+        seq: u64,
+        payload: Bytes,
+    ) -> Result<impl Future<Output = Result<Outcome>> + use<>> {
+        self.next_seq.fetch_max(seq + 1, Ordering::Relaxed);
         let frame = Frame::Events(Events {
             seq,
             stream: stream.to_string(),

@@ -264,6 +264,7 @@ async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming) {
         device: device.clone(),
         connection: connection.clone(),
         wants_commands: hello.commands,
+        idempotent: hello.idempotent,
     };
     let reason = session.run(send, recv, decoder).await;
     {
@@ -317,6 +318,8 @@ struct Session {
     device: String,
     connection: quinn::Connection,
     wants_commands: bool,
+    /// EVENTS `seq` numbers are the device's own (HELLO `idempotent`).
+    idempotent: bool,
 }
 
 impl Session {
@@ -361,6 +364,13 @@ impl Session {
             };
             match frame {
                 Frame::Events(events) => {
+                    if self.idempotent && events.seq == 0 {
+                        let e = ProtocolError::protocol(
+                            "EVENTS seq 0 in an idempotent session; the device's numbers start at 1",
+                        );
+                        self.fatal(&out_tx, &e).await;
+                        break e.to_string();
+                    }
                     if last_seq.is_some_and(|last| events.seq <= last) {
                         let e = ProtocolError::protocol(format!(
                             "EVENTS seq {} is not greater than the previous seq {}",
@@ -469,7 +479,15 @@ impl Session {
             Ok(batch) => batch,
             Err(e) => return reject(e.code, e.message, e.event, e.field),
         };
-        match self.shared.deps.log.submit(&stream, &self.device, batch) {
+        // A numbered frame the log already holds is acknowledged with
+        // count 0 and not stored again.
+        let numbered = if self.idempotent { seq } else { 0 };
+        match self
+            .shared
+            .deps
+            .log
+            .submit_sequenced(&stream, &self.device, numbered, batch)
+        {
             Ok(future) => Pending::Appending { seq, future },
             Err(e) => {
                 tracing::error!(device = %self.device, stream = %stream, error = %e, "append refused");

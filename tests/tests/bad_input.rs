@@ -205,6 +205,7 @@ fn reject_frames_carry_code_event_and_field() {
             device_id: "d1".into(),
             token: token.clone(),
             commands: true,
+            idempotent: false,
         };
         let client = Client::connect(options.clone()).await.unwrap();
         let outcome = client

@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod bad_input;
+mod crash;
 mod e2e;
 mod golden;
 mod restart;

@@ -24,7 +24,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{oneshot, watch};
 
-use super::segment::{self, Entry};
+use super::segment::{self, Entry, Format};
 use super::{AppendFuture, AppendReceipt, EventStream, Record, partition_for};
 use crate::event::StreamDef;
 use crate::fsutil::{sync_dir, write_atomic};
@@ -85,6 +85,7 @@ struct SegmentIndex {
     base: u64,
     path: PathBuf,
     file: Arc<File>,
+    format: Format,
     entries: Vec<Entry>,
 }
 
@@ -93,11 +94,17 @@ struct PartitionIndex {
     end: u64,
     cache: VecDeque<Record>,
     cache_bytes: usize,
+    /// Device → the highest sequence number of its records held durably.
+    seqs: HashMap<String, u64>,
 }
 
 struct WriteRequest {
     partition: u32,
     count: u32,
+    /// The device the batch was appended for.
+    key: String,
+    /// The device's sequence number for the batch, 0 for none.
+    seq: u64,
     body: Vec<u8>,
     batch: RecordBatch,
     reply: oneshot::Sender<Result<AppendReceipt>>,
@@ -206,6 +213,7 @@ impl EmbeddedLog {
                 stream: Arc::downgrade(&stream),
                 dir: stream_dir,
                 options: self.options.clone(),
+                holes: vec![HashMap::new(); writers.len()],
                 partitions: writers,
             };
             std::thread::Builder::new()
@@ -233,6 +241,7 @@ fn open_partition(dir: &Path, options: &LogOptions) -> Result<(PartitionIndex, A
     };
     bases.sort_unstable();
     let mut segments = Vec::with_capacity(bases.len());
+    let mut seqs: HashMap<String, u64> = HashMap::new();
     let mut end = bases.first().copied().unwrap_or(0);
     let last = bases.len().saturating_sub(1);
     for (i, base) in bases.iter().copied().enumerate() {
@@ -273,17 +282,30 @@ fn open_partition(dir: &Path, options: &LogOptions) -> Result<(PartitionIndex, A
         if let Some(e) = scan.entries.last() {
             end = e.offset + u64::from(e.count);
         }
+        for q in scan.sequenced {
+            let highest = seqs.entry(q.key).or_default();
+            *highest = (*highest).max(q.seq);
+        }
+        let mut format = scan.format;
+        if format == Format::V1 && scan.entries.is_empty() && !options.read_only {
+            // Nothing in it yet: start it over in the current format.
+            write_magic(&path)?;
+            format = Format::V2;
+        }
         let file =
             File::open(&path).map_err(|e| Error::io(format!("open {}", path.display()), e))?;
         segments.push(SegmentIndex {
             base,
             path,
             file: Arc::new(file),
+            format,
             entries: scan.entries,
         });
     }
     let active = match segments.last() {
-        Some(seg) if !options.read_only => {
+        // New records never go into a segment of the first format: the
+        // first append starts a new segment.
+        Some(seg) if !options.read_only && seg.format == Format::V2 => {
             let file = OpenOptions::new()
                 .append(true)
                 .open(&seg.path)
@@ -307,6 +329,7 @@ fn open_partition(dir: &Path, options: &LogOptions) -> Result<(PartitionIndex, A
             end,
             cache: VecDeque::new(),
             cache_bytes: 0,
+            seqs,
         },
         active.unwrap_or(ActiveSegment {
             file: None,
@@ -330,6 +353,20 @@ struct Writer {
     dir: PathBuf,
     options: LogOptions,
     partitions: Vec<ActiveSegment>,
+    /// Per partition: device → the lowest sequence number of its that
+    /// failed to be stored. Until that frame is sent again, the device's
+    /// later frames are refused: they would leave a gap that a resend
+    /// could never fill (it would look like a duplicate).
+    holes: Vec<HashMap<String, u64>>,
+}
+
+/// One partition's share of a group, sorted out.
+#[derive(Default)]
+struct Sorted {
+    /// To write.
+    write: Vec<WriteRequest>,
+    /// Resends of records already in the log (or written earlier in the group).
+    duplicates: Vec<WriteRequest>,
 }
 
 /// Most appends written under one fsync.
@@ -362,15 +399,16 @@ impl Writer {
         // per partition covers the whole group.
         let mut written = Vec::new();
         for (p, reqs) in by_partition {
-            match self.write_partition(stream, p, &reqs) {
-                Ok(entries) => written.push((p, reqs, entries)),
-                Err(e) => fail_all(reqs, &e),
+            let sorted = self.sort_out(stream, p, reqs);
+            match self.write_partition(stream, p, &sorted.write) {
+                Ok(entries) => written.push((p, sorted, entries)),
+                Err(e) => self.fail(p, sorted, &e),
             }
         }
-        for (p, reqs, entries) in written {
+        for (p, sorted, entries) in written {
             let active = &mut self.partitions[p as usize];
             let synced = match (&active.file, self.options.fsync) {
-                (Some(f), true) => f
+                (Some(f), true) if !entries.is_empty() => f
                     .sync_data()
                     .map_err(|e| Error::io(format!("fsync {}/p{p}", self.dir.display()), e)),
                 _ => Ok(()),
@@ -385,19 +423,27 @@ impl Writer {
                     active.records -= entries.len();
                     active.end = entries[0].offset;
                 }
-                fail_all(reqs, &e);
+                self.fail(p, sorted, &e);
                 continue;
             }
-            done.push((p, reqs, entries));
+            done.push((p, sorted, entries));
         }
         let mut notify = false;
-        for (p, reqs, entries) in done {
+        for (p, sorted, entries) in done {
+            let holes = &mut self.holes[p as usize];
             let mut index = lock(&stream.partitions[p as usize]);
-            for (req, entry) in reqs.into_iter().zip(entries) {
+            for (req, entry) in sorted.write.into_iter().zip(entries) {
                 if let Some(seg) = index.segments.last_mut() {
                     seg.entries.push(entry);
                 }
                 index.end = entry.offset + u64::from(entry.count);
+                if req.seq > 0 {
+                    if holes.get(&req.key).is_some_and(|h| req.seq >= *h) {
+                        holes.remove(&req.key);
+                    }
+                    let highest = index.seqs.entry(req.key).or_default();
+                    *highest = (*highest).max(req.seq);
+                }
                 index.push_cache(
                     Record {
                         partition: p,
@@ -410,13 +456,69 @@ impl Writer {
                     partition: p,
                     offset: entry.offset,
                     count: entry.count,
+                    duplicate: false,
                 }));
                 notify = true;
+            }
+            for req in sorted.duplicates {
+                let _ = req.reply.send(Ok(AppendReceipt {
+                    partition: p,
+                    offset: index.end,
+                    count: 0,
+                    duplicate: true,
+                }));
             }
         }
         if notify {
             stream.appended.send_modify(|n| *n += 1);
         }
+    }
+
+    /// Sorts a partition's requests into those to write and resends; refuses
+    /// (answers at once) a device's frames past a hole it has not refilled.
+    fn sort_out(&mut self, stream: &StreamLog, p: u32, reqs: Vec<WriteRequest>) -> Sorted {
+        let holes = &self.holes[p as usize];
+        let index = lock(&stream.partitions[p as usize]);
+        // Sequence numbers taken earlier in this group.
+        let mut taken: HashMap<String, u64> = HashMap::new();
+        let mut sorted = Sorted::default();
+        for req in reqs {
+            if req.seq == 0 {
+                sorted.write.push(req);
+                continue;
+            }
+            let highest = taken
+                .get(&req.key)
+                .or_else(|| index.seqs.get(&req.key))
+                .copied()
+                .unwrap_or(0);
+            if req.seq <= highest {
+                sorted.duplicates.push(req);
+            } else if let Some(hole) = holes.get(&req.key).filter(|h| req.seq > **h) {
+                let _ = req.reply.send(Err(Error::Unavailable(format!(
+                    "frame {} of device '{}' was not stored; send frame {hole} again first",
+                    req.seq, req.key
+                ))));
+            } else {
+                taken.insert(req.key.clone(), req.seq);
+                sorted.write.push(req);
+            }
+        }
+        sorted
+    }
+
+    /// Fails a partition's share of a group, remembering each device's
+    /// first lost sequence number.
+    fn fail(&mut self, p: u32, sorted: Sorted, e: &Error) {
+        let holes = &mut self.holes[p as usize];
+        for req in &sorted.write {
+            if req.seq > 0 {
+                let hole = holes.entry(req.key.clone()).or_insert(req.seq);
+                *hole = (*hole).min(req.seq);
+            }
+        }
+        fail_all(sorted.write, e);
+        fail_all(sorted.duplicates, e);
     }
 
     /// Writes the requests of one partition; on failure leaves the file as it was.
@@ -426,6 +528,9 @@ impl Writer {
         p: u32,
         reqs: &[WriteRequest],
     ) -> Result<Vec<Entry>> {
+        if reqs.is_empty() {
+            return Ok(Vec::new());
+        }
         let needs_roll = {
             let a = &self.partitions[p as usize];
             a.file.is_none() || (a.len >= self.options.segment_bytes && a.records > 0)
@@ -434,16 +539,21 @@ impl Writer {
             self.roll(stream, p)?;
         }
         let active = &mut self.partitions[p as usize];
-        let mut buf = Vec::with_capacity(reqs.iter().map(|r| r.body.len() + 20).sum());
+        let mut buf = Vec::with_capacity(
+            reqs.iter()
+                .map(|r| r.body.len() + r.key.len() + segment::HEADER_LEN as usize)
+                .sum(),
+        );
         let mut entries = Vec::with_capacity(reqs.len());
         let mut next = active.end;
         for r in reqs {
             let pos = active.len + buf.len() as u64;
-            segment::encode_record(&mut buf, next, r.count, &r.body);
+            let head = segment::encode_record(&mut buf, next, r.count, r.seq, &r.key, &r.body);
             entries.push(Entry {
                 offset: next,
                 count: r.count,
                 pos,
+                head,
                 len: r.body.len() as u32,
             });
             next += u64::from(r.count);
@@ -488,6 +598,7 @@ impl Writer {
                 base,
                 path,
                 file: Arc::new(read),
+                format: Format::V2,
                 entries: Vec::new(),
             });
         self.partitions[p as usize] = ActiveSegment {
@@ -498,6 +609,18 @@ impl Writer {
         };
         Ok(())
     }
+}
+
+/// Starts a segment file over, empty, in the current format.
+fn write_magic(path: &Path) -> Result<()> {
+    let f = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|e| Error::io(format!("open {}", path.display()), e))?;
+    f.set_len(0)
+        .and_then(|()| (&f).write_all(segment::MAGIC))
+        .and_then(|()| f.sync_all())
+        .map_err(|e| Error::io(format!("rewrite {}", path.display()), e))
 }
 
 fn fail_all(reqs: Vec<WriteRequest>, e: &Error) {
@@ -545,7 +668,7 @@ impl PartitionIndex {
     }
 
     /// The records holding `from..`, to be read from disk.
-    fn locate(&self, from: u64, max_events: usize) -> Vec<(Arc<File>, PathBuf, Entry)> {
+    fn locate(&self, from: u64, max_events: usize) -> Vec<(Arc<File>, PathBuf, Entry, Format)> {
         let mut out = Vec::new();
         let first_seg = self
             .segments
@@ -561,7 +684,7 @@ impl PartitionIndex {
                     return out;
                 }
                 events += e.count as usize;
-                out.push((seg.file.clone(), seg.path.clone(), *e));
+                out.push((seg.file.clone(), seg.path.clone(), *e, seg.format));
             }
         }
         out
@@ -630,8 +753,21 @@ impl EventStream for EmbeddedLog {
         Ok(())
     }
 
-    fn submit(&self, stream: &str, key: &str, batch: RecordBatch) -> Result<AppendFuture> {
+    fn submit_sequenced(
+        &self,
+        stream: &str,
+        key: &str,
+        seq: u64,
+        batch: RecordBatch,
+    ) -> Result<AppendFuture> {
         let s = self.stream(stream)?;
+        if key.len() > segment::MAX_KEY_LEN {
+            return Err(Error::User(format!(
+                "a key of {} bytes is longer than the log's limit of {} bytes",
+                key.len(),
+                segment::MAX_KEY_LEN
+            )));
+        }
         if batch.schema() != s.schema {
             return Err(Error::User(format!(
                 "batch does not match the schema of stream '{stream}'"
@@ -659,6 +795,8 @@ impl EventStream for EmbeddedLog {
             .send(WriteRequest {
                 partition,
                 count,
+                key: key.to_string(),
+                seq,
                 body,
                 batch,
                 reply,
@@ -671,6 +809,16 @@ impl EventStream for EmbeddedLog {
 
     fn partitions(&self, stream: &str) -> Result<u32> {
         Ok(self.stream(stream)?.partitions.len() as u32)
+    }
+
+    fn last_seq(&self, stream: &str, key: &str) -> Result<u64> {
+        let s = self.stream(stream)?;
+        let p = partition_for(key, s.partitions.len() as u32);
+        Ok(lock(&s.partitions[p as usize])
+            .seqs
+            .get(key)
+            .copied()
+            .unwrap_or(0))
     }
 
     async fn read(
@@ -697,8 +845,8 @@ impl EventStream for EmbeddedLog {
         tokio::task::spawn_blocking(move || {
             located
                 .into_iter()
-                .map(|(file, path, entry)| {
-                    let body = segment::read_body(&file, &path, &entry)?;
+                .map(|(file, path, entry, format)| {
+                    let body = segment::read_body(&file, &path, &entry, format)?;
                     let batch = decode_batch(&body, &path)?;
                     Ok(slice_from(
                         Record {
@@ -832,6 +980,113 @@ mod tests {
             cache_bytes_per_partition: 0,
             ..LogOptions::default()
         }
+    }
+
+    async fn send(log: &EmbeddedLog, device: &str, seq: u64, temp: f64) -> AppendReceipt {
+        log.submit_sequenced("telemetry", device, seq, batch(device, &[temp]))
+            .unwrap()
+            .await
+            .unwrap()
+    }
+
+    /// A device's resent batches are recognised by their sequence numbers,
+    /// in the same run and after a restart, per device.
+    #[tokio::test]
+    async fn resent_batches_are_stored_once() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let log = EmbeddedLog::open(dir.path(), LogOptions::default()).unwrap();
+            log.create_stream(&def(2)).await.unwrap();
+            assert_eq!(log.last_seq("telemetry", "d1").unwrap(), 0);
+            assert!(!send(&log, "d1", 1, 1.0).await.duplicate);
+            assert!(!send(&log, "d1", 2, 2.0).await.duplicate);
+            let again = send(&log, "d1", 2, 2.0).await;
+            assert!(again.duplicate);
+            assert_eq!(again.count, 0);
+            // Another device's numbers are its own.
+            assert!(!send(&log, "d2", 1, 10.0).await.duplicate);
+            // Unnumbered batches are always appended.
+            log.append("telemetry", "d1", batch("d1", &[3.0]))
+                .await
+                .unwrap();
+            assert_eq!(log.last_seq("telemetry", "d1").unwrap(), 2);
+            assert_eq!(log.last_seq("telemetry", "d2").unwrap(), 1);
+        }
+        let log = EmbeddedLog::open(dir.path(), no_cache()).unwrap();
+        assert_eq!(log.last_seq("telemetry", "d1").unwrap(), 2);
+        assert!(send(&log, "d1", 1, 1.0).await.duplicate);
+        assert!(send(&log, "d2", 1, 10.0).await.duplicate);
+        // Numbers may skip; only going back is a resend.
+        assert!(!send(&log, "d1", 7, 7.0).await.duplicate);
+        assert!(send(&log, "d1", 5, 5.0).await.duplicate);
+        let p1 = partition_for("d1", 2);
+        let stored = log.read("telemetry", p1, 0, 100).await.unwrap();
+        assert_eq!(temps(&stored), [1.0, 2.0, 3.0, 7.0]);
+        assert_eq!(log.last_seq("telemetry", "d1").unwrap(), 7);
+    }
+
+    /// Within one group commit too: the second of two equal numbers waits
+    /// for the first and is a duplicate.
+    #[tokio::test]
+    async fn a_resend_in_the_same_group_is_a_duplicate() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = EmbeddedLog::open(dir.path(), LogOptions::default()).unwrap();
+        log.create_stream(&def(1)).await.unwrap();
+        let futures: Vec<_> = [1u64, 1, 2, 1, 3]
+            .iter()
+            .map(|seq| {
+                log.submit_sequenced("telemetry", "d", *seq, batch("d", &[*seq as f64]))
+                    .unwrap()
+            })
+            .collect();
+        let mut duplicates = Vec::new();
+        for f in futures {
+            duplicates.push(f.await.unwrap().duplicate);
+        }
+        assert_eq!(duplicates, [false, true, false, true, false]);
+        let stored = log.read("telemetry", 0, 0, 100).await.unwrap();
+        assert_eq!(temps(&stored), [1.0, 2.0, 3.0]);
+    }
+
+    /// A data directory from before keys and sequence numbers: its records
+    /// are read, and new ones go to a new segment.
+    #[tokio::test]
+    async fn a_first_format_segment_is_read_and_not_appended_to() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let log = EmbeddedLog::open(dir.path(), LogOptions::default()).unwrap();
+            log.create_stream(&def(1)).await.unwrap();
+        }
+        // Rewrite the partition as the first format would have.
+        let p0 = dir.path().join("telemetry").join("p0");
+        for e in fs::read_dir(&p0).unwrap() {
+            fs::remove_file(e.unwrap().path()).unwrap();
+        }
+        let body = encode_batch(&batch("d", &[1.0, 2.0])).unwrap();
+        let mut data = segment::MAGIC_V1.to_vec();
+        let mut fields = Vec::new();
+        fields.extend_from_slice(&0u64.to_le_bytes());
+        fields.extend_from_slice(&2u32.to_le_bytes());
+        let mut h = crc32fast::Hasher::new();
+        h.update(&fields);
+        h.update(&body);
+        data.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        data.extend_from_slice(&h.finalize().to_le_bytes());
+        data.extend_from_slice(&fields);
+        data.extend_from_slice(&body);
+        fs::write(p0.join(segment::segment_name(0)), &data).unwrap();
+
+        let log = EmbeddedLog::open(dir.path(), no_cache()).unwrap();
+        assert_eq!(log.end_offset("telemetry", 0).unwrap(), 2);
+        assert!(!send(&log, "d", 1, 3.0).await.duplicate);
+        let stored = log.read("telemetry", 0, 0, 100).await.unwrap();
+        assert_eq!(temps(&stored), [1.0, 2.0, 3.0]);
+        assert!(p0.join(segment::segment_name(2)).exists());
+        drop(log);
+        let log = EmbeddedLog::open(dir.path(), no_cache()).unwrap();
+        let stored = log.read("telemetry", 0, 0, 100).await.unwrap();
+        assert_eq!(temps(&stored), [1.0, 2.0, 3.0]);
+        assert_eq!(log.last_seq("telemetry", "d").unwrap(), 1);
     }
 
     #[tokio::test]

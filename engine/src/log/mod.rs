@@ -31,6 +31,10 @@ pub struct AppendReceipt {
     pub offset: u64,
     /// Number of events appended.
     pub count: u32,
+    /// The batch was a resend: the log already held the device's record
+    /// with that sequence number, so nothing was appended (`count` is 0 and
+    /// `offset` is only the partition's end).
+    pub duplicate: bool,
 }
 
 /// One batch read back from the log.
@@ -64,7 +68,41 @@ pub trait EventStream: Send + Sync + 'static {
     /// with a future that resolves when the batch is durable. Batches submitted
     /// one after another are appended in that order, which is how a gateway
     /// keeps a device's frames in order while many are in flight.
-    fn submit(&self, stream: &str, key: &str, batch: RecordBatch) -> Result<AppendFuture>;
+    fn submit(&self, stream: &str, key: &str, batch: RecordBatch) -> Result<AppendFuture> {
+        self.submit_sequenced(stream, key, 0, batch)
+    }
+
+    /// [`submit`](EventStream::submit) for a device that numbers its batches:
+    /// `seq` (greater than 0) increases strictly with each batch the device
+    /// sends, across connections and restarts. The log keeps, durably with
+    /// the records, the highest `seq` it holds per device and stream:
+    ///
+    /// - a batch whose `seq` is not above it is a resend of one already
+    ///   stored (its acknowledgement was lost): nothing is appended and the
+    ///   receipt says `duplicate`;
+    /// - after a batch failed to be stored, the device's batches with a
+    ///   higher `seq` fail with [`Error::Unavailable`] until that one is sent
+    ///   again, so a gap can never be mistaken for a resend.
+    ///
+    /// `seq` 0 appends unconditionally.
+    ///
+    /// On other stores: NATS JetStream does the same with a message id per
+    /// batch (`Nats-Msg-Id: <device>/<seq>`) in its duplicate window; Kafka
+    /// with an idempotent producer per gateway, whose own sequence numbers
+    /// cover the gateway's retries, plus this check against the highest
+    /// `seq` per device for resends across connections.
+    fn submit_sequenced(
+        &self,
+        stream: &str,
+        key: &str,
+        seq: u64,
+        batch: RecordBatch,
+    ) -> Result<AppendFuture>;
+
+    /// The highest sequence number the log holds for device `key` in
+    /// `stream` (see [`submit_sequenced`](EventStream::submit_sequenced));
+    /// 0 when none.
+    fn last_seq(&self, stream: &str, key: &str) -> Result<u64>;
 
     /// Appends one batch for the device `key`; returns only once the batch is durable.
     async fn append(&self, stream: &str, key: &str, batch: RecordBatch) -> Result<AppendReceipt> {

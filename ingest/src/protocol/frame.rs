@@ -119,6 +119,15 @@ pub struct Hello {
     /// listening sessions.
     #[serde(default = "yes", skip_serializing_if = "is_true")]
     pub commands: bool,
+    /// Whether EVENTS `seq` numbers are the device's own, strictly
+    /// increasing across connections and restarts (default false). The
+    /// server then stores a resent frame once (protocol.md, section 7).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub idempotent: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 fn yes() -> bool {
@@ -136,6 +145,8 @@ impl fmt::Debug for Hello {
             .field("version", &self.version)
             .field("device_id", &self.device_id)
             .field("token", &"<redacted>")
+            .field("commands", &self.commands)
+            .field("idempotent", &self.idempotent)
             .finish()
     }
 }

@@ -46,6 +46,7 @@ fn documented_frames() -> Vec<(&'static str, Frame)> {
                 device_id: "sensor-1".into(),
                 token: "s3cr3t".into(),
                 commands: true,
+                idempotent: false,
             }),
         ),
         (
@@ -461,6 +462,7 @@ fn hello_of_another_version_is_unsupported_not_malformed() {
         device_id: "d".into(),
         token: "s3cr3t".into(),
         commands: true,
+        idempotent: false,
     };
     assert!(!format!("{:?}", Frame::Hello(hello)).contains("s3cr3t"));
 

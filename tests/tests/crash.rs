@@ -1,0 +1,293 @@
+//! Devices keep sending, with retries, while the server is killed with
+//! SIGKILL again and again, and some acknowledgements are "lost" (the device
+//! sends the frame again): every acknowledged event ends up in Parquet
+//! exactly once, and the rule's commands are queued once each.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use arrow::array::{Array, AsArray};
+use arrow::datatypes::Int64Type;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use tributary_ingest::client::{Client, ClientOptions, Outcome};
+use tributary_tests::{Server, eventually, parquet_files};
+
+const DEVICES: usize = 4;
+const FRAMES: u64 = 150;
+const EVENTS_PER_FRAME: u64 = 10;
+/// Frames a device has on the wire at once.
+const WINDOW: usize = 8;
+/// The first acknowledgement of every this many frames is "lost".
+const LOSE_EVERY: u64 = 13;
+/// How long a device waits for the server before it tries again.
+const PATIENCE: Duration = Duration::from_secs(2);
+/// Every event whose number ends in 7 is hot and makes a command.
+const RULE: &str = "CREATE RULE hot AS INSERT INTO commands SELECT device_id, 'hot', CAST(seq AS VARCHAR) FROM t WHERE seq % 10 = 7";
+
+/// The events of one frame: `seq` numbers events across the device's frames.
+fn payload(frame: u64) -> String {
+    (0..EVENTS_PER_FRAME)
+        .map(|i| {
+            let seq = frame * EVENTS_PER_FRAME + i;
+            format!("{{\"seq\": {seq}, \"temp\": {}}}\n", seq % 50)
+        })
+        .collect()
+}
+
+/// What one device's sender saw.
+#[derive(Debug, Default)]
+struct Sent {
+    /// Frames acknowledged (each once, whatever the number of tries).
+    acked: u64,
+    /// Frames sent more than once.
+    resent: u64,
+    /// Acknowledgements that said the frame was already stored.
+    duplicates: u64,
+}
+
+/// The server's QUIC address, from the file it writes on start.
+fn quic_addr(data_dir: &Path) -> Option<std::net::SocketAddr> {
+    let bytes = std::fs::read(data_dir.join("server.json")).ok()?;
+    let info: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    info.get("quic")?.as_str()?.parse().ok()
+}
+
+/// Sends every frame of `device` in an idempotent session, reconnecting and
+/// sending unacknowledged frames again (same numbers) whenever anything
+/// fails, until all are acknowledged.
+async fn send_all(data_dir: PathBuf, ca: PathBuf, device: String, token: String) -> Sent {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut sent = Sent::default();
+    let mut tries: HashMap<u64, u32> = HashMap::new();
+    // The first frame not yet acknowledged.
+    let mut next = 1;
+    while next <= FRAMES {
+        assert!(
+            Instant::now() < deadline,
+            "{device}: frames from {next} not acknowledged within 120s"
+        );
+        let Some(server) = quic_addr(&data_dir) else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let options = ClientOptions {
+            server,
+            server_name: "localhost".into(),
+            ca: ca.clone(),
+            device_id: device.clone(),
+            token: token.clone(),
+            commands: false,
+            idempotent: true,
+        };
+        // A killed server does not answer: give up on it quickly, as a
+        // device would, instead of waiting for QUIC's idle timeout.
+        let Ok(Ok(client)) = tokio::time::timeout(PATIENCE, Client::connect(options)).await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let mut in_flight = VecDeque::new();
+        let mut frame = next;
+        loop {
+            while in_flight.len() < WINDOW && frame <= FRAMES {
+                let n = tries.entry(frame).or_default();
+                *n += 1;
+                if *n == 2 {
+                    sent.resent += 1;
+                }
+                match client
+                    .submit_numbered("t", frame, payload(frame).into())
+                    .await
+                {
+                    Ok(answer) => in_flight.push_back((frame, answer)),
+                    Err(_) => break,
+                }
+                frame += 1;
+                // Spread the sending over the kills.
+                tokio::time::sleep(Duration::from_millis(15)).await;
+            }
+            let Some((n, answer)) = in_flight.pop_front() else {
+                break;
+            };
+            match tokio::time::timeout(PATIENCE, answer).await {
+                Ok(Ok(Outcome::Acked(ack))) if n % LOSE_EVERY == 0 && tries[&n] == 1 => {
+                    // As if this acknowledgement were lost on the way: the
+                    // device sends the frame again on a new connection.
+                    assert_eq!(ack.seq, n);
+                    break;
+                }
+                Ok(Ok(Outcome::Acked(ack))) => {
+                    assert_eq!(ack.seq, n);
+                    assert!(
+                        ack.count == 0 || ack.count == EVENTS_PER_FRAME as u32,
+                        "{ack:?}"
+                    );
+                    if ack.count == 0 {
+                        sent.duplicates += 1;
+                    }
+                    sent.acked += 1;
+                    next = n + 1;
+                }
+                Ok(Ok(Outcome::Rejected(r))) => {
+                    assert!(r.code.is_retryable(), "{device}: frame {n} refused: {r:?}");
+                    break;
+                }
+                Ok(Err(_)) | Err(_) => break,
+            }
+        }
+        drop(in_flight);
+        drop(client);
+        if next <= FRAMES {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    sent
+}
+
+/// Every (device_id, seq) in the stream's Parquet files.
+fn stored(storage: &Path) -> Vec<(String, i64)> {
+    let mut out = Vec::new();
+    for f in parquet_files(storage) {
+        let Ok(file) = std::fs::File::open(&f) else {
+            continue;
+        };
+        let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+            .and_then(|b| b.build())
+            .unwrap_or_else(|e| panic!("{} does not read back: {e}", f.display()));
+        for batch in reader {
+            let batch = batch.unwrap();
+            let devices = batch
+                .column_by_name("device_id")
+                .unwrap()
+                .as_string::<i32>();
+            let seqs = batch
+                .column_by_name("seq")
+                .unwrap()
+                .as_primitive::<Int64Type>();
+            for i in 0..batch.num_rows() {
+                out.push((devices.value(i).to_string(), seqs.value(i)));
+            }
+            assert_eq!(seqs.null_count(), 0);
+        }
+    }
+    out
+}
+
+#[test]
+fn acknowledged_events_survive_sigkill_exactly_once() {
+    let mut server = Server::start();
+    server
+        .cli(&[
+            "sql",
+            "CREATE STREAM t (seq BIGINT, temp DOUBLE) WITH (partitions = 2)",
+        ])
+        .ok();
+    server.cli(&["sql", RULE]).ok();
+    let devices: Vec<(String, String)> = (0..DEVICES)
+        .map(|d| {
+            let id = format!("crash-{d}");
+            let token = server.add_device(&id);
+            (id, token)
+        })
+        .collect();
+
+    let (data_dir, ca) = (server.data_dir.clone(), server.ca());
+    let senders = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let tasks: Vec<_> = devices
+                .into_iter()
+                .map(|(id, token)| tokio::spawn(send_all(data_dir.clone(), ca.clone(), id, token)))
+                .collect();
+            let mut sent = Vec::new();
+            for t in tasks {
+                sent.push(t.await.unwrap());
+            }
+            sent
+        })
+    });
+
+    // Kill the server at pseudo-random moments while the devices send.
+    let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut kills = 0;
+    while kills < 4 && !senders.is_finished() {
+        state = state
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        std::thread::sleep(Duration::from_millis(150 + (state >> 33) % 500));
+        server.kill();
+        kills += 1;
+        server.restart();
+    }
+    let sent = senders.join().expect("the senders finished");
+    assert!(
+        kills >= 2,
+        "the senders finished before the server was killed twice"
+    );
+    for s in &sent {
+        assert_eq!(s.acked, FRAMES, "{sent:?}");
+    }
+    assert!(
+        sent.iter().all(|s| s.duplicates > 0),
+        "every device resent frames the server had stored ({sent:?})"
+    );
+
+    // Every event in Parquet, once.
+    let expected = DEVICES as u64 * FRAMES * EVENTS_PER_FRAME;
+    let storage = server.data_dir.join("storage/t");
+    let rows = eventually(Duration::from_secs(60), || {
+        let rows = stored(&storage);
+        (rows.len() as u64 >= expected).then_some(rows)
+    });
+    let distinct: HashSet<_> = rows.iter().collect();
+    assert_eq!(
+        (rows.len() as u64, distinct.len() as u64),
+        (expected, expected),
+        "(rows, distinct (device_id, seq)) in Parquet; senders: {sent:?}"
+    );
+    for d in 0..DEVICES {
+        let device = format!("crash-{d}");
+        for seq in EVENTS_PER_FRAME as i64..((FRAMES + 1) * EVENTS_PER_FRAME) as i64 {
+            assert!(
+                distinct.contains(&(device.clone(), seq)),
+                "{device} event {seq} is missing"
+            );
+        }
+    }
+    // SQL agrees (files plus whatever the sink has not flushed).
+    let counted = server.sql_json("SELECT count(*) AS n, count(DISTINCT device_id || '/' || CAST(seq AS VARCHAR)) AS d FROM t");
+    assert_eq!(counted[0]["n"], expected);
+    assert_eq!(counted[0]["d"], expected);
+
+    // The rule replayed what it had not committed; commands are keyed by
+    // rule and event, so each hot event queued exactly one command. Read
+    // the queue's own SQLite file, as another process.
+    let hot = DEVICES as u64 * FRAMES * EVENTS_PER_FRAME / 10;
+    let db = rusqlite::Connection::open_with_flags(
+        server.data_dir.join("commands.db"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap();
+    let count = || -> (u64, u64) {
+        db.query_row(
+            "SELECT count(*), count(DISTINCT device_id || '/' || payload) FROM commands WHERE name = 'hot'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut queued = count();
+    while queued.0 < hot && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+        queued = count();
+    }
+    assert_eq!(
+        queued,
+        (hot, hot),
+        "(commands, distinct) for {hot} hot events"
+    );
+}
