@@ -21,9 +21,12 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         .truncate(true)
         .open(&tmp)
         .map_err(|e| Error::io(format!("create {}", tmp.display()), e))?;
-    file.write_all(bytes)
-        .and_then(|()| file.sync_all())
-        .map_err(|e| Error::io(format!("write {}", tmp.display()), e))?;
+    if let Err(e) = file.write_all(bytes).and_then(|()| file.sync_all()) {
+        // Out of space, say: do not leave the partial copy taking room.
+        drop(file);
+        let _ = fs::remove_file(&tmp);
+        return Err(Error::io(format!("write {}", tmp.display()), e));
+    }
     fs::rename(&tmp, path).map_err(|e| Error::io(format!("rename {}", path.display()), e))?;
     sync_dir(dir)
 }

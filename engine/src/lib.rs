@@ -21,6 +21,7 @@
 pub mod catalog;
 pub mod commands;
 pub mod devices;
+pub mod duration;
 mod error;
 pub mod event;
 pub mod fsutil;

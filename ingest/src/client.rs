@@ -235,6 +235,19 @@ impl Client {
         self.submit(stream, payload.into()).await?.await
     }
 
+    /// [`send`](Client::send) with the frame's number chosen by the caller
+    /// (see [`submit_numbered`](Client::submit_numbered)).
+    pub async fn send_numbered(
+        &self,
+        stream: &str,
+        seq: u64,
+        payload: impl Into<Bytes>,
+    ) -> Result<Outcome> {
+        self.submit_numbered(stream, seq, payload.into())
+            .await?
+            .await
+    }
+
     /// Waits for the next command; `None` once the connection has ended.
     pub async fn next_command(&self) -> Result<Option<Command>> {
         let mut rx = self.commands.lock().await;

@@ -342,7 +342,14 @@ impl Session {
         let (out_tx, out_rx) = mpsc::channel::<Frame>(1024);
         let writer = tokio::spawn(write_frames(send, out_rx));
         let (pending_tx, pending_rx) = mpsc::channel::<Pending>(self.shared.config.max_in_flight);
-        let acker = tokio::spawn(answer_in_order(pending_rx, out_tx.clone()));
+        // Idempotent sessions: the numbers of frames not yet answered (a
+        // frame may be sent again with its number once it has its answer).
+        let unanswered: Unanswered = Arc::default();
+        let acker = tokio::spawn(answer_in_order(
+            pending_rx,
+            out_tx.clone(),
+            self.idempotent.then(|| unanswered.clone()),
+        ));
         let commands = self.wants_commands.then(|| {
             tokio::spawn(deliver_commands(
                 self.shared.deps.commands.clone(),
@@ -371,7 +378,16 @@ impl Session {
                         self.fatal(&out_tx, &e).await;
                         break e.to_string();
                     }
-                    if last_seq.is_some_and(|last| events.seq <= last) {
+                    if self.idempotent {
+                        if !lock(&unanswered).insert(events.seq) {
+                            let e = ProtocolError::protocol(format!(
+                                "EVENTS seq {} is sent again before its first copy was answered",
+                                events.seq
+                            ));
+                            self.fatal(&out_tx, &e).await;
+                            break e.to_string();
+                        }
+                    } else if last_seq.is_some_and(|last| events.seq <= last) {
                         let e = ProtocolError::protocol(format!(
                             "EVENTS seq {} is not greater than the previous seq {}",
                             events.seq,
@@ -509,8 +525,15 @@ impl Session {
     }
 }
 
+/// The numbers of an idempotent session's frames awaiting their answer.
+type Unanswered = Arc<Mutex<std::collections::HashSet<u64>>>;
+
 /// Turns finished appends into ACK / REJECT frames, in submission order.
-async fn answer_in_order(mut pending: mpsc::Receiver<Pending>, out: mpsc::Sender<Frame>) {
+async fn answer_in_order(
+    mut pending: mpsc::Receiver<Pending>,
+    out: mpsc::Sender<Frame>,
+    unanswered: Option<Unanswered>,
+) {
     while let Some(p) = pending.recv().await {
         let frame = match p {
             Pending::Ready(frame) => frame,
@@ -531,6 +554,11 @@ async fn answer_in_order(mut pending: mpsc::Receiver<Pending>, out: mpsc::Sender
                 }
             },
         };
+        if let Some(unanswered) = &unanswered
+            && let Frame::Ack(Ack { seq, .. }) | Frame::Reject(Reject { seq, .. }) = &frame
+        {
+            lock(unanswered).remove(seq);
+        }
         if out.send(frame).await.is_err() {
             return;
         }

@@ -18,6 +18,11 @@ use std::collections::BTreeMap;
 
 use crate::error::{Error, Location, Result, location_in_message};
 use crate::window::{IDLE_TIMEOUT, WATERMARK_DELAY, format_duration, parse_duration};
+use tributary_engine::log::{RETENTION, RETENTION_BYTES};
+
+/// The options `CREATE STREAM ... WITH (...)` takes, for error messages.
+const STREAM_OPTIONS: &str =
+    "partitions, watermark_delay, idle_timeout, retention and retention_bytes";
 
 /// One parsed statement.
 #[derive(Debug, Clone)]
@@ -363,10 +368,26 @@ fn parse_create_stream(sql: &str, tokens: &[TokenWithSpan]) -> Result<Statement>
                         }
                         kept.insert(k, format_duration(ms));
                     }
+                    RETENTION => {
+                        let ms = parse_duration(&text).map_err(|e| Error::Plan {
+                            message: format!("{k}: {e}"),
+                            location,
+                        })?;
+                        kept.insert(k, format_duration(ms));
+                    }
+                    RETENTION_BYTES => {
+                        let bytes: u64 = text.parse().map_err(|_| Error::Plan {
+                            message: format!(
+                                "retention_bytes must be a whole number of bytes, got {value}"
+                            ),
+                            location,
+                        })?;
+                        kept.insert(k, bytes.to_string());
+                    }
                     _ => {
                         return Err(Error::Plan {
                             message: format!(
-                                "unknown stream option '{k}'; the options are partitions, watermark_delay and idle_timeout"
+                                "unknown stream option '{k}'; the options are {STREAM_OPTIONS}"
                             ),
                             location,
                         });
@@ -375,7 +396,7 @@ fn parse_create_stream(sql: &str, tokens: &[TokenWithSpan]) -> Result<Statement>
             }
             other => {
                 return Err(Error::plan(format!(
-                    "unknown stream option {other}; the options are partitions, watermark_delay and idle_timeout"
+                    "unknown stream option {other}; the options are {STREAM_OPTIONS}"
                 )));
             }
         }
@@ -559,6 +580,28 @@ mod tests {
                 ColumnType::Timestamp
             ]
         );
+    }
+
+    #[test]
+    fn retention_options_are_checked_and_kept() {
+        let Statement::CreateStream { def, .. } = parse(
+            "CREATE STREAM t (x DOUBLE) WITH (retention = '90 minutes', retention_bytes = 1048576)",
+        )
+        .unwrap() else {
+            panic!("not a stream")
+        };
+        assert_eq!(def.options.get(RETENTION).map(String::as_str), Some("90m"));
+        assert_eq!(
+            def.options.get(RETENTION_BYTES).map(String::as_str),
+            Some("1048576")
+        );
+        let err = parse("CREATE STREAM t (x DOUBLE) WITH (retention = 'soon')").unwrap_err();
+        assert!(err.to_string().contains("retention"), "{err}");
+        assert!(err.location().is_some(), "{err}");
+        let err = parse("CREATE STREAM t (x DOUBLE) WITH (retention_bytes = '1 GB')").unwrap_err();
+        assert!(err.to_string().contains("whole number of bytes"), "{err}");
+        let err = parse("CREATE STREAM t (x DOUBLE) WITH (ttl = '1h')").unwrap_err();
+        assert!(err.to_string().contains("retention_bytes"), "{err}");
     }
 
     #[test]

@@ -11,6 +11,7 @@ use arrow::array::{Array, AsArray};
 use arrow::datatypes::Int64Type;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use tributary_ingest::client::{Client, ClientOptions, Outcome};
+use tributary_ingest::protocol::RejectCode;
 use tributary_tests::{Server, eventually, parquet_files};
 
 const DEVICES: usize = 4;
@@ -289,5 +290,108 @@ fn acknowledged_events_survive_sigkill_exactly_once() {
         queued,
         (hot, hot),
         "(commands, distinct) for {hot} hot events"
+    );
+}
+
+/// The log reaches its byte limit because a consumer (a paused rule) holds
+/// its oldest events: the device is told to retry later, the server stays
+/// up, and once the rule catches up the same frames go through. Every
+/// acknowledged event is stored, once.
+#[test]
+fn a_full_log_asks_devices_to_retry_and_loses_nothing() {
+    const EVENTS: u64 = 50;
+    let server = Server::start_with(&["--log-max-bytes", "1MiB"]);
+    server
+        .cli(&[
+            "sql",
+            "CREATE STREAM t (seq BIGINT, temp DOUBLE) WITH (partitions = 1)",
+        ])
+        .ok();
+    server
+        .cli(&[
+            "sql",
+            "CREATE RULE slow AS INSERT INTO commands SELECT device_id, 'n', CAST(seq AS VARCHAR) FROM t WHERE seq < 0",
+        ])
+        .ok();
+    server.cli(&["sql", "PAUSE RULE slow"]).ok();
+    let token = server.add_device("filler");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let client = rt
+        .block_on(Client::connect(ClientOptions {
+            server: quic_addr(&server.data_dir).unwrap(),
+            server_name: "localhost".into(),
+            ca: server.ca(),
+            device_id: "filler".into(),
+            token,
+            commands: false,
+            idempotent: true,
+        }))
+        .unwrap();
+    let frame = |n: u64| -> String {
+        (0..EVENTS)
+            .map(|i| format!("{{\"seq\": {}, \"temp\": 1}}\n", n * EVENTS + i))
+            .collect()
+    };
+    let send =
+        |n: u64| rt.block_on(async { client.send_numbered("t", n, frame(n)).await.unwrap() });
+
+    // Fill the log.
+    let mut n = 1;
+    let refused = loop {
+        match send(n) {
+            Outcome::Acked(ack) => {
+                assert_eq!(ack.count, EVENTS as u32);
+                n += 1;
+            }
+            Outcome::Rejected(r) => break r,
+        }
+        assert!(n < 10_000, "the log never filled");
+    };
+    assert_eq!(refused.code, RejectCode::Unavailable, "{refused:?}");
+    assert!(refused.message.contains("full"), "{refused:?}");
+    assert!(refused.message.contains("retry later"), "{refused:?}");
+    let acked = n - 1;
+    assert!(acked > 100, "only {acked} frames fit in 1 MiB");
+    // Still full, still up, everything acknowledged is there.
+    assert!(matches!(send(n), Outcome::Rejected(_)));
+    let count =
+        |server: &Server| server.sql_json("SELECT count(*) AS n, count(DISTINCT seq) AS d FROM t");
+    let counted = count(&server);
+    assert_eq!(counted[0]["n"], acked * EVENTS);
+    assert_eq!(counted[0]["d"], acked * EVENTS);
+
+    // The rule catches up; the log deletes what everyone has read; the
+    // refused frame goes through with its number, then ten more.
+    server.cli(&["sql", "RESUME RULE slow"]).ok();
+    let total = n + 10;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while n <= total {
+        match send(n) {
+            Outcome::Acked(ack) => {
+                assert_eq!(ack.count, EVENTS as u32, "frame {n} was stored once");
+                n += 1;
+            }
+            Outcome::Rejected(r) => {
+                assert_eq!(r.code, RejectCode::Unavailable, "{r:?}");
+                assert!(Instant::now() < deadline, "still full after 60s: {r:?}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+    rt.block_on(client.close());
+    let counted = count(&server);
+    assert_eq!(counted[0]["n"], total * EVENTS);
+    assert_eq!(counted[0]["d"], total * EVENTS);
+    let rows = eventually(Duration::from_secs(30), || {
+        let rows = stored(&server.data_dir.join("storage/t"));
+        (rows.len() as u64 >= total * EVENTS).then_some(rows)
+    });
+    let distinct: HashSet<_> = rows.iter().collect();
+    assert_eq!(
+        (rows.len() as u64, distinct.len() as u64),
+        (total * EVENTS, total * EVENTS)
     );
 }

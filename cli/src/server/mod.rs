@@ -46,6 +46,38 @@ pub struct ServeArgs {
     /// loss) or `never` (safe against a crash of the process only).
     #[arg(long, value_enum, default_value_t = Fsync::Always)]
     pub fsync: Fsync,
+    /// Most disk the event log may use, all streams together (e.g. 512MiB,
+    /// 20GiB). Past it, consumed events are deleted early; if consumers are
+    /// too far behind, devices are told to retry later. Default: no limit.
+    #[arg(long, value_parser = parse_bytes)]
+    pub log_max_bytes: Option<u64>,
+}
+
+/// Parses `1048576`, `512KiB`, `64MiB`, `2GiB` (also `K`, `M`, `G`).
+pub fn parse_bytes(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("'{text}' is not a size; write it like 512MiB or 2GiB"))?;
+    let scale: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kib" => 1 << 10,
+        "m" | "mib" => 1 << 20,
+        "g" | "gib" => 1 << 30,
+        "t" | "tib" => 1 << 40,
+        _ => {
+            return Err(format!(
+                "'{text}' has an unknown unit; use KiB, MiB, GiB or TiB"
+            ));
+        }
+    };
+    n.checked_mul(scale)
+        .filter(|b| *b > 0)
+        .ok_or_else(|| format!("'{text}' must be more than 0 and fit in 64 bits"))
 }
 
 /// When the log fsyncs.
@@ -131,6 +163,7 @@ pub async fn serve(args: ServeArgs) -> Result<std::process::ExitCode> {
         dir.log(),
         LogOptions {
             fsync: args.fsync == Fsync::Always,
+            max_bytes: args.log_max_bytes,
             ..LogOptions::default()
         },
     )?);
@@ -278,5 +311,17 @@ mod tests {
         assert!(parse_duration("5 parsecs").is_err());
         assert!(parse_duration("99999999999999999h").is_err());
         assert!(parse_duration("8d").is_err());
+    }
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_bytes("4096"), Ok(4096));
+        assert_eq!(parse_bytes("512KiB"), Ok(512 << 10));
+        assert_eq!(parse_bytes("64M"), Ok(64 << 20));
+        assert_eq!(parse_bytes("2GiB"), Ok(2 << 30));
+        assert!(parse_bytes("0").is_err());
+        assert!(parse_bytes("lots").is_err());
+        assert!(parse_bytes("5 parsecs").unwrap_err().contains("unit"));
+        assert!(parse_bytes("99999999999TiB").is_err());
     }
 }

@@ -135,8 +135,15 @@ impl SqlService {
                 if self.catalog.rule(&name).is_none() && if_exists {
                     return Ok(message(format!("rule {name} does not exist")));
                 }
+                let source = self.catalog.rule(&name).map(|r| r.source);
                 self.rules.stop(&name).await;
                 self.catalog.remove_rule(&name)?;
+                // Its position no longer holds events back from retention.
+                if let Some(source) = source {
+                    self.log
+                        .forget(&tributary_engine::rule::consumer_name(&name), &source)
+                        .await?;
+                }
                 Ok(message(format!("rule {name} dropped")))
             }
             Statement::PauseRule { name } => {
@@ -237,6 +244,14 @@ impl SqlService {
             .put_rule(compiled.def.clone(), compiled.new_streams.clone())?;
         self.start_sinks(&compiled.new_streams)?;
         let handover = self.rules.replace(&compiled.def, compiled.program).await?;
+        if old.source != compiled.def.source {
+            self.log
+                .forget(
+                    &tributary_engine::rule::consumer_name(&compiled.def.name),
+                    &old.source,
+                )
+                .await?;
+        }
         let how = match handover {
             Handover::StateKept => "its open windows carry over",
             Handover::Rebuilt

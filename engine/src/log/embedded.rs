@@ -13,8 +13,10 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fs::{self, File, OpenOptions};
 use std::io::{Cursor, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime};
 
 use arrow::datatypes::SchemaRef;
 use arrow::ipc::reader::StreamReader;
@@ -25,7 +27,10 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{oneshot, watch};
 
 use super::segment::{self, Entry, Format};
-use super::{AppendFuture, AppendReceipt, EventStream, Record, partition_for};
+use super::{
+    AppendFuture, AppendReceipt, DEFAULT_RETENTION_MS, EventStream, RETENTION, RETENTION_BYTES,
+    Record, partition_for,
+};
 use crate::event::StreamDef;
 use crate::fsutil::{sync_dir, write_atomic};
 use crate::{Error, Result};
@@ -44,6 +49,11 @@ pub struct LogOptions {
     pub cache_bytes_per_partition: usize,
     /// Open without a writer: for reading a data directory another process may own.
     pub read_only: bool,
+    /// Most bytes the log may hold on disk, all streams together. When an
+    /// append would go past it, consumed segments are deleted whatever the
+    /// streams' retention; if that is not enough the append fails with
+    /// [`Error::Unavailable`] (devices are told to retry later).
+    pub max_bytes: Option<u64>,
 }
 
 impl Default for LogOptions {
@@ -53,6 +63,7 @@ impl Default for LogOptions {
             segment_bytes: 128 << 20,
             cache_bytes_per_partition: 16 << 20,
             read_only: false,
+            max_bytes: None,
         }
     }
 }
@@ -62,6 +73,8 @@ pub struct EmbeddedLog {
     dir: PathBuf,
     options: LogOptions,
     streams: RwLock<HashMap<String, Arc<StreamLog>>>,
+    /// Bytes of segment files on disk, all streams together.
+    used: Arc<AtomicU64>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -73,12 +86,38 @@ type ConsumerOffsets = BTreeMap<String, BTreeMap<u32, u64>>;
 
 struct StreamLog {
     schema: SchemaRef,
+    retention: Retention,
     partitions: Vec<Mutex<PartitionIndex>>,
     writer: Option<mpsc::Sender<WriteRequest>>,
     appended: watch::Sender<u64>,
     offsets: Mutex<ConsumerOffsets>,
     offsets_write: Mutex<()>,
     offsets_path: PathBuf,
+}
+
+/// How long consumed events stay, from the stream's options.
+#[derive(Debug, Clone, Copy)]
+struct Retention {
+    age: Duration,
+    /// Bytes a partition keeps, if bounded.
+    bytes: Option<u64>,
+}
+
+impl Retention {
+    fn of(def: &StreamDef) -> Retention {
+        let age = def
+            .options
+            .get(RETENTION)
+            .and_then(|t| crate::duration::parse_duration(t).ok())
+            .unwrap_or(DEFAULT_RETENTION_MS);
+        Retention {
+            age: Duration::from_millis(age.max(0) as u64),
+            bytes: def
+                .options
+                .get(RETENTION_BYTES)
+                .and_then(|b| b.parse().ok()),
+        }
+    }
 }
 
 struct SegmentIndex {
@@ -122,6 +161,7 @@ impl EmbeddedLog {
             dir,
             options,
             streams: RwLock::new(HashMap::new()),
+            used: Arc::new(AtomicU64::new(0)),
         };
         let entries = match fs::read_dir(&log.dir) {
             Ok(entries) => entries.collect::<std::io::Result<Vec<_>>>(),
@@ -183,6 +223,13 @@ impl EmbeddedLog {
         let mut writers = Vec::with_capacity(def.partitions as usize);
         for p in 0..def.partitions {
             let (index, writer) = open_partition(&stream_dir.join(format!("p{p}")), &self.options)?;
+            let bytes: u64 = index
+                .segments
+                .iter()
+                .filter_map(|s| s.file.metadata().ok())
+                .map(|m| m.len())
+                .sum();
+            self.used.fetch_add(bytes, Ordering::Relaxed);
             partitions.push(Mutex::new(index));
             writers.push(writer);
         }
@@ -198,6 +245,7 @@ impl EmbeddedLog {
         let (appended, _) = watch::channel(0);
         let mut stream = StreamLog {
             schema: def.schema(),
+            retention: Retention::of(def),
             partitions,
             writer: None,
             appended,
@@ -215,6 +263,8 @@ impl EmbeddedLog {
                 options: self.options.clone(),
                 holes: vec![HashMap::new(); writers.len()],
                 partitions: writers,
+                used: self.used.clone(),
+                retained_at: Instant::now(),
             };
             std::thread::Builder::new()
                 .name(format!("log-{}", def.name))
@@ -241,7 +291,8 @@ fn open_partition(dir: &Path, options: &LogOptions) -> Result<(PartitionIndex, A
     };
     bases.sort_unstable();
     let mut segments = Vec::with_capacity(bases.len());
-    let mut seqs: HashMap<String, u64> = HashMap::new();
+    // What deleted segments held, then what the remaining ones hold.
+    let mut seqs = read_seqs(dir)?;
     let mut end = bases.first().copied().unwrap_or(0);
     let last = bases.len().saturating_sub(1);
     for (i, base) in bases.iter().copied().enumerate() {
@@ -358,7 +409,16 @@ struct Writer {
     /// later frames are refused: they would leave a gap that a resend
     /// could never fill (it would look like a duplicate).
     holes: Vec<HashMap<String, u64>>,
+    /// Bytes of segment files on disk, all streams together.
+    used: Arc<AtomicU64>,
+    /// When retention last ran.
+    retained_at: Instant,
 }
+
+/// How often an idle writer applies retention.
+const RETENTION_EVERY: Duration = Duration::from_secs(1);
+/// The smallest segment a log with a byte limit rolls at.
+const MIN_SEGMENT_BYTES: u64 = 64 << 10;
 
 /// One partition's share of a group, sorted out.
 #[derive(Default)]
@@ -374,7 +434,18 @@ const MAX_GROUP: usize = 4096;
 
 impl Writer {
     fn run(mut self, rx: mpsc::Receiver<WriteRequest>) {
-        while let Ok(first) = rx.recv() {
+        loop {
+            let first = match rx.recv_timeout(RETENTION_EVERY) {
+                Ok(r) => r,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    let Some(stream) = self.stream.upgrade() else {
+                        return;
+                    };
+                    self.retain(&stream, false);
+                    continue;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            };
             let mut group = vec![first];
             while group.len() < MAX_GROUP {
                 match rx.try_recv() {
@@ -386,7 +457,133 @@ impl Writer {
                 return;
             };
             self.write_group(&stream, group);
+            if self.retained_at.elapsed() >= RETENTION_EVERY {
+                self.retain(&stream, false);
+            }
         }
+    }
+
+    /// Segment size: a log with a byte limit rolls often enough that
+    /// consumed segments can be deleted well before the limit.
+    fn segment_bytes(&self) -> u64 {
+        match self.options.max_bytes {
+            Some(max) => self
+                .options
+                .segment_bytes
+                .min((max / 16).max(MIN_SEGMENT_BYTES)),
+            None => self.options.segment_bytes,
+        }
+    }
+
+    /// Whether `bytes` more fit under the byte limit, deleting consumed
+    /// segments of this stream first if they do not.
+    fn make_room(&mut self, stream: &StreamLog, bytes: u64) -> Result<()> {
+        let Some(max) = self.options.max_bytes else {
+            return Ok(());
+        };
+        if self.used.load(Ordering::Relaxed) + bytes <= max {
+            return Ok(());
+        }
+        self.retain(stream, true);
+        let used = self.used.load(Ordering::Relaxed);
+        if used + bytes <= max {
+            return Ok(());
+        }
+        Err(Error::Unavailable(format!(
+            "the event log is full ({used} of {max} bytes, --log-max-bytes): its consumers have not read the oldest events yet; retry later"
+        )))
+    }
+
+    /// Deletes segments every consumer has committed past, oldest first,
+    /// once the stream's retention lets them go, or at once under
+    /// `pressure` (the log is at its byte limit). The newest segment of a
+    /// partition always stays.
+    fn retain(&mut self, stream: &StreamLog, pressure: bool) {
+        self.retained_at = Instant::now();
+        let offsets = lock(&stream.offsets).clone();
+        if offsets.is_empty() {
+            return;
+        }
+        for p in 0..self.partitions.len() {
+            // A consumer that never committed on this partition holds it all.
+            let consumed = offsets
+                .values()
+                .map(|c| c.get(&(p as u32)).copied().unwrap_or(0))
+                .min()
+                .unwrap_or(0);
+            if let Err(e) = self.retain_partition(stream, p, consumed, pressure) {
+                tracing::warn!(dir = %self.dir.display(), partition = p, error = %e, "retention failed; will try again");
+            }
+        }
+    }
+
+    fn retain_partition(
+        &mut self,
+        stream: &StreamLog,
+        p: usize,
+        consumed: u64,
+        pressure: bool,
+    ) -> Result<()> {
+        let now = SystemTime::now();
+        let retention = stream.retention;
+        let (doomed, seqs) = {
+            let index = lock(&stream.partitions[p]);
+            let sizes: Vec<(u64, Option<SystemTime>)> = index
+                .segments
+                .iter()
+                .map(|s| {
+                    let m = s.file.metadata().ok();
+                    (
+                        m.as_ref().map_or(0, |m| m.len()),
+                        m.and_then(|m| m.modified().ok()),
+                    )
+                })
+                .collect();
+            let mut kept: u64 = sizes.iter().map(|(len, _)| len).sum();
+            let mut doomed = 0;
+            for (i, (len, modified)) in sizes
+                .iter()
+                .copied()
+                .enumerate()
+                .take(index.segments.len().saturating_sub(1))
+            {
+                if index.segments[i + 1].base > consumed {
+                    break;
+                }
+                let old = modified
+                    .and_then(|m| now.duration_since(m).ok())
+                    .is_some_and(|age| age >= retention.age);
+                let too_big = retention.bytes.is_some_and(|b| kept > b);
+                if !(pressure || old || too_big) {
+                    break;
+                }
+                kept -= len;
+                doomed = i + 1;
+            }
+            (doomed, (doomed > 0).then(|| index.seqs.clone()))
+        };
+        let Some(seqs) = seqs else {
+            return Ok(());
+        };
+        let dir = self.dir.join(format!("p{p}"));
+        // First what the segments tell about devices' numbers, then the
+        // segments: a crash in between loses nothing.
+        if !seqs.is_empty() {
+            let bytes = serde_json::to_vec(&seqs).map_err(|e| Error::Internal(e.to_string()))?;
+            write_atomic(&dir.join(SEQS_FILE), &bytes)?;
+        }
+        let removed: Vec<SegmentIndex> = lock(&stream.partitions[p])
+            .segments
+            .drain(..doomed)
+            .collect();
+        for seg in removed {
+            let len = seg.file.metadata().map(|m| m.len()).unwrap_or(0);
+            fs::remove_file(&seg.path)
+                .map_err(|e| Error::io(format!("delete {}", seg.path.display()), e))?;
+            self.used.fetch_sub(len, Ordering::Relaxed);
+            tracing::debug!(path = %seg.path.display(), "deleted a consumed log segment");
+        }
+        sync_dir(&dir)
     }
 
     fn write_group(&mut self, stream: &StreamLog, group: Vec<WriteRequest>) {
@@ -400,6 +597,15 @@ impl Writer {
         let mut written = Vec::new();
         for (p, reqs) in by_partition {
             let sorted = self.sort_out(stream, p, reqs);
+            let bytes = sorted
+                .write
+                .iter()
+                .map(|r| (r.body.len() + r.key.len()) as u64 + segment::HEADER_LEN)
+                .sum::<u64>();
+            if let Err(e) = self.make_room(stream, bytes) {
+                self.fail(p, sorted, &e);
+                continue;
+            }
             match self.write_partition(stream, p, &sorted.write) {
                 Ok(entries) => written.push((p, sorted, entries)),
                 Err(e) => self.fail(p, sorted, &e),
@@ -419,6 +625,7 @@ impl Writer {
                 let first = entries.first().map(|e| e.pos);
                 if let (Some(f), Some(pos)) = (&active.file, first) {
                     let _ = f.set_len(pos);
+                    self.used.fetch_sub(active.len - pos, Ordering::Relaxed);
                     active.len = pos;
                     active.records -= entries.len();
                     active.end = entries[0].offset;
@@ -533,7 +740,7 @@ impl Writer {
         }
         let needs_roll = {
             let a = &self.partitions[p as usize];
-            a.file.is_none() || (a.len >= self.options.segment_bytes && a.records > 0)
+            a.file.is_none() || (a.len >= self.segment_bytes() && a.records > 0)
         };
         if needs_roll {
             self.roll(stream, p)?;
@@ -566,6 +773,7 @@ impl Writer {
             let _ = file.set_len(active.len);
             return Err(Error::io(format!("write {}/p{p}", self.dir.display()), e));
         }
+        self.used.fetch_add(buf.len() as u64, Ordering::Relaxed);
         active.len += buf.len() as u64;
         active.records += entries.len();
         active.end = next;
@@ -582,9 +790,17 @@ impl Writer {
             .write(true)
             .open(&path)
             .map_err(|e| Error::io(format!("create {}", path.display()), e))?;
-        file.write_all(segment::MAGIC)
+        if let Err(e) = file
+            .write_all(segment::MAGIC)
             .and_then(|()| file.sync_all())
-            .map_err(|e| Error::io(format!("write {}", path.display()), e))?;
+        {
+            // Out of space, say: leave no half-made segment behind.
+            drop(file);
+            let _ = fs::remove_file(&path);
+            return Err(Error::io(format!("write {}", path.display()), e));
+        }
+        self.used
+            .fetch_add(segment::MAGIC.len() as u64, Ordering::Relaxed);
         sync_dir(&dir)?;
         let read =
             File::open(&path).map_err(|e| Error::io(format!("open {}", path.display()), e))?;
@@ -611,6 +827,22 @@ impl Writer {
     }
 }
 
+/// Per partition: the highest sequence number per device held by segments
+/// since deleted (written before they are).
+const SEQS_FILE: &str = "seqs.json";
+
+fn read_seqs(dir: &Path) -> Result<HashMap<String, u64>> {
+    let path = dir.join(SEQS_FILE);
+    match fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| Error::Corrupt {
+            path,
+            reason: e.to_string(),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(HashMap::new()),
+        Err(e) => Err(Error::io(format!("read {}", path.display()), e)),
+    }
+}
+
 /// Starts a segment file over, empty, in the current format.
 fn write_magic(path: &Path) -> Result<()> {
     let f = OpenOptions::new()
@@ -625,10 +857,13 @@ fn write_magic(path: &Path) -> Result<()> {
 
 fn fail_all(reqs: Vec<WriteRequest>, e: &Error) {
     for r in reqs {
-        let _ = r.reply.send(Err(Error::io(
-            "append to the event log",
-            std::io::Error::other(e.to_string()),
-        )));
+        let _ = r.reply.send(Err(match e {
+            Error::Unavailable(why) => Error::Unavailable(why.clone()),
+            e => Error::io(
+                "append to the event log",
+                std::io::Error::other(e.to_string()),
+            ),
+        }));
     }
 }
 
@@ -891,17 +1126,37 @@ impl EventStream for EmbeddedLog {
             // One writer at a time; readers of `offsets` are not held up by the fsync.
             let _writing = lock(&s.offsets_write);
             let mut next = lock(&s.offsets).clone();
-            let slot = next
-                .entry(consumer)
-                .or_default()
-                .entry(partition)
-                .or_insert(0);
-            if *slot == offset {
+            let slot = next.entry(consumer).or_default().entry(partition);
+            // A first commit is written even at offset 0: from then on the
+            // consumer holds its events back from retention.
+            if matches!(&slot, std::collections::btree_map::Entry::Occupied(o) if *o.get() == offset)
+            {
                 return Ok(());
             }
-            *slot = offset;
+            *slot.or_insert(offset) = offset;
             let bytes = serde_json::to_vec(&next).map_err(|e| Error::Internal(e.to_string()))?;
             // Disk first: memory never claims an offset the file does not hold.
+            write_atomic(&s.offsets_path, &bytes)?;
+            *lock(&s.offsets) = next;
+            Ok(())
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("offset commit task failed: {e}")))?
+    }
+
+    async fn forget(&self, consumer: &str, stream: &str) -> Result<()> {
+        if self.options.read_only {
+            return Err(Error::User("the log is open read-only".into()));
+        }
+        let s = self.stream(stream)?;
+        let consumer = consumer.to_string();
+        tokio::task::spawn_blocking(move || {
+            let _writing = lock(&s.offsets_write);
+            let mut next = lock(&s.offsets).clone();
+            if next.remove(&consumer).is_none() {
+                return Ok(());
+            }
+            let bytes = serde_json::to_vec(&next).map_err(|e| Error::Internal(e.to_string()))?;
             write_atomic(&s.offsets_path, &bytes)?;
             *lock(&s.offsets) = next;
             Ok(())
@@ -1221,6 +1476,164 @@ mod tests {
         assert_eq!(
             temps(&log.read("telemetry", 0, 0, 2).await.unwrap()),
             [0.0, 1.0]
+        );
+    }
+
+    fn segment_files(dir: &Path) -> Vec<u64> {
+        let mut bases: Vec<u64> = fs::read_dir(dir)
+            .unwrap()
+            .filter_map(|e| segment::parse_segment_name(&e.unwrap().file_name().to_string_lossy()))
+            .collect();
+        bases.sort_unstable();
+        bases
+    }
+
+    /// Polls until `done` holds (retention runs on the writer's clock).
+    async fn until(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !done() {
+            assert!(Instant::now() < deadline, "{what}: not within 20s");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Consumed segments go once the retention allows; what they told about
+    /// devices' sequence numbers stays.
+    #[tokio::test]
+    async fn retention_deletes_consumed_segments_and_keeps_sequence_numbers() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = LogOptions {
+            segment_bytes: 64,
+            fsync: false,
+            ..no_cache()
+        };
+        let mut stream = def(1);
+        stream.options.insert(RETENTION.into(), "0s".into());
+        let p0 = dir.path().join("telemetry/p0");
+        {
+            let log = EmbeddedLog::open(dir.path(), opts.clone()).unwrap();
+            log.create_stream(&stream).await.unwrap();
+            assert!(!send(&log, "old", 9, 0.0).await.duplicate);
+            for i in 1..5 {
+                assert!(!send(&log, "d", i, f64::from(i as u32)).await.duplicate);
+            }
+            // Nobody has committed: everything stays.
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            assert_eq!(segment_files(&p0), [0, 1, 2, 3, 4]);
+            log.commit("reader", "telemetry", 0, 3).await.unwrap();
+            log.commit("other", "telemetry", 0, 5).await.unwrap();
+            until("segments before offset 3 deleted", || {
+                segment_files(&p0) == [3, 4]
+            })
+            .await;
+            assert_eq!(
+                temps(&log.read("telemetry", 0, 3, 100).await.unwrap()),
+                [3.0, 4.0]
+            );
+            // A dropped consumer no longer holds anything back.
+            log.forget("reader", "telemetry").await.unwrap();
+            assert_eq!(log.committed("reader", "telemetry", 0).await.unwrap(), None);
+            until("segment 3 deleted", || segment_files(&p0) == [4]).await;
+        }
+        let log = EmbeddedLog::open(dir.path(), opts).unwrap();
+        assert_eq!(log.last_seq("telemetry", "old").unwrap(), 9);
+        assert!(send(&log, "old", 9, 0.0).await.duplicate);
+        assert!(send(&log, "d", 2, 0.0).await.duplicate);
+        assert_eq!(log.end_offset("telemetry", 0).unwrap(), 5);
+    }
+
+    /// At its byte limit the log refuses appends (retry later) until its
+    /// consumers catch up; then consumed segments go and appends succeed.
+    #[tokio::test]
+    async fn a_full_log_refuses_appends_until_consumers_catch_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let max = 4 * MIN_SEGMENT_BYTES;
+        let log = EmbeddedLog::open(
+            dir.path(),
+            LogOptions {
+                fsync: false,
+                max_bytes: Some(max),
+                ..no_cache()
+            },
+        )
+        .unwrap();
+        log.create_stream(&def(1)).await.unwrap();
+        log.commit("slow", "telemetry", 0, 0).await.unwrap();
+        let temps_of = |i: u32| vec![f64::from(i); 20];
+        let mut stored = 0u32;
+        let refusal = loop {
+            match log
+                .append("telemetry", "d", batch("d", &temps_of(stored)))
+                .await
+            {
+                Ok(_) => stored += 1,
+                Err(e) => break e,
+            }
+            assert!(stored < 100_000, "the log never filled");
+        };
+        assert!(matches!(refusal, Error::Unavailable(_)), "{refusal}");
+        assert!(refusal.to_string().contains("full"), "{refusal}");
+        assert!(log.used.load(Ordering::Relaxed) <= max);
+        // Still full while the consumer has not moved.
+        assert!(
+            log.append("telemetry", "d", batch("d", &[1.0]))
+                .await
+                .is_err()
+        );
+        let end = log.end_offset("telemetry", 0).unwrap();
+        log.commit("slow", "telemetry", 0, end).await.unwrap();
+        log.append("telemetry", "d", batch("d", &temps_of(stored)))
+            .await
+            .unwrap();
+        // Everything not yet consumed is still there.
+        let rest = log.read("telemetry", 0, end, usize::MAX).await.unwrap();
+        assert_eq!(temps(&rest), temps_of(stored));
+    }
+
+    /// A real ENOSPC (a segment that is `/dev/full`): the append fails, the
+    /// device's next frame is refused until the failed one is sent again,
+    /// and nothing is lost or stored twice.
+    #[tokio::test]
+    async fn a_write_that_finds_the_disk_full_leaves_no_gap() {
+        if !Path::new("/dev/full").exists() {
+            panic!("this test needs /dev/full");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let log = EmbeddedLog::open(
+            dir.path(),
+            LogOptions {
+                segment_bytes: 64,
+                ..no_cache()
+            },
+        )
+        .unwrap();
+        log.create_stream(&def(1)).await.unwrap();
+        assert!(!send(&log, "d", 1, 1.0).await.duplicate);
+        // The next append starts segment 1: make it a full disk.
+        let p0 = dir.path().join("telemetry/p0");
+        std::os::unix::fs::symlink("/dev/full", p0.join(segment::segment_name(1))).unwrap();
+        let full = log
+            .submit_sequenced("telemetry", "d", 2, batch("d", &[2.0]))
+            .unwrap()
+            .await
+            .unwrap_err();
+        assert!(full.to_string().contains("No space left"), "{full}");
+        // The failed segment was cleared away; frame 3 may not skip frame 2.
+        let skipped = log
+            .submit_sequenced("telemetry", "d", 3, batch("d", &[3.0]))
+            .unwrap()
+            .await
+            .unwrap_err();
+        assert!(matches!(skipped, Error::Unavailable(_)), "{skipped}");
+        assert!(
+            skipped.to_string().contains("send frame 2 again"),
+            "{skipped}"
+        );
+        assert!(!send(&log, "d", 2, 2.0).await.duplicate);
+        assert!(!send(&log, "d", 3, 3.0).await.duplicate);
+        assert_eq!(
+            temps(&log.read("telemetry", 0, 0, 100).await.unwrap()),
+            [1.0, 2.0, 3.0]
         );
     }
 

@@ -23,6 +23,13 @@ use crate::event::StreamDef;
 
 pub use embedded::{EmbeddedLog, LogOptions};
 
+/// Stream option: how long consumed events stay in the log (`'1h'`).
+pub const RETENTION: &str = "retention";
+/// Stream option: how many bytes of consumed events a partition keeps.
+pub const RETENTION_BYTES: &str = "retention_bytes";
+/// How long consumed events stay in the log unless the stream says.
+pub const DEFAULT_RETENTION_MS: i64 = 3_600_000;
+
 /// Where an append landed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AppendReceipt {
@@ -132,6 +139,10 @@ pub trait EventStream: Send + Sync + 'static {
     /// Records that `consumer` has durably handled everything before `offset`.
     async fn commit(&self, consumer: &str, stream: &str, partition: u32, offset: u64)
     -> Result<()>;
+
+    /// Forgets `consumer` (a dropped rule): it no longer holds events back
+    /// from retention.
+    async fn forget(&self, consumer: &str, stream: &str) -> Result<()>;
 
     /// The committed offset of `consumer` on a partition; `None` if it never committed.
     async fn committed(&self, consumer: &str, stream: &str, partition: u32) -> Result<Option<u64>>;
