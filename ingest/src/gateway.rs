@@ -543,7 +543,13 @@ async fn answer_in_order(
                     count: receipt.count,
                 }),
                 Err(e) => {
-                    tracing::error!(error = %e, "append failed");
+                    if matches!(e, tributary_engine::Error::Unavailable(_)) {
+                        // Backpressure (a full log, a frame to resend first):
+                        // the device is told to retry; nothing failed.
+                        tracing::debug!(error = %e, "append refused for now");
+                    } else {
+                        tracing::error!(error = %e, "append failed");
+                    }
                     Frame::Reject(Reject {
                         seq,
                         code: RejectCode::Unavailable,

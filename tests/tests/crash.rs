@@ -19,6 +19,12 @@ const FRAMES: u64 = 150;
 const EVENTS_PER_FRAME: u64 = 10;
 /// Frames a device has on the wire at once.
 const WINDOW: usize = 8;
+/// Event time of a device's event 0 (ms since the epoch); events are 10 ms apart.
+const START_MS: i64 = 1_764_000_000_000;
+/// Events in one window of the windowed rule (one second).
+const WINDOW_EVENTS: u64 = 100;
+/// Per device and second: how many events and the sum of their numbers.
+const WINDOW_RULE: &str = "CREATE RULE win AS INSERT INTO commands SELECT device_id, 'win', CAST(count(*) AS VARCHAR) || '/' || CAST(sum(seq) AS VARCHAR) FROM t GROUP BY device_id, tumble(ts, INTERVAL '1' SECOND)";
 /// The first acknowledgement of every this many frames is "lost".
 const LOSE_EVERY: u64 = 13;
 /// How long a device waits for the server before it tries again.
@@ -31,7 +37,9 @@ fn payload(frame: u64) -> String {
     (0..EVENTS_PER_FRAME)
         .map(|i| {
             let seq = frame * EVENTS_PER_FRAME + i;
-            format!("{{\"seq\": {seq}, \"temp\": {}}}\n", seq % 50)
+            // Event time from the event's number, so both runs agree.
+            let ts = START_MS + seq as i64 * 10;
+            format!("{{\"seq\": {seq}, \"ts\": {ts}, \"temp\": {}}}\n", seq % 50)
         })
         .collect()
 }
@@ -57,7 +65,13 @@ fn quic_addr(data_dir: &Path) -> Option<std::net::SocketAddr> {
 /// Sends every frame of `device` in an idempotent session, reconnecting and
 /// sending unacknowledged frames again (same numbers) whenever anything
 /// fails, until all are acknowledged.
-async fn send_all(data_dir: PathBuf, ca: PathBuf, device: String, token: String) -> Sent {
+async fn send_all(
+    data_dir: PathBuf,
+    ca: PathBuf,
+    device: String,
+    token: String,
+    lose_acks: bool,
+) -> Sent {
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut sent = Sent::default();
     let mut tries: HashMap<u64, u32> = HashMap::new();
@@ -111,7 +125,9 @@ async fn send_all(data_dir: PathBuf, ca: PathBuf, device: String, token: String)
                 break;
             };
             match tokio::time::timeout(PATIENCE, answer).await {
-                Ok(Ok(Outcome::Acked(ack))) if n % LOSE_EVERY == 0 && tries[&n] == 1 => {
+                Ok(Ok(Outcome::Acked(ack)))
+                    if lose_acks && n % LOSE_EVERY == 0 && tries[&n] == 1 =>
+                {
                     // As if this acknowledgement were lost on the way: the
                     // device sends the frame again on a new connection.
                     assert_eq!(ack.seq, n);
@@ -174,26 +190,37 @@ fn stored(storage: &Path) -> Vec<(String, i64)> {
     out
 }
 
-#[test]
-fn acknowledged_events_survive_sigkill_exactly_once() {
-    let mut server = Server::start();
+/// A server with the test's stream, rules and devices; returns the devices'
+/// (id, token).
+fn prepared() -> (Server, Vec<(String, String)>) {
+    let server = Server::start();
     server
         .cli(&[
             "sql",
-            "CREATE STREAM t (seq BIGINT, temp DOUBLE) WITH (partitions = 2)",
+            "CREATE STREAM t (seq BIGINT, temp DOUBLE) WITH (partitions = 2, watermark_delay = '0s')",
         ])
         .ok();
     server.cli(&["sql", RULE]).ok();
-    let devices: Vec<(String, String)> = (0..DEVICES)
+    server.cli(&["sql", WINDOW_RULE]).ok();
+    let devices = (0..DEVICES)
         .map(|d| {
             let id = format!("crash-{d}");
             let token = server.add_device(&id);
             (id, token)
         })
         .collect();
+    (server, devices)
+}
 
+/// Sends every device's frames from another thread, each device on its own
+/// connections.
+fn start_senders(
+    server: &Server,
+    devices: Vec<(String, String)>,
+    lose_acks: bool,
+) -> std::thread::JoinHandle<Vec<Sent>> {
     let (data_dir, ca) = (server.data_dir.clone(), server.ca());
-    let senders = std::thread::spawn(move || {
+    std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -201,7 +228,9 @@ fn acknowledged_events_survive_sigkill_exactly_once() {
         rt.block_on(async {
             let tasks: Vec<_> = devices
                 .into_iter()
-                .map(|(id, token)| tokio::spawn(send_all(data_dir.clone(), ca.clone(), id, token)))
+                .map(|(id, token)| {
+                    tokio::spawn(send_all(data_dir.clone(), ca.clone(), id, token, lose_acks))
+                })
                 .collect();
             let mut sent = Vec::new();
             for t in tasks {
@@ -209,8 +238,47 @@ fn acknowledged_events_survive_sigkill_exactly_once() {
             }
             sent
         })
-    });
+    })
+}
 
+/// The commands rule `name` queued: (device, payload), sorted, read from
+/// the queue's own SQLite file as another process would.
+fn queued(server: &Server, name: &str) -> Vec<(String, String)> {
+    let db = rusqlite::Connection::open_with_flags(
+        server.data_dir.join("commands.db"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap();
+    let mut query = db
+        .prepare(
+            "SELECT device_id, payload FROM commands WHERE name = ?1 ORDER BY device_id, payload",
+        )
+        .unwrap();
+    query
+        .query_map([name], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
+
+/// Waits until rule `name` has queued at least `at_least` commands (and a
+/// moment more, for any extra ones to show).
+fn settled(server: &Server, name: &str, at_least: usize) -> Vec<(String, String)> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let rows = queued(server, name);
+        if rows.len() >= at_least || Instant::now() > deadline {
+            std::thread::sleep(Duration::from_millis(500));
+            return queued(server, name);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn acknowledged_events_survive_sigkill_exactly_once() {
+    let (mut server, devices) = prepared();
+    let senders = start_senders(&server, devices, true);
     // Kill the server at pseudo-random moments while the devices send.
     let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
     let mut kills = 0;
@@ -259,38 +327,39 @@ fn acknowledged_events_survive_sigkill_exactly_once() {
         }
     }
     // SQL agrees (files plus whatever the sink has not flushed).
-    let counted = server.sql_json("SELECT count(*) AS n, count(DISTINCT device_id || '/' || CAST(seq AS VARCHAR)) AS d FROM t");
+    let counted = server.sql_json(
+        "SELECT count(*) AS n, count(DISTINCT device_id || '/' || CAST(seq AS VARCHAR)) AS d FROM t",
+    );
     assert_eq!(counted[0]["n"], expected);
     assert_eq!(counted[0]["d"], expected);
 
-    // The rule replayed what it had not committed; commands are keyed by
-    // rule and event, so each hot event queued exactly one command. Read
-    // the queue's own SQLite file, as another process.
-    let hot = DEVICES as u64 * FRAMES * EVENTS_PER_FRAME / 10;
-    let db = rusqlite::Connection::open_with_flags(
-        server.data_dir.join("commands.db"),
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-    )
-    .unwrap();
-    let count = || -> (u64, u64) {
-        db.query_row(
-            "SELECT count(*), count(DISTINCT device_id || '/' || payload) FROM commands WHERE name = 'hot'",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .unwrap()
-    };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut queued = count();
-    while queued.0 < hot && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(200));
-        queued = count();
-    }
+    // The rules replayed what they had not committed. Their commands are
+    // keyed by rule and event (or window), so each was queued once.
+    let hot = (DEVICES as u64 * FRAMES * EVENTS_PER_FRAME / 10) as usize;
+    let hot_rows = settled(&server, "hot", hot);
+    let distinct: HashSet<_> = hot_rows.iter().collect();
     assert_eq!(
-        queued,
+        (hot_rows.len(), distinct.len()),
         (hot, hot),
         "(commands, distinct) for {hot} hot events"
     );
+
+    // The windowed rule's output equals that of a run without kills or lost
+    // acknowledgements over the same events.
+    let (calm, devices) = prepared();
+    let sent = start_senders(&calm, devices, false).join().unwrap();
+    assert!(sent.iter().all(|s| s.acked == FRAMES && s.duplicates == 0));
+    // Every device's last window stays open: its watermark has not passed.
+    let window = |seq: u64| seq / WINDOW_EVENTS;
+    let (first, last) = (
+        window(EVENTS_PER_FRAME),
+        window((FRAMES + 1) * EVENTS_PER_FRAME - 1),
+    );
+    let closed = DEVICES * (last - first) as usize;
+    let uninterrupted = settled(&calm, "win", closed);
+    assert_eq!(uninterrupted.len(), closed, "{uninterrupted:?}");
+    let interrupted = settled(&server, "win", closed);
+    assert_eq!(interrupted, uninterrupted);
 }
 
 /// The log reaches its byte limit because a consumer (a paused rule) holds

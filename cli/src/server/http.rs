@@ -98,6 +98,7 @@ impl From<tributary_sql::Error> for ApiError {
             S::Engine(E::NotFound { .. }) => (StatusCode::NOT_FOUND, "not_found"),
             S::Engine(E::AlreadyExists { .. }) => (StatusCode::CONFLICT, "already_exists"),
             S::Engine(E::User(_)) => (StatusCode::BAD_REQUEST, "invalid_request"),
+            S::Engine(E::Unavailable(_)) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             S::Execution(_) => (StatusCode::UNPROCESSABLE_ENTITY, "query_failed"),
             _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         };

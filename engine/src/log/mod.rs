@@ -6,6 +6,25 @@
 //! 10 events appended at offset 100 holds offsets 100..110, and the next append
 //! to that partition starts at 110. A device's events always go to the same
 //! partition ([`partition_for`]), so they stay in the order the device sent them.
+//!
+//! # The same contract on NATS JetStream and Kafka
+//!
+//! [`EventStream`] is kept small so that other stores can implement it. This
+//! is how each part maps; a NATS JetStream backend comes next.
+//!
+//! | here | NATS JetStream | Kafka |
+//! |---|---|---|
+//! | stream | a JetStream stream per Tributary stream | a topic |
+//! | partition *p* | subject `<stream>.p<p>` (one stream, a subject per partition) | partition *p* |
+//! | offset (counts events) | the message's stream sequence, mapped to event offsets by keeping the running event count in a header (`Trb-Offset`) | the record offset, same: a `trb-offset` header |
+//! | record (one batch) | one message: the Arrow IPC bytes | one record: the Arrow IPC bytes |
+//! | `submit` resolving when durable | publish and wait for the PubAck (`R3` replicas: acked once replicated) | `acks=all` and wait for the produce response |
+//! | `submit_sequenced` (device resends) | `Nats-Msg-Id: <device>/<seq>` within the stream's duplicate window, and the highest `seq` per device kept beside it for resends older than the window | an idempotent producer per gateway (its own sequence covers the gateway's retries), plus the highest `seq` per device, checked before producing |
+//! | `commit` / `committed` | a durable pull consumer per Tributary consumer, acked up to the offset (`AckAll`) | a consumer group per Tributary consumer, offsets committed after the output is durable |
+//! | `forget` | delete the durable consumer | delete the consumer group's offsets |
+//! | retention after every consumer read | `Interest` retention, or `Limits` with `MaxAge`/`MaxBytes` | `retention.ms` / `retention.bytes` (Kafka does not wait for consumers) |
+//! | a full store: `Error::Unavailable` (`crate::Error`) | publish fails with "insufficient resources" or "maximum bytes exceeded" | `NOT_ENOUGH_REPLICAS`, a broker's full disk: retriable errors |
+//! | `watch` | a consumer's pending count or an ordered push consumer | polling the end offsets |
 
 mod embedded;
 mod segment;
@@ -88,7 +107,7 @@ pub trait EventStream: Send + Sync + 'static {
     ///   stored (its acknowledgement was lost): nothing is appended and the
     ///   receipt says `duplicate`;
     /// - after a batch failed to be stored, the device's batches with a
-    ///   higher `seq` fail with [`Error::Unavailable`] until that one is sent
+    ///   higher `seq` fail with [`Error::Unavailable`](crate::Error::Unavailable) until that one is sent
     ///   again, so a gap can never be mistaken for a resend.
     ///
     /// `seq` 0 appends unconditionally.
