@@ -198,7 +198,8 @@ impl Client {
         seq: u64,
         payload: Bytes,
     ) -> Result<impl Future<Output = Result<Outcome>> + use<>> {
-        self.next_seq.fetch_max(seq + 1, Ordering::Relaxed);
+        self.next_seq
+            .fetch_max(seq.saturating_add(1), Ordering::Relaxed);
         let frame = Frame::Events(Events {
             seq,
             stream: stream.to_string(),

@@ -9,7 +9,7 @@
 //! positions and a cache of the newest batches, so consumers following the
 //! tail never touch the disk.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::fs::{self, File, OpenOptions};
 use std::io::{Cursor, Write};
 use std::path::{Path, PathBuf};
@@ -370,6 +370,7 @@ fn open_partition(dir: &Path, options: &LogOptions) -> Result<(PartitionIndex, A
                 len,
                 records: seg.entries.len(),
                 end,
+                broken: None,
             })
         }
         _ => None,
@@ -387,6 +388,7 @@ fn open_partition(dir: &Path, options: &LogOptions) -> Result<(PartitionIndex, A
             len: 0,
             records: 0,
             end,
+            broken: None,
         }),
     ))
 }
@@ -397,6 +399,10 @@ struct ActiveSegment {
     len: u64,
     records: usize,
     end: u64,
+    /// Set when a failed write could not be undone (or an fsync failed):
+    /// the file's tail is unknown, so nothing more goes into this
+    /// partition until the server restarts and recovery checks it.
+    broken: Option<String>,
 }
 
 struct Writer {
@@ -404,17 +410,20 @@ struct Writer {
     dir: PathBuf,
     options: LogOptions,
     partitions: Vec<ActiveSegment>,
-    /// Per partition: device → the lowest sequence number of its that
-    /// failed to be stored. Until that frame is sent again, the device's
-    /// later frames are refused: they would leave a gap that a resend
-    /// could never fill (it would look like a duplicate).
-    holes: Vec<HashMap<String, u64>>,
+    /// Per partition: device → the sequence numbers of its frames that
+    /// failed to be stored or were refused. Until they are sent again, in
+    /// order, the device's other new frames are refused: storing them
+    /// would leave a gap that a resend could never fill (it would look
+    /// like a duplicate).
+    holes: Vec<HashMap<String, BTreeSet<u64>>>,
     /// Bytes of segment files on disk, all streams together.
     used: Arc<AtomicU64>,
     /// When retention last ran.
     retained_at: Instant,
 }
 
+/// Most refused sequence numbers remembered per device.
+const MAX_MISSING: usize = 1 << 16;
 /// How often an idle writer applies retention.
 const RETENTION_EVERY: Duration = Duration::from_secs(1);
 /// The smallest segment a log with a byte limit rolls at.
@@ -441,7 +450,8 @@ impl Writer {
                     let Some(stream) = self.stream.upgrade() else {
                         return;
                     };
-                    self.retain(&stream, false);
+                    let pressure = self.under_pressure();
+                    self.retain(&stream, pressure);
                     continue;
                 }
                 Err(mpsc::RecvTimeoutError::Disconnected) => return,
@@ -458,7 +468,8 @@ impl Writer {
             };
             self.write_group(&stream, group);
             if self.retained_at.elapsed() >= RETENTION_EVERY {
-                self.retain(&stream, false);
+                let pressure = self.under_pressure();
+                self.retain(&stream, pressure);
             }
         }
     }
@@ -473,6 +484,15 @@ impl Writer {
                 .min((max / 16).max(MIN_SEGMENT_BYTES)),
             None => self.options.segment_bytes,
         }
+    }
+
+    /// Whether the log is near its byte limit: then every stream's writer
+    /// deletes what its consumers have read, whatever the retention, so
+    /// one idle stream cannot keep another from appending.
+    fn under_pressure(&self) -> bool {
+        self.options
+            .max_bytes
+            .is_some_and(|max| self.used.load(Ordering::Relaxed) >= max / 10 * 9)
     }
 
     /// Whether `bytes` more fit under the byte limit, deleting consumed
@@ -511,6 +531,17 @@ impl Writer {
                 .map(|c| c.get(&(p as u32)).copied().unwrap_or(0))
                 .min()
                 .unwrap_or(0);
+            // Under pressure, a newest segment that has been read to its
+            // end is closed, so that it can go too.
+            let active = &self.partitions[p];
+            if pressure
+                && active.records > 0
+                && active.broken.is_none()
+                && consumed >= active.end
+                && let Err(e) = self.roll(stream, p as u32)
+            {
+                tracing::warn!(dir = %self.dir.display(), partition = p, error = %e, "could not start a new segment");
+            }
             if let Err(e) = self.retain_partition(stream, p, consumed, pressure) {
                 tracing::warn!(dir = %self.dir.display(), partition = p, error = %e, "retention failed; will try again");
             }
@@ -580,7 +611,7 @@ impl Writer {
             let len = seg.file.metadata().map(|m| m.len()).unwrap_or(0);
             fs::remove_file(&seg.path)
                 .map_err(|e| Error::io(format!("delete {}", seg.path.display()), e))?;
-            self.used.fetch_sub(len, Ordering::Relaxed);
+            release(&self.used, len);
             tracing::debug!(path = %seg.path.display(), "deleted a consumed log segment");
         }
         sync_dir(&dir)
@@ -620,16 +651,24 @@ impl Writer {
                 _ => Ok(()),
             };
             if let Err(e) = synced {
-                // The bytes may or may not be on disk; cut them off so the
-                // log never holds records nobody was told about.
+                // After a failed fsync the page cache cannot be trusted
+                // (the bytes may or may not reach the disk). Cut the records
+                // off as far as we can, tell nobody they are stored, and
+                // take no more writes here until recovery has checked the
+                // file on the next start.
                 let first = entries.first().map(|e| e.pos);
-                if let (Some(f), Some(pos)) = (&active.file, first) {
-                    let _ = f.set_len(pos);
-                    self.used.fetch_sub(active.len - pos, Ordering::Relaxed);
+                if let (Some(f), Some(pos)) = (&active.file, first)
+                    && f.set_len(pos).is_ok()
+                {
+                    release(&self.used, active.len - pos);
                     active.len = pos;
                     active.records -= entries.len();
                     active.end = entries[0].offset;
                 }
+                active.broken = Some(format!(
+                    "{e}; restart the server so recovery can check the log"
+                ));
+                tracing::error!(dir = %self.dir.display(), partition = p, error = %e, "fsync failed; the partition takes no more writes until a restart");
                 self.fail(p, sorted, &e);
                 continue;
             }
@@ -637,7 +676,6 @@ impl Writer {
         }
         let mut notify = false;
         for (p, sorted, entries) in done {
-            let holes = &mut self.holes[p as usize];
             let mut index = lock(&stream.partitions[p as usize]);
             for (req, entry) in sorted.write.into_iter().zip(entries) {
                 if let Some(seg) = index.segments.last_mut() {
@@ -645,9 +683,6 @@ impl Writer {
                 }
                 index.end = entry.offset + u64::from(entry.count);
                 if req.seq > 0 {
-                    if holes.get(&req.key).is_some_and(|h| req.seq >= *h) {
-                        holes.remove(&req.key);
-                    }
                     let highest = index.seqs.entry(req.key).or_default();
                     *highest = (*highest).max(req.seq);
                 }
@@ -682,9 +717,10 @@ impl Writer {
     }
 
     /// Sorts a partition's requests into those to write and resends; refuses
-    /// (answers at once) a device's frames past a hole it has not refilled.
+    /// (answers at once) a device's new frames while earlier ones that
+    /// failed must be sent again first, and remembers the refused ones too.
     fn sort_out(&mut self, stream: &StreamLog, p: u32, reqs: Vec<WriteRequest>) -> Sorted {
-        let holes = &self.holes[p as usize];
+        let holes = &mut self.holes[p as usize];
         let index = lock(&stream.partitions[p as usize]);
         // Sequence numbers taken earlier in this group.
         let mut taken: HashMap<String, u64> = HashMap::new();
@@ -701,15 +737,28 @@ impl Writer {
                 .unwrap_or(0);
             if req.seq <= highest {
                 sorted.duplicates.push(req);
-            } else if let Some(hole) = holes.get(&req.key).filter(|h| req.seq > **h) {
-                let _ = req.reply.send(Err(Error::Unavailable(format!(
-                    "frame {} of device '{}' was not stored; send frame {hole} again first",
-                    req.seq, req.key
-                ))));
-            } else {
-                taken.insert(req.key.clone(), req.seq);
-                sorted.write.push(req);
+                continue;
             }
+            if let Some(missing) = holes.get_mut(&req.key) {
+                let first = missing.first().copied().unwrap_or(req.seq);
+                if req.seq != first {
+                    if missing.len() < MAX_MISSING {
+                        missing.insert(req.seq);
+                    }
+                    let _ = req.reply.send(Err(Error::Unavailable(format!(
+                        "frame {} of device '{}' waits: frames from {first} on were not stored; send frame {first} again first, then the rest in order",
+                        req.seq, req.key
+                    ))));
+                    continue;
+                }
+                // Refilled (for now: a failed write puts it back).
+                missing.remove(&first);
+                if missing.is_empty() {
+                    holes.remove(&req.key);
+                }
+            }
+            taken.insert(req.key.clone(), req.seq);
+            sorted.write.push(req);
         }
         sorted
     }
@@ -720,8 +769,7 @@ impl Writer {
         let holes = &mut self.holes[p as usize];
         for req in &sorted.write {
             if req.seq > 0 {
-                let hole = holes.entry(req.key.clone()).or_insert(req.seq);
-                *hole = (*hole).min(req.seq);
+                holes.entry(req.key.clone()).or_default().insert(req.seq);
             }
         }
         fail_all(sorted.write, e);
@@ -737,6 +785,11 @@ impl Writer {
     ) -> Result<Vec<Entry>> {
         if reqs.is_empty() {
             return Ok(Vec::new());
+        }
+        if let Some(why) = &self.partitions[p as usize].broken {
+            return Err(Error::Unavailable(format!(
+                "partition {p} of this stream is out of service: {why}"
+            )));
         }
         let needs_roll = {
             let a = &self.partitions[p as usize];
@@ -770,7 +823,13 @@ impl Writer {
             .as_mut()
             .ok_or_else(|| Error::Internal("log partition has no open segment".into()))?;
         if let Err(e) = file.write_all(&buf) {
-            let _ = file.set_len(active.len);
+            // Undo the partial write; if even that fails, the file's tail is
+            // unknown and the partition stops taking writes.
+            if let Err(undo) = file.set_len(active.len) {
+                active.broken = Some(format!(
+                    "a write failed ({e}) and could not be undone ({undo})"
+                ));
+            }
             return Err(Error::io(format!("write {}/p{p}", self.dir.display()), e));
         }
         self.used.fetch_add(buf.len() as u64, Ordering::Relaxed);
@@ -799,9 +858,12 @@ impl Writer {
             let _ = fs::remove_file(&path);
             return Err(Error::io(format!("write {}", path.display()), e));
         }
+        if let Err(e) = sync_dir(&dir) {
+            let _ = fs::remove_file(&path);
+            return Err(e);
+        }
         self.used
             .fetch_add(segment::MAGIC.len() as u64, Ordering::Relaxed);
-        sync_dir(&dir)?;
         let read =
             File::open(&path).map_err(|e| Error::io(format!("open {}", path.display()), e))?;
         let file = OpenOptions::new()
@@ -822,9 +884,17 @@ impl Writer {
             len: segment::MAGIC.len() as u64,
             records: 0,
             end: base,
+            broken: None,
         };
         Ok(())
     }
+}
+
+/// Takes `bytes` off a byte count, never below zero.
+fn release(used: &AtomicU64, bytes: u64) {
+    let _ = used.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |u| {
+        Some(u.saturating_sub(bytes))
+    });
 }
 
 /// Per partition: the highest sequence number per device held by segments
@@ -1071,6 +1141,16 @@ impl EventStream for EmbeddedLog {
             let index = lock(part);
             if from >= index.end {
                 return Ok(Vec::new());
+            }
+            // Retention only deletes what every consumer has read: a read
+            // from before the oldest segment would silently skip events.
+            if let Some(first) = index.segments.first()
+                && from < first.base
+            {
+                return Err(Error::Unavailable(format!(
+                    "events {from}..{} of stream '{stream}' partition {partition} were already deleted by retention",
+                    first.base
+                )));
             }
             if let Some(records) = index.read_cached(from, max_events) {
                 return Ok(records);
@@ -1526,6 +1606,9 @@ mod tests {
                 segment_files(&p0) == [3, 4]
             })
             .await;
+            // Reading what was deleted is an error, not a silent skip.
+            let gone = log.read("telemetry", 0, 1, 100).await.unwrap_err();
+            assert!(gone.to_string().contains("deleted by retention"), "{gone}");
             assert_eq!(
                 temps(&log.read("telemetry", 0, 3, 100).await.unwrap()),
                 [3.0, 4.0]
@@ -1590,8 +1673,50 @@ mod tests {
         assert_eq!(temps(&rest), temps_of(stored));
     }
 
+    /// Near the byte limit every stream deletes what its consumers have
+    /// read, its newest segment included: an idle stream full of consumed
+    /// events does not keep another stream from appending.
+    #[tokio::test]
+    async fn one_idle_stream_does_not_starve_another() {
+        let dir = tempfile::tempdir().unwrap();
+        let max = 4 * MIN_SEGMENT_BYTES;
+        let log = EmbeddedLog::open(
+            dir.path(),
+            LogOptions {
+                fsync: false,
+                max_bytes: Some(max),
+                ..no_cache()
+            },
+        )
+        .unwrap();
+        let mut other = def(1);
+        other.name = "other".into();
+        log.create_stream(&def(1)).await.unwrap();
+        log.create_stream(&other).await.unwrap();
+        log.commit("reader", "telemetry", 0, 0).await.unwrap();
+        log.commit("reader", "other", 0, 0).await.unwrap();
+        // Fill the log from one stream, and read all of it.
+        let full = loop {
+            if let Err(e) = log.append("telemetry", "d", batch("d", &[1.0; 20])).await {
+                break e;
+            }
+        };
+        assert!(matches!(full, Error::Unavailable(_)), "{full}");
+        let end = log.end_offset("telemetry", 0).unwrap();
+        log.commit("reader", "telemetry", 0, end).await.unwrap();
+        // The other stream gets room within a retention pass or two.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let other_batch =
+            RecordBatch::try_new(other.schema(), batch("d", &[2.0]).columns().to_vec()).unwrap();
+        while let Err(e) = log.append("other", "d", other_batch.clone()).await {
+            assert!(Instant::now() < deadline, "still refused: {e}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(log.used.load(Ordering::Relaxed) < max / 2);
+    }
+
     /// A real ENOSPC (a segment that is `/dev/full`): the append fails, the
-    /// device's next frame is refused until the failed one is sent again,
+    /// device's later frames are refused until the failed ones are sent again in order,
     /// and nothing is lost or stored twice.
     #[tokio::test]
     async fn a_write_that_finds_the_disk_full_leaves_no_gap() {
@@ -1630,10 +1755,22 @@ mod tests {
             "{skipped}"
         );
         assert!(!send(&log, "d", 2, 2.0).await.duplicate);
+        // A new frame may not jump the refused frame 3 either: if it were
+        // stored, the resent 3 would pass for a duplicate and be lost.
+        let jumped = log
+            .submit_sequenced("telemetry", "d", 4, batch("d", &[4.0]))
+            .unwrap()
+            .await
+            .unwrap_err();
+        assert!(
+            jumped.to_string().contains("send frame 3 again"),
+            "{jumped}"
+        );
         assert!(!send(&log, "d", 3, 3.0).await.duplicate);
+        assert!(!send(&log, "d", 4, 4.0).await.duplicate);
         assert_eq!(
             temps(&log.read("telemetry", 0, 0, 100).await.unwrap()),
-            [1.0, 2.0, 3.0]
+            [1.0, 2.0, 3.0, 4.0]
         );
     }
 

@@ -141,6 +141,8 @@ pub trait EventStream: Send + Sync + 'static {
     /// Reads batches holding events at or after `from`, at most about
     /// `max_events` events (always at least one batch when there is data).
     /// A batch that starts before `from` is sliced so it starts at `from`.
+    /// Fails with `Unavailable` when retention already deleted events from
+    /// `from` on (no consumer that committed can ask for those).
     async fn read(
         &self,
         stream: &str,

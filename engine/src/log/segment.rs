@@ -245,7 +245,10 @@ pub(crate) fn scan(path: &Path, expected_offset: u64) -> Result<Scan> {
             head: head as u32,
             len: h.len,
         });
-        next = h.offset + u64::from(h.count);
+        let Some(after) = h.offset.checked_add(u64::from(h.count)) else {
+            break Some(format!("record at byte {pos} counts past the last offset"));
+        };
+        next = after;
         pos += head + h.len as usize;
     };
     Ok(Scan {

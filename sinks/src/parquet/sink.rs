@@ -207,12 +207,16 @@ impl Worker {
         let mut appended = self.log.watch(&self.stream)?;
         let mut committed = Vec::with_capacity(partitions as usize);
         for p in 0..partitions {
-            committed.push(
-                self.log
-                    .committed(SINK_CONSUMER, &self.stream, p)
-                    .await?
-                    .unwrap_or(0),
-            );
+            let at = match self.log.committed(SINK_CONSUMER, &self.stream, p).await? {
+                Some(at) => at,
+                None => {
+                    // Say so before the first flush: from now on the log
+                    // keeps every event until the sink has stored it.
+                    self.log.commit(SINK_CONSUMER, &self.stream, p, 0).await?;
+                    0
+                }
+            };
+            committed.push(at);
         }
         self.recover(&mut committed).await?;
         let mut read = committed.clone();
