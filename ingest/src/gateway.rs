@@ -550,10 +550,15 @@ async fn answer_in_order(
                     } else {
                         tracing::error!(error = %e, "append failed");
                     }
+                    let message = match &e {
+                        // Says why and that a retry will do.
+                        tributary_engine::Error::Unavailable(why) => why.clone(),
+                        e => format!("the server could not store the events: {e}; retry later"),
+                    };
                     Frame::Reject(Reject {
                         seq,
                         code: RejectCode::Unavailable,
-                        message: format!("the server could not store the events: {e}; retry later"),
+                        message,
                         event: None,
                         field: None,
                     })
