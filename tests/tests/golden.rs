@@ -290,34 +290,30 @@ fn fmt_float(x: f64) -> String {
     if neg { format!("-{body}") } else { body }
 }
 
+/// Each value of `column` as text, `NULL` for nulls.
+fn cells(column: &dyn Array, text: impl Fn(usize) -> String) -> Vec<String> {
+    (0..column.len())
+        .map(|i| {
+            if column.is_null(i) {
+                "NULL".into()
+            } else {
+                text(i)
+            }
+        })
+        .collect()
+}
+
 fn format_column(column: &ArrayRef) -> Result<Vec<String>, String> {
-    let n = column.len();
     let err = |e: arrow::error::ArrowError| e.to_string();
     let out = match column.data_type() {
         DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => {
             let c = cast(column, &DataType::Utf8).map_err(err)?;
             let c = c.as_any().downcast_ref::<StringArray>().unwrap();
-            (0..n)
-                .map(|i| {
-                    if c.is_null(i) {
-                        "NULL".into()
-                    } else {
-                        csv_field(c.value(i))
-                    }
-                })
-                .collect()
+            cells(c, |i| csv_field(c.value(i)))
         }
         DataType::Boolean => {
             let c = column.as_any().downcast_ref::<BooleanArray>().unwrap();
-            (0..n)
-                .map(|i| {
-                    if c.is_null(i) {
-                        "NULL".into()
-                    } else {
-                        c.value(i).to_string()
-                    }
-                })
-                .collect()
+            cells(c, |i| c.value(i).to_string())
         }
         DataType::Int8
         | DataType::Int16
@@ -338,15 +334,7 @@ fn format_column(column: &ArrayRef) -> Result<Vec<String>, String> {
             };
             let c = cast(&c, &DataType::Int64).map_err(err)?;
             let c = c.as_any().downcast_ref::<Int64Array>().unwrap();
-            (0..n)
-                .map(|i| {
-                    if c.is_null(i) {
-                        "NULL".into()
-                    } else {
-                        c.value(i).to_string()
-                    }
-                })
-                .collect()
+            cells(c, |i| c.value(i).to_string())
         }
         DataType::Float16
         | DataType::Float32
@@ -355,15 +343,7 @@ fn format_column(column: &ArrayRef) -> Result<Vec<String>, String> {
         | DataType::Decimal256(..) => {
             let c = cast(column, &DataType::Float64).map_err(err)?;
             let c = c.as_any().downcast_ref::<Float64Array>().unwrap();
-            (0..n)
-                .map(|i| {
-                    if c.is_null(i) {
-                        "NULL".into()
-                    } else {
-                        fmt_float(c.value(i))
-                    }
-                })
-                .collect()
+            cells(c, |i| fmt_float(c.value(i)))
         }
         other => return Err(format!("the harness cannot format {other} yet")),
     };

@@ -90,28 +90,19 @@ pub enum Fsync {
 /// Longest duration a flag takes: a week.
 const MAX_DURATION_SECS: u64 = 7 * 24 * 3600;
 
-/// Parses `250ms`, `5s`, `2m`, `1h`.
+/// Parses `250ms`, `5s`, `2m`, `1h` (the units SQL takes; a bare number is
+/// seconds), at most a week.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let n: u64 = number
-        .parse()
-        .map_err(|_| format!("'{text}' is not a duration like 500ms, 5s, 2m or 1h"))?;
-    let seconds_per_unit = match unit {
-        "ms" => return Ok(Duration::from_millis(n)),
-        "s" | "" => 1,
-        "m" => 60,
-        "h" => 3600,
-        _ => return Err(format!("'{text}': the unit must be ms, s, m or h")),
+    let ms = if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+        tributary_engine::duration::parse_duration(&format!("{text}s"))?
+    } else {
+        tributary_engine::duration::parse_duration(text)?
     };
-    let seconds = n
-        .checked_mul(seconds_per_unit)
-        .filter(|s| *s <= MAX_DURATION_SECS)
-        .ok_or_else(|| format!("'{text}' is too long; the most is 7 days"))?;
-    Ok(Duration::from_secs(seconds))
+    if ms as u64 > MAX_DURATION_SECS * 1000 {
+        return Err(format!("'{text}' is too long; the most is 7 days"));
+    }
+    Ok(Duration::from_millis(ms as u64))
 }
 
 /// Reads a stream's stored events for queries: its Parquet files plus the
@@ -311,6 +302,11 @@ mod tests {
         assert!(parse_duration("5 parsecs").is_err());
         assert!(parse_duration("99999999999999999h").is_err());
         assert!(parse_duration("8d").is_err());
+        assert_eq!(
+            parse_duration("7d").unwrap(),
+            Duration::from_secs(7 * 86_400)
+        );
+        assert_eq!(parse_duration("30").unwrap(), Duration::from_secs(30));
     }
 
     #[test]

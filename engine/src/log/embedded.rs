@@ -1116,16 +1116,6 @@ impl EventStream for EmbeddedLog {
         Ok(self.stream(stream)?.partitions.len() as u32)
     }
 
-    fn last_seq(&self, stream: &str, key: &str) -> Result<u64> {
-        let s = self.stream(stream)?;
-        let p = partition_for(key, s.partitions.len() as u32);
-        Ok(lock(&s.partitions[p as usize])
-            .seqs
-            .get(key)
-            .copied()
-            .unwrap_or(0))
-    }
-
     async fn read(
         &self,
         stream: &str,
@@ -1314,6 +1304,19 @@ mod tests {
         LogOptions {
             cache_bytes_per_partition: 0,
             ..LogOptions::default()
+        }
+    }
+
+    impl EmbeddedLog {
+        /// The highest sequence number held for device `key` (0 if none).
+        fn last_seq(&self, stream: &str, key: &str) -> Result<u64> {
+            let s = self.stream(stream)?;
+            let p = partition_for(key, s.partitions.len() as u32);
+            Ok(lock(&s.partitions[p as usize])
+                .seqs
+                .get(key)
+                .copied()
+                .unwrap_or(0))
         }
     }
 

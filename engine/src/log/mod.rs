@@ -125,11 +125,6 @@ pub trait EventStream: Send + Sync + 'static {
         batch: RecordBatch,
     ) -> Result<AppendFuture>;
 
-    /// The highest sequence number the log holds for device `key` in
-    /// `stream` (see [`submit_sequenced`](EventStream::submit_sequenced));
-    /// 0 when none.
-    fn last_seq(&self, stream: &str, key: &str) -> Result<u64>;
-
     /// Appends one batch for the device `key`; returns only once the batch is durable.
     async fn append(&self, stream: &str, key: &str, batch: RecordBatch) -> Result<AppendReceipt> {
         self.submit(stream, key, batch)?.await

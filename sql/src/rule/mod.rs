@@ -896,7 +896,7 @@ mod window_tests {
     use tributary_engine::log::Record;
     use tributary_engine::rule::Output;
 
-    fn catalog(delay: &str) -> Catalog {
+    pub(super) fn catalog(delay: &str) -> Catalog {
         let c = Catalog::in_memory();
         let mut def = StreamDef::new(
             "t",
@@ -913,7 +913,7 @@ mod window_tests {
         c
     }
 
-    fn batch(rows: &[(&str, i64, f64)]) -> Record {
+    pub(super) fn batch(rows: &[(&str, i64, f64)]) -> Record {
         let schema = catalog("0s").stream("t").unwrap().schema();
         let ts: Vec<i64> = rows.iter().map(|r| r.1).collect();
         Record {
@@ -1160,49 +1160,14 @@ mod window_tests {
 
 #[cfg(test)]
 mod over_tests {
+    use super::window_tests::batch;
     use super::*;
     use crate::statement::{Statement, parse};
-    use arrow::array::{Float64Array, RecordBatch, StringArray, TimestampMillisecondArray};
-    use tributary_engine::event::{ColumnDef, ColumnType};
-    use tributary_engine::log::Record;
     use tributary_engine::rule::Output;
 
+    /// The window tests' stream, with a 2-second watermark delay.
     fn catalog() -> Catalog {
-        let c = Catalog::in_memory();
-        let mut def = StreamDef::new(
-            "t",
-            vec![ColumnDef {
-                name: "temp".into(),
-                ty: ColumnType::Float64,
-            }],
-            1,
-        )
-        .unwrap();
-        def.options.insert("watermark_delay".into(), "2s".into());
-        c.add_stream(def).unwrap();
-        c
-    }
-
-    fn record(rows: &[(&str, i64, f64)]) -> Record {
-        let ts: Vec<i64> = rows.iter().map(|r| r.1).collect();
-        Record {
-            partition: 0,
-            offset: 0,
-            batch: RecordBatch::try_new(
-                catalog().stream("t").unwrap().schema(),
-                vec![
-                    Arc::new(StringArray::from(
-                        rows.iter().map(|r| r.0).collect::<Vec<_>>(),
-                    )),
-                    Arc::new(TimestampMillisecondArray::from(ts.clone()).with_timezone("UTC")),
-                    Arc::new(TimestampMillisecondArray::from(ts).with_timezone("UTC")),
-                    Arc::new(Float64Array::from(
-                        rows.iter().map(|r| r.2).collect::<Vec<_>>(),
-                    )),
-                ],
-            )
-            .unwrap(),
-        }
+        super::window_tests::catalog("2s")
     }
 
     #[tokio::test]
@@ -1219,7 +1184,7 @@ mod over_tests {
         // event-time order once the watermark passes.
         rule.program
             .process(
-                &[record(&[
+                &[batch(&[
                     ("a", 0, 10.0),
                     ("a", 2_000, 30.0),
                     ("a", 1_000, 20.0),

@@ -1,5 +1,7 @@
-//! The state of open windows: one set of DataFusion accumulators per
-//! (window, group key), never the raw events.
+//! The state of open session windows: one set of DataFusion accumulators
+//! per (session, group key), never the raw events. (Tumbling and hopping
+//! windows, whose bounds are known in advance, are vectorized in
+//! `aligned.rs`.)
 //!
 //! Events are folded into their group's accumulators as they come, a run of
 //! consecutive rows of the same group at a time (a device's frame is one run).
@@ -88,8 +90,6 @@ pub struct WindowState {
     pub(super) per_device: bool,
     pub(super) groups: Vec<Option<Group>>,
     free: Vec<u32>,
-    /// Aligned windows: window start and key bytes → group.
-    index: HashMap<Vec<u8>, u32>,
     /// Sessions: key bytes → the open sessions of that key.
     pub(super) sessions: HashMap<Box<[u8]>, Vec<u32>>,
     /// Open groups of each device (windows keyed by device).
@@ -99,7 +99,6 @@ pub struct WindowState {
     /// Open groups per first offset, per partition.
     retained: BTreeMap<(u32, u64), u32>,
     pub(super) bytes: usize,
-    scratch: Vec<u8>,
 }
 
 impl std::fmt::Debug for WindowState {
@@ -147,13 +146,11 @@ impl WindowState {
             per_device,
             groups: Vec::new(),
             free: Vec::new(),
-            index: HashMap::new(),
             sessions: HashMap::new(),
             by_device: HashMap::new(),
             by_end: BTreeSet::new(),
             retained: BTreeMap::new(),
             bytes: 0,
-            scratch: Vec::new(),
         })
     }
 
@@ -169,7 +166,7 @@ impl WindowState {
 
     /// Bytes of state held, roughly.
     pub fn size(&self) -> usize {
-        self.bytes + self.index.capacity() * 48 + self.retained.len() * 32
+        self.bytes + self.sessions.capacity() * 48 + self.retained.len() * 32
     }
 
     /// The lowest offset of `partition` an open window was fed from.
@@ -193,47 +190,14 @@ impl WindowState {
         if rows == 0 {
             return Ok(());
         }
+        // Tumbling and hopping windows live in `AlignedState`.
+        let WindowSpec::Session { gap } = self.spec else {
+            return Err(datafusion::error::DataFusionError::Internal(
+                "row-at-a-time window state is for sessions".into(),
+            ));
+        };
         let keys = self.converted_keys(batch.keys)?;
-        match self.spec {
-            WindowSpec::Session { gap } => self.update_sessions(batch, keys.as_ref(), gap),
-            _ => self.update_aligned(batch, keys.as_ref()),
-        }
-    }
-
-    fn update_aligned(&mut self, batch: &Batch<'_>, keys: Option<&Rows>) -> DfResult<()> {
-        let size = self.spec.size().unwrap_or(1);
-        let rows = batch.times.len();
-        let key_of = |i: usize| keys.map_or(&[][..], |k| k.row(i).data());
-        let mut run_start = 0;
-        let mut current = u32::MAX;
-        for i in 0..rows {
-            let start = batch.times[i];
-            let same = i > 0 && start == batch.times[i - 1] && key_of(i) == key_of(i - 1);
-            if same {
-                continue;
-            }
-            if current != u32::MAX {
-                self.fold(current, batch, run_start, i - run_start)?;
-            }
-            self.scratch.clear();
-            self.scratch.extend_from_slice(&start.to_be_bytes());
-            self.scratch.extend_from_slice(key_of(i));
-            current = match self.index.get(self.scratch.as_slice()) {
-                Some(&g) => g,
-                None => {
-                    let device = batch.devices.get(i).copied().unwrap_or(NO_DEVICE);
-                    let g = self.create(start, start + size, start, key_of(i), device)?;
-                    self.index.insert(self.scratch.clone(), g);
-                    g
-                }
-            };
-            self.touch(current, batch.partition, batch.offset);
-            run_start = i;
-        }
-        if current != u32::MAX {
-            self.fold(current, batch, run_start, rows - run_start)?;
-        }
-        Ok(())
+        self.update_sessions(batch, keys.as_ref(), gap)
     }
 
     /// A new open group.
@@ -369,20 +333,10 @@ impl WindowState {
         } else {
             self.by_end.remove(&(group.end, g));
         }
-        match self.spec {
-            WindowSpec::Session { .. } => {
-                if let Some(list) = self.sessions.get_mut(&group.key) {
-                    list.retain(|x| *x != g);
-                    if list.is_empty() {
-                        self.sessions.remove(&group.key);
-                    }
-                }
-            }
-            _ => {
-                self.scratch.clear();
-                self.scratch.extend_from_slice(&group.start.to_be_bytes());
-                self.scratch.extend_from_slice(&group.key);
-                self.index.remove(self.scratch.as_slice());
+        if let Some(list) = self.sessions.get_mut(&group.key) {
+            list.retain(|x| *x != g);
+            if list.is_empty() {
+                self.sessions.remove(&group.key);
             }
         }
         Some(group)
@@ -469,14 +423,6 @@ impl WindowState {
             key_hashes,
             values,
         })
-    }
-
-    /// Closes everything (used by tests and when a rule is dropped).
-    pub fn close_all(&mut self) -> Vec<Group> {
-        let all: Vec<u32> = (0..self.groups.len() as u32)
-            .filter(|g| self.groups[*g as usize].is_some())
-            .collect();
-        all.into_iter().filter_map(|g| self.remove(g)).collect()
     }
 }
 
