@@ -1,4 +1,4 @@
-//! Tributary's criterion benchmarks, one group per hot path, each reported
+//! Tributary's criterion benchmarks, one group per hot path, most reported
 //! as events per second:
 //!
 //! - `decode_json`: a JSON EVENTS payload into an Arrow batch (the gateway's
@@ -8,7 +8,10 @@
 //! - `rule_filter`: a compiled filter-and-project rule over a batch;
 //! - `window_tumble_avg`: a per-device 10-second tumbling average over
 //!   10,000 devices, fed as the rule runtime feeds it, with DuckDB's rate on
-//!   the same events as a reference (see `window_tumble.rs`).
+//!   the same events as a reference (see `window_tumble.rs`);
+//! - `window_checkpoint`: taking and restoring that rule's state with
+//!   10,000 windows open (a rule checkpoint, less the disk write), reported
+//!   as windows per second.
 //!
 //! Run: `cargo bench -p tributary-benches` (add `-- <group>` for one group,
 //! e.g. `cargo bench -p tributary-benches -- window_tumble_avg`).
@@ -182,6 +185,7 @@ criterion_group!(
     decode,
     append,
     rule,
-    window_tumble::window_tumble_avg
+    window_tumble::window_tumble_avg,
+    window_tumble::window_checkpoint
 );
 criterion_main!(benches);

@@ -40,6 +40,7 @@ use tributary_engine::catalog::Catalog;
 use tributary_engine::event::{ColumnDef, ColumnType, StreamDef, TIME_ZONE};
 use tributary_engine::log::{Record, partition_for};
 use tributary_engine::rule::{Output, RuleProgram};
+use tributary_engine::snapshot::Snapshot;
 use tributary_sql::rule::compile_rule;
 use tributary_sql::statement::{Statement, parse};
 
@@ -204,7 +205,15 @@ fn run(mut program: Box<dyn RuleProgram>, calls: &[Vec<Record>]) -> (usize, Box<
     (rows, program)
 }
 
-pub fn window_tumble_avg(c: &mut Criterion) {
+/// What both benches start from: the stream, the events and the calls.
+struct Setup {
+    rt: tokio::runtime::Runtime,
+    catalog: Catalog,
+    frames: Vec<Frame>,
+    calls: Vec<Vec<Record>>,
+}
+
+fn setup() -> Setup {
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()
         .expect("a runtime");
@@ -212,8 +221,23 @@ pub fn window_tumble_avg(c: &mut Criterion) {
     let catalog = Catalog::in_memory();
     catalog.add_stream(def.clone()).expect("add the stream");
     let frames = frames(42);
-    let events: usize = frames.iter().map(|f| f.ts.len()).sum();
     let calls = calls(&def, &frames);
+    Setup {
+        rt,
+        catalog,
+        frames,
+        calls,
+    }
+}
+
+pub fn window_tumble_avg(c: &mut Criterion) {
+    let Setup {
+        rt,
+        catalog,
+        frames,
+        calls,
+    } = setup();
+    let events: usize = frames.iter().map(|f| f.ts.len()).sum();
 
     // Once, untimed: the rule emits what a plain group-by says it must.
     let (rows, program) = run(compile(&rt, &catalog), &calls);
@@ -242,6 +266,52 @@ pub fn window_tumble_avg(c: &mut Criterion) {
     if reference_wanted() {
         reference(&rt, &catalog, &frames, &calls, events, rows);
     }
+}
+
+/// `window_checkpoint`: what a rule checkpoint costs the rule itself: the
+/// rule above, stopped halfway through the events (each of the 10,000
+/// devices has a window or two open), has its state taken (`snapshot`, then
+/// encoded to the bytes the checkpoint file holds), and a freshly compiled
+/// program takes it back (decoded, then `restore`). Writing the file is the
+/// disk's time, not the rule's, and is not measured here.
+pub fn window_checkpoint(c: &mut Criterion) {
+    let Setup {
+        rt, catalog, calls, ..
+    } = setup();
+    let (_, mut program) = run(compile(&rt, &catalog), &calls[..calls.len() / 2]);
+    let open = program.stats().open_windows;
+    let bytes = program
+        .snapshot()
+        .expect("a snapshot")
+        .expect("windowed rules save their state")
+        .encode()
+        .expect("encodes");
+    println!(
+        "window_checkpoint: {open} open windows, {} bytes of state ({:.1} bytes per window)",
+        bytes.len(),
+        bytes.len() as f64 / open.max(1) as f64
+    );
+    let mut group = c.benchmark_group("window_checkpoint");
+    group.throughput(Throughput::Elements(open));
+    group.sample_size(20);
+    group.bench_function(format!("{open}_windows/save"), |b| {
+        b.iter(|| {
+            let snapshot = program.snapshot().expect("a snapshot").expect("state");
+            black_box(snapshot.encode().expect("encodes"))
+        })
+    });
+    group.bench_function(format!("{open}_windows/restore"), |b| {
+        b.iter_batched(
+            || compile(&rt, &catalog),
+            |mut fresh| {
+                let snapshot = Snapshot::decode(&bytes).expect("decodes");
+                fresh.restore(&snapshot).expect("restores");
+                fresh
+            },
+            BatchSize::PerIteration,
+        )
+    });
+    group.finish();
 }
 
 fn distinct_windows(frames: &[Frame]) -> usize {

@@ -10,6 +10,7 @@
 //!   commands.db      the command queue (SQLite)
 //!   catalog.json     declared streams and rules
 //!   log/             the event stream
+//!   checkpoints/     each rule's last checkpoint: <rule>.ckpt
 //!   storage/         Parquet files: <stream>/date=YYYY-MM-DD/hour=HH/*.parquet
 //! ```
 
@@ -70,6 +71,9 @@ impl DataDir {
     }
     pub fn storage(&self) -> PathBuf {
         self.root.join("storage")
+    }
+    pub fn checkpoints(&self) -> PathBuf {
+        self.root.join("checkpoints")
     }
 
     /// Reads the admin token, creating one on first use.

@@ -19,6 +19,7 @@
 //! ```
 
 pub mod catalog;
+pub mod checkpoint;
 pub mod commands;
 pub mod devices;
 pub mod duration;
@@ -27,5 +28,6 @@ pub mod event;
 pub mod fsutil;
 pub mod log;
 pub mod rule;
+pub mod snapshot;
 
 pub use error::{Error, Result};

@@ -1,16 +1,20 @@
 //! The rule runtime: each rule is a consumer of its source stream that runs a
 //! compiled [`RuleProgram`] over every new batch and sends the rows on.
 //!
-//! A rule commits its input offsets only after its output is durable (commands
-//! queued in the command queue). After a crash it replays from the last commit;
-//! command ids are derived from the rule, the partition, the input offset and
-//! the row, so a replay queues nothing twice.
+//! A rule queues its commands as it produces them, and checkpoints its state
+//! with the input offsets it covers and its rows for streams about once a
+//! second ([`crate::checkpoint`]); only then are those rows appended and the
+//! offsets committed. After a crash it restores the checkpoint and reads on
+//! from there: command ids are derived from the rule and the input (the
+//! partition, offset and row, or the window and key), so commands produced
+//! again are queued once, and the checkpoint's rows are appended under
+//! sequence numbers the log recognises, so they are stored once.
 
 use std::any::Any;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arrow::array::{Array, RecordBatch};
 use arrow::compute::cast;
@@ -20,9 +24,11 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::catalog::{RuleDef, RuleTarget};
+use crate::checkpoint::{Checkpoint, Checkpoints, PendingRows};
 use crate::commands::{CommandQueue, DEFAULT_TTL_MS, NewCommand};
 use crate::event::now_millis;
 use crate::log::{Record, SharedEventStream};
+use crate::snapshot::Snapshot;
 use crate::{Error, Result};
 
 /// What a rule produced from the records it was given.
@@ -128,9 +134,25 @@ pub trait RuleProgram: Send + 'static {
     fn adopt_state(&mut self, _state: Box<dyn Any + Send>) -> bool {
         false
     }
+
+    /// The program's state for a checkpoint, taken between two calls of
+    /// [`process`](RuleProgram::process); `None` when this program cannot
+    /// save its state (a restart then rebuilds it by re-reading the input
+    /// from [`retained_from`](RuleProgram::retained_from)). A program without
+    /// state returns an empty snapshot.
+    fn snapshot(&mut self) -> Result<Option<Snapshot>, String> {
+        Ok(None)
+    }
+
+    /// Takes the state of a checkpoint back, on a program just compiled from
+    /// the same rule. An error (the snapshot is of another plan, or damaged)
+    /// leaves the program as it was, empty.
+    fn restore(&mut self, _snapshot: &Snapshot) -> Result<(), String> {
+        Err("this rule cannot restore a checkpoint".into())
+    }
 }
 
-/// Most events a rule reads from one partition before committing.
+/// Most events a rule reads from one partition in one go.
 const READ_CHUNK: usize = 8192;
 
 /// How often a quiet rule tells its program the time.
@@ -194,10 +216,90 @@ impl RuleStats {
     }
 }
 
-/// What a stopped worker hands back: its program and how far it read.
+/// How a rule's rows for streams go on from one run of its worker to the
+/// next (see [`crate::checkpoint`]).
+struct Progress {
+    /// The key its rows are appended under.
+    producer: String,
+    next_seq: u64,
+    /// Rows numbered and saved in a checkpoint, not yet known to be appended.
+    sealed: Vec<PendingRows>,
+    /// Rows produced since the last checkpoint, per stream, in order.
+    unsealed: Vec<(String, RecordBatch)>,
+    unsealed_rows: usize,
+}
+
+impl Progress {
+    fn new() -> Self {
+        let mut nonce = [0u8; 8];
+        // SystemRandom only fails when the OS has no entropy source at all.
+        let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut nonce);
+        Progress {
+            producer: format!("rule:{:016x}", u64::from_le_bytes(nonce)),
+            next_seq: 1,
+            sealed: Vec::new(),
+            unsealed: Vec::new(),
+            unsealed_rows: 0,
+        }
+    }
+
+    fn from_checkpoint(c: &Checkpoint) -> Self {
+        Progress {
+            producer: c.producer.clone(),
+            next_seq: c.next_seq,
+            sealed: c.pending.clone(),
+            unsealed: Vec::new(),
+            unsealed_rows: 0,
+        }
+    }
+
+    fn push(&mut self, stream: &str, batch: RecordBatch) {
+        if batch.num_rows() > 0 {
+            self.unsealed_rows += batch.num_rows();
+            self.unsealed.push((stream.to_string(), batch));
+        }
+    }
+
+    /// Numbers the rows produced since the last checkpoint: one record per
+    /// stream.
+    fn seal(&mut self) -> Result<()> {
+        let mut streams: Vec<String> = Vec::new();
+        for (stream, _) in &self.unsealed {
+            if !streams.contains(stream) {
+                streams.push(stream.clone());
+            }
+        }
+        for stream in streams {
+            let batches: Vec<&RecordBatch> = self
+                .unsealed
+                .iter()
+                .filter(|(s, _)| *s == stream)
+                .map(|(_, b)| b)
+                .collect();
+            let batch = arrow::compute::concat_batches(&batches[0].schema(), batches)?;
+            self.sealed.push(PendingRows {
+                stream,
+                seq: self.next_seq,
+                batch,
+            });
+            self.next_seq += 1;
+        }
+        self.unsealed.clear();
+        self.unsealed_rows = 0;
+        Ok(())
+    }
+
+    fn is_empty(&self) -> bool {
+        self.sealed.is_empty() && self.unsealed.is_empty()
+    }
+}
+
+/// What a stopped worker hands back: its program, how far it read, and the
+/// rows it has not appended yet.
 struct Stopped {
     program: Box<dyn RuleProgram>,
     offsets: Option<Vec<u64>>,
+    progress: Option<Progress>,
 }
 
 struct Running {
@@ -220,6 +322,7 @@ pub enum Handover {
 pub struct RuleRuntime {
     log: SharedEventStream,
     commands: Arc<CommandQueue>,
+    checkpoints: Checkpoints,
     running: Mutex<HashMap<String, Running>>,
 }
 
@@ -229,10 +332,16 @@ pub fn consumer_name(rule: &str) -> String {
 }
 
 impl RuleRuntime {
-    pub fn new(log: SharedEventStream, commands: Arc<CommandQueue>) -> Self {
+    /// A runtime whose rules keep their checkpoints in `checkpoints`.
+    pub fn new(
+        log: SharedEventStream,
+        commands: Arc<CommandQueue>,
+        checkpoints: impl Into<std::path::PathBuf>,
+    ) -> Self {
         RuleRuntime {
             log,
             commands,
+            checkpoints: Checkpoints::new(checkpoints),
             running: Mutex::new(HashMap::new()),
         }
     }
@@ -248,9 +357,10 @@ impl RuleRuntime {
         Ok(())
     }
 
-    /// Starts running a rule from its committed offsets.
+    /// Starts running a rule from its checkpoint (or, without one, from its
+    /// committed offsets).
     pub fn start(&self, def: &RuleDef, program: Box<dyn RuleProgram>) -> Result<()> {
-        self.start_at(def, program, None)
+        self.start_at(def, program, None, None)
     }
 
     fn start_at(
@@ -258,6 +368,7 @@ impl RuleRuntime {
         def: &RuleDef,
         program: Box<dyn RuleProgram>,
         offsets: Option<Vec<u64>>,
+        progress: Option<Progress>,
     ) -> Result<()> {
         let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
         if running.contains_key(&def.name) {
@@ -276,7 +387,12 @@ impl RuleRuntime {
                 commands: self.commands.clone(),
                 stats: stats.clone(),
             },
+            checkpoints: self.checkpoints.clone(),
             offsets,
+            progress,
+            dirty: true,
+            last_checkpoint: Instant::now(),
+            checkpoint_cost: Duration::ZERO,
         };
         let task = tokio::spawn(worker.run(stop_rx));
         running.insert(def.name.clone(), Running { stats, stop, task });
@@ -291,29 +407,59 @@ impl RuleRuntime {
         def: &RuleDef,
         mut program: Box<dyn RuleProgram>,
     ) -> Result<Handover> {
-        let stopped = self.stop_inner(&def.name).await;
-        let (offsets, handover) = match stopped {
-            Some(Stopped {
-                program: old,
-                offsets: Some(offsets),
-            }) => {
-                if program.adopt_state(old.into_state()) {
-                    (Some(offsets), Handover::StateKept)
-                } else {
-                    (None, Handover::Rebuilt)
-                }
+        let Some(Stopped {
+            program: old,
+            offsets,
+            progress,
+        }) = self.stop_inner(&def.name).await
+        else {
+            // Not running: the new program starts from the checkpoint, which
+            // it restores if the plans are compatible.
+            if !def.paused {
+                self.start_at(def, program, None, None)?;
             }
-            _ => (None, Handover::Rebuilt),
+            return Ok(Handover::Rebuilt);
+        };
+        let (offsets, handover) = match offsets {
+            Some(offsets) if program.adopt_state(old.into_state()) => {
+                (Some(offsets), Handover::StateKept)
+            }
+            _ => {
+                // The checkpoint's state is not this program's: a restart
+                // before the new program's first checkpoint rebuilds from the
+                // committed offsets, keeping the rows not yet appended.
+                if let Some(progress) = &progress {
+                    self.checkpoints
+                        .save(&Checkpoint {
+                            rule: def.name.clone(),
+                            source: def.source.clone(),
+                            producer: progress.producer.clone(),
+                            next_seq: progress.next_seq,
+                            resume: None,
+                            pending: progress.sealed.clone(),
+                            state: None,
+                        })
+                        .await?;
+                }
+                (None, Handover::Rebuilt)
+            }
         };
         if !def.paused {
-            self.start_at(def, program, offsets)?;
+            self.start_at(def, program, offsets, progress)?;
         }
         Ok(handover)
     }
 
-    /// Stops a rule and waits for it to finish the batch in hand.
+    /// Stops a rule and waits for it to finish the batch in hand and save
+    /// a last checkpoint.
     pub async fn stop(&self, name: &str) {
         self.stop_inner(name).await;
+    }
+
+    /// Stops a rule and deletes its checkpoint (the rule was dropped).
+    pub async fn remove(&self, name: &str) -> Result<()> {
+        self.stop_inner(name).await;
+        self.checkpoints.remove(name).await
     }
 
     async fn stop_inner(&self, name: &str) -> Option<Stopped> {
@@ -358,11 +504,29 @@ impl RuleRuntime {
     }
 }
 
+/// A checkpoint is taken at least this often while a rule has news.
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+
+/// Rows for streams held back before a checkpoint is taken early.
+const MAX_UNSEALED_ROWS: usize = 65_536;
+
+/// The shortest pause between checkpoints of a rule whose source went
+/// quiet, so rows for streams do not wait for [`CHECKPOINT_EVERY`].
+const QUIET_CHECKPOINT_GAP: Duration = Duration::from_millis(20);
+
 struct Worker {
     program: Box<dyn RuleProgram>,
     delivery: Delivery,
+    checkpoints: Checkpoints,
     /// How far the worker has read each partition (None until it knows).
     offsets: Option<Vec<u64>>,
+    /// None until it is read from the checkpoint.
+    progress: Option<Progress>,
+    /// Whether anything happened since the last checkpoint.
+    dirty: bool,
+    last_checkpoint: Instant,
+    /// How long the last checkpoint took to take the program's state.
+    checkpoint_cost: Duration,
 }
 
 impl Worker {
@@ -374,6 +538,10 @@ impl Worker {
                 Err(e) => {
                     let d = &self.delivery;
                     d.stats.error(format!("rule '{}': {e}", d.def.name));
+                    // The program may have taken in input whose output was
+                    // not delivered: go back to the last checkpoint.
+                    self.offsets = None;
+                    self.progress = None;
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
                         _ = stop.changed() => break,
@@ -382,25 +550,82 @@ impl Worker {
                 }
             }
         }
+        if self.offsets.is_some()
+            && self.progress.is_some()
+            && let Err(e) = self.checkpoint().await
+        {
+            let d = &self.delivery;
+            d.stats
+                .error(format!("rule '{}': last checkpoint: {e}", d.def.name));
+        }
         Stopped {
             program: self.program,
             offsets: self.offsets,
+            progress: self.progress,
         }
+    }
+
+    /// Restores the program from the rule's checkpoint, or else positions
+    /// it at the committed offsets, and appends the checkpoint's rows.
+    async fn load(&mut self, partitions: u32) -> Result<()> {
+        let d = &self.delivery;
+        let source = &d.def.source;
+        if self.progress.is_none() {
+            let checkpoint = match self.checkpoints.load(&d.def.name).await {
+                Ok(c) => c,
+                Err(e) => {
+                    // Written atomically, so only a damaged disk gets here.
+                    d.stats.error(format!(
+                        "rule '{}': {e}; rebuilding from the committed offsets",
+                        d.def.name
+                    ));
+                    None
+                }
+            };
+            let mut resume = None;
+            if let Some(c) = &checkpoint {
+                if let (Some(offsets), Some(state)) = (&c.resume, &c.state)
+                    && c.source == *source
+                    && offsets.len() == partitions as usize
+                    && self.offsets.is_none()
+                {
+                    match self.program.restore(state) {
+                        Ok(()) => resume = Some(offsets.clone()),
+                        Err(e) => tracing::warn!(
+                            rule = %d.def.name,
+                            error = %e,
+                            "the checkpoint's state does not fit the rule; rebuilding from the committed offsets"
+                        ),
+                    }
+                }
+                self.progress = Some(Progress::from_checkpoint(c));
+            } else {
+                self.progress = Some(Progress::new());
+            }
+            if self.offsets.is_none() {
+                self.offsets = resume;
+            }
+        }
+        if self.offsets.is_none() {
+            let consumer = consumer_name(&d.def.name);
+            let mut offsets = Vec::with_capacity(partitions as usize);
+            for p in 0..partitions {
+                offsets.push(d.log.committed(&consumer, source, p).await?.unwrap_or(0));
+            }
+            self.offsets = Some(offsets);
+        }
+        self.append_sealed().await
     }
 
     async fn run_until_error(&mut self, stop: &mut watch::Receiver<bool>) -> Result<()> {
         let log = self.delivery.log.clone();
         let stats = self.delivery.stats.clone();
         let source = self.delivery.def.source.clone();
-        let consumer = consumer_name(&self.delivery.def.name);
         let mut appended = log.watch(&source)?;
         let partitions = log.partitions(&source)?;
-        if self.offsets.is_none() {
-            let mut offsets = Vec::with_capacity(partitions as usize);
-            for p in 0..partitions {
-                offsets.push(log.committed(&consumer, &source, p).await?.unwrap_or(0));
-            }
-            self.offsets = Some(offsets);
+        if self.offsets.is_none() || self.progress.is_none() {
+            self.load(partitions).await?;
+            self.dirty = true;
         }
         loop {
             if *stop.borrow() {
@@ -418,20 +643,24 @@ impl Worker {
                 stats.events_in.fetch_add(events as u64, Ordering::Relaxed);
                 let mut out = Output::default();
                 if let Err(e) = self.program.process(&records, &mut out) {
-                    // The program could not run at all: try again later from
-                    // the same offsets rather than skip events.
                     return Err(Error::Internal(e));
                 }
-                self.delivery.deliver(out).await?;
-                let keep = self.program.retained_from(p).map_or(end, |r| r.min(end));
-                log.commit(&consumer, &source, p, keep).await?;
+                self.take_output(out).await?;
                 if let Some(offsets) = self.offsets.as_mut() {
                     offsets[p as usize] = end;
                 }
+                self.dirty = true;
                 progressed = true;
+                if self.checkpoint_due(false) {
+                    self.checkpoint().await?;
+                }
             }
             stats.program(self.program.stats());
             if !progressed {
+                if self.checkpoint_due(true) {
+                    self.checkpoint().await?;
+                    continue;
+                }
                 tokio::select! {
                     changed = appended.changed() => if changed.is_err() { return Ok(()) },
                     _ = stop.changed() => return Ok(()),
@@ -440,12 +669,116 @@ impl Worker {
                         self.program
                             .advance(now_millis(), &mut out)
                             .map_err(Error::Internal)?;
-                        self.delivery.deliver(out).await?;
+                        self.take_output(out).await?;
                         stats.program(self.program.stats());
                     }
                 }
             }
         }
+    }
+
+    /// Queues the commands of an output at once (their ids make a replay
+    /// harmless) and keeps its rows for streams for the next checkpoint.
+    async fn take_output(&mut self, out: Output) -> Result<()> {
+        if !out.rows.is_empty() || !out.late.is_empty() {
+            self.dirty = true;
+        }
+        let rows = self.delivery.deliver(out).await?;
+        let progress = self.progress.get_or_insert_with(Progress::new);
+        for (stream, batch) in rows {
+            progress.push(&stream, batch);
+        }
+        Ok(())
+    }
+
+    /// Whether to take a checkpoint now: regularly while busy, early when
+    /// many rows wait, and soon after the source goes quiet when rows wait
+    /// (but never so often that checkpoints take over the rule's time).
+    fn checkpoint_due(&self, quiet: bool) -> bool {
+        if !self.dirty {
+            return false;
+        }
+        let since = self.last_checkpoint.elapsed();
+        let waiting = self.progress.as_ref().map_or(0, |p| p.unsealed_rows);
+        since >= CHECKPOINT_EVERY
+            || waiting >= MAX_UNSEALED_ROWS
+            || (quiet
+                && waiting > 0
+                && since >= QUIET_CHECKPOINT_GAP.max(self.checkpoint_cost * 20))
+    }
+
+    /// Saves the program's state with the offsets it covers and the rows
+    /// produced so far, then appends those rows and commits the offsets.
+    async fn checkpoint(&mut self) -> Result<()> {
+        let started = Instant::now();
+        let d = &self.delivery;
+        let state = self.program.snapshot();
+        // What the rule spends on its state (waiting for the disk is not).
+        let cost = started.elapsed();
+        let state = match state {
+            Ok(state) => state,
+            Err(e) => {
+                // Without a snapshot a restart rebuilds from the commits.
+                d.stats
+                    .error(format!("rule '{}': saving its state: {e}", d.def.name));
+                None
+            }
+        };
+        let offsets = self.offsets.clone().unwrap_or_default();
+        let progress = self.progress.get_or_insert_with(Progress::new);
+        progress.seal()?;
+        let checkpoint = Checkpoint {
+            rule: d.def.name.clone(),
+            source: d.def.source.clone(),
+            producer: progress.producer.clone(),
+            next_seq: progress.next_seq,
+            resume: state.is_some().then(|| offsets.clone()),
+            pending: progress.sealed.clone(),
+            state,
+        };
+        self.checkpoints.save(&checkpoint).await?;
+        self.append_sealed().await?;
+        let d = &self.delivery;
+        let consumer = consumer_name(&d.def.name);
+        for (p, offset) in offsets.iter().enumerate() {
+            // Events that open windows still depend on stay, so a rule can
+            // rebuild its state without a checkpoint.
+            let keep = self
+                .program
+                .retained_from(p as u32)
+                .map_or(*offset, |r| r.min(*offset));
+            d.log
+                .commit(&consumer, &d.def.source, p as u32, keep)
+                .await?;
+        }
+        self.dirty = !self.progress.as_ref().is_none_or(Progress::is_empty);
+        self.last_checkpoint = Instant::now();
+        self.checkpoint_cost = cost;
+        Ok(())
+    }
+
+    /// Appends the rows of the last checkpoint; the log drops those it
+    /// already holds.
+    async fn append_sealed(&mut self) -> Result<()> {
+        let Some(progress) = self.progress.as_mut() else {
+            return Ok(());
+        };
+        let log = &self.delivery.log;
+        // Submitted in order, so they are appended in order.
+        let mut receipts = Vec::with_capacity(progress.sealed.len());
+        for rows in &progress.sealed {
+            receipts.push(log.submit_sequenced(
+                &rows.stream,
+                &progress.producer,
+                rows.seq,
+                rows.batch.clone(),
+            )?);
+        }
+        for receipt in receipts {
+            receipt.await?;
+        }
+        progress.sealed.clear();
+        Ok(())
     }
 
     fn offset(&self, partition: u32) -> u64 {
@@ -465,19 +798,21 @@ struct Delivery {
 }
 
 impl Delivery {
-    /// Makes a program's output durable: commands queued, rows and late
-    /// events appended. Only then may the input be committed.
-    async fn deliver(&self, out: Output) -> Result<()> {
+    /// Queues a program's commands (durably) and returns its rows for
+    /// streams (the target's and late events'), to be appended with the
+    /// next checkpoint.
+    async fn deliver(&self, out: Output) -> Result<Vec<(String, RecordBatch)>> {
         for e in out.errors {
             self.stats.error(format!("rule '{}': {e}", self.def.name));
         }
+        let mut rows = Vec::new();
         let mut commands = Vec::new();
-        for emitted in &out.rows {
+        for emitted in out.rows {
             self.stats
                 .rows_out
                 .fetch_add(emitted.batch.num_rows() as u64, Ordering::Relaxed);
             match &self.def.target {
-                RuleTarget::Commands => match rows_to_commands(&self.def.name, emitted) {
+                RuleTarget::Commands => match rows_to_commands(&self.def.name, &emitted) {
                     Ok(rows) => {
                         for c in rows {
                             // One bad row (say, a payload over the limit) is
@@ -492,9 +827,7 @@ impl Delivery {
                     }
                     Err(e) => self.stats.error(e),
                 },
-                RuleTarget::Stream(target) => {
-                    append_by_device(&self.log, target, &emitted.batch).await?;
-                }
+                RuleTarget::Stream(target) => rows.push((target.clone(), emitted.batch)),
             }
         }
         if !commands.is_empty() {
@@ -508,55 +841,12 @@ impl Delivery {
                 .fetch_add(queued as u64, Ordering::Relaxed);
         }
         if let Some(late_stream) = &self.def.late_stream {
-            for batch in &out.late {
-                append_by_device(&self.log, late_stream, batch).await?;
+            for batch in out.late {
+                rows.push((late_stream.clone(), batch));
             }
         }
-        Ok(())
+        Ok(rows)
     }
-}
-
-/// Appends rows whose first column is the device id, each to its device's
-/// partition.
-async fn append_by_device(
-    log: &SharedEventStream,
-    stream: &str,
-    batch: &RecordBatch,
-) -> Result<()> {
-    if batch.num_rows() == 0 {
-        return Ok(());
-    }
-    let partitions = log.partitions(stream)?;
-    let devices = cast(batch.column(0), &DataType::Utf8)?;
-    let devices = devices
-        .as_any()
-        .downcast_ref::<arrow::array::StringArray>()
-        .ok_or_else(|| Error::Internal("device column is not text".into()))?;
-    let mut rows: HashMap<u32, (String, Vec<u32>)> = HashMap::new();
-    for i in 0..batch.num_rows() {
-        let device = if devices.is_null(i) {
-            ""
-        } else {
-            devices.value(i)
-        };
-        let p = crate::log::partition_for(device, partitions);
-        rows.entry(p)
-            .or_insert_with(|| (device.to_string(), Vec::new()))
-            .1
-            .push(i as u32);
-    }
-    let mut parts: Vec<_> = rows.into_values().collect();
-    parts.sort_by_key(|(_, rows)| rows[0]);
-    for (key, rows) in parts {
-        let part = if rows.len() == batch.num_rows() {
-            batch.clone()
-        } else {
-            let indices = arrow::array::UInt32Array::from(rows);
-            arrow::compute::take_record_batch(batch, &indices)?
-        };
-        log.append(stream, &key, part).await?;
-    }
-    Ok(())
 }
 
 /// Turns the rows of a rule into commands: column 1 is the device, column 2
@@ -728,7 +1018,7 @@ mod tests {
         .unwrap();
         log.create_stream(&def).await.unwrap();
         let queue = Arc::new(CommandQueue::open_in_memory().unwrap());
-        let runtime = RuleRuntime::new(log.clone(), queue.clone());
+        let runtime = RuleRuntime::new(log.clone(), queue.clone(), dir.path().join("checkpoints"));
         let rule = RuleDef {
             name: "echo".into(),
             sql: String::new(),
@@ -775,5 +1065,238 @@ mod tests {
         let pending = queue.pending("d", 0).unwrap();
         assert_eq!(pending.len(), 1);
         assert_eq!(pending[0].payload, json!("fine"));
+    }
+
+    /// A log whose appends of rule rows can be made to fail.
+    struct Flaky {
+        inner: SharedEventStream,
+        fail: std::sync::atomic::AtomicBool,
+    }
+
+    #[async_trait::async_trait]
+    impl crate::log::EventStream for Flaky {
+        async fn create_stream(&self, def: &crate::event::StreamDef) -> Result<()> {
+            self.inner.create_stream(def).await
+        }
+        fn submit_sequenced(
+            &self,
+            stream: &str,
+            key: &str,
+            seq: u64,
+            batch: RecordBatch,
+        ) -> Result<crate::log::AppendFuture> {
+            if seq > 0 && self.fail.load(Ordering::SeqCst) {
+                return Err(Error::Unavailable("the disk is full".into()));
+            }
+            self.inner.submit_sequenced(stream, key, seq, batch)
+        }
+        fn partitions(&self, stream: &str) -> Result<u32> {
+            self.inner.partitions(stream)
+        }
+        async fn read(
+            &self,
+            stream: &str,
+            partition: u32,
+            from: u64,
+            max_events: usize,
+        ) -> Result<Vec<Record>> {
+            self.inner.read(stream, partition, from, max_events).await
+        }
+        fn end_offset(&self, stream: &str, partition: u32) -> Result<u64> {
+            self.inner.end_offset(stream, partition)
+        }
+        fn watch(&self, stream: &str) -> Result<watch::Receiver<u64>> {
+            self.inner.watch(stream)
+        }
+        async fn commit(&self, c: &str, stream: &str, p: u32, offset: u64) -> Result<()> {
+            self.inner.commit(c, stream, p, offset).await
+        }
+        async fn forget(&self, consumer: &str, stream: &str) -> Result<()> {
+            self.inner.forget(consumer, stream).await
+        }
+        async fn committed(&self, c: &str, stream: &str, p: u32) -> Result<Option<u64>> {
+            self.inner.committed(c, stream, p).await
+        }
+    }
+
+    /// Numbers the events it sees, 1, 2, 3, ..., as rows of stream `out`;
+    /// the count is its state.
+    struct Counter {
+        seen: i64,
+        out: arrow::datatypes::SchemaRef,
+    }
+
+    impl RuleProgram for Counter {
+        fn process(&mut self, records: &[Record], out: &mut Output) -> Result<(), String> {
+            for record in records {
+                let b = &record.batch;
+                let n: Vec<i64> = (0..b.num_rows() as i64)
+                    .map(|i| self.seen + i + 1)
+                    .collect();
+                self.seen += b.num_rows() as i64;
+                let rows = RecordBatch::try_new(
+                    self.out.clone(),
+                    vec![
+                        b.column(0).clone(),
+                        b.column(1).clone(),
+                        b.column(2).clone(),
+                        Arc::new(arrow::array::Int64Array::from(n)),
+                    ],
+                )
+                .map_err(|e| e.to_string())?;
+                out.rows.push(Emitted {
+                    batch: rows,
+                    ids: Vec::<String>::new().into(),
+                });
+            }
+            Ok(())
+        }
+
+        fn snapshot(&mut self) -> Result<Option<Snapshot>, String> {
+            let mut s = Snapshot::new();
+            s.put_i64s("seen", &[self.seen])?;
+            Ok(Some(s))
+        }
+
+        fn restore(&mut self, snapshot: &Snapshot) -> Result<(), String> {
+            self.seen = snapshot.i64s("seen")?[0];
+            Ok(())
+        }
+    }
+
+    /// The numbers in stream `out`, in order.
+    async fn numbers(log: &SharedEventStream) -> Vec<i64> {
+        let mut all = Vec::new();
+        for p in 0..log.partitions("out").unwrap() {
+            for r in log.read("out", p, 0, usize::MAX).await.unwrap() {
+                let n = r
+                    .batch
+                    .column(3)
+                    .as_any()
+                    .downcast_ref::<arrow::array::Int64Array>()
+                    .unwrap()
+                    .clone();
+                all.extend(n.values().iter().copied());
+            }
+        }
+        all
+    }
+
+    /// A rule's rows for a stream go out once each, in order, whether their
+    /// append fails and is retried or the rule restarts from its checkpoint
+    /// (its state restored, not rebuilt).
+    #[tokio::test]
+    async fn rows_for_streams_are_appended_once_across_failures_and_restarts() {
+        use crate::catalog::{RuleDef, RuleTarget};
+        use crate::event::{ColumnDef, ColumnType, StreamDef};
+        use crate::log::{EmbeddedLog, LogOptions};
+
+        let dir = tempfile::tempdir().unwrap();
+        let flaky = Arc::new(Flaky {
+            inner: Arc::new(
+                EmbeddedLog::open(dir.path().join("log"), LogOptions::default()).unwrap(),
+            ),
+            fail: false.into(),
+        });
+        let log: SharedEventStream = flaky.clone();
+        let column = |name: &str| ColumnDef {
+            name: name.into(),
+            ty: ColumnType::Int64,
+        };
+        let source = StreamDef::new("s", vec![column("x")], 2).unwrap();
+        let out = StreamDef::new("out", vec![column("n")], 2).unwrap();
+        log.create_stream(&source).await.unwrap();
+        log.create_stream(&out).await.unwrap();
+        let queue = Arc::new(CommandQueue::open_in_memory().unwrap());
+        let rule = RuleDef {
+            name: "count".into(),
+            sql: String::new(),
+            source: "s".into(),
+            target: RuleTarget::Stream("out".into()),
+            created_at: 0,
+            paused: false,
+            late_stream: None,
+        };
+        let counter = || {
+            Box::new(Counter {
+                seen: 0,
+                out: out.schema(),
+            })
+        };
+        let send = |device: &'static str, count: usize| {
+            let log = log.clone();
+            let schema = source.schema();
+            async move {
+                let ts = arrow::array::TimestampMillisecondArray::from(vec![0i64; count])
+                    .with_timezone("UTC");
+                let batch = RecordBatch::try_new(
+                    schema,
+                    vec![
+                        Arc::new(StringArray::from(vec![device; count])),
+                        Arc::new(ts.clone()),
+                        Arc::new(ts),
+                        Arc::new(arrow::array::Int64Array::from(vec![0i64; count])),
+                    ],
+                )
+                .unwrap();
+                log.append("s", device, batch).await.unwrap();
+            }
+        };
+        let until = |want: usize| {
+            let log = log.clone();
+            async move {
+                let deadline = std::time::Instant::now() + Duration::from_secs(10);
+                loop {
+                    let got = numbers(&log).await;
+                    if got.len() >= want {
+                        return got;
+                    }
+                    assert!(std::time::Instant::now() < deadline, "only {got:?}");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        };
+        let checkpoints = dir.path().join("checkpoints");
+
+        let runtime = RuleRuntime::new(log.clone(), queue.clone(), &checkpoints);
+        runtime.position_at_end(&rule).await.unwrap();
+        runtime.start(&rule, counter()).unwrap();
+        send("a", 3).await;
+        send("b", 2).await;
+        assert_eq!(until(5).await.len(), 5);
+
+        // The appends fail: the rows wait in the checkpoint, the rule retries.
+        flaky.fail.store(true, Ordering::SeqCst);
+        send("a", 4).await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while runtime.stats("count").unwrap().errors == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the append never failed"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(numbers(&log).await.len(), 5);
+        flaky.fail.store(false, Ordering::SeqCst);
+        assert_eq!(until(9).await.len(), 9);
+        runtime.shutdown().await;
+
+        // A new runtime, as after a restart: the count goes on from the
+        // checkpoint, and the rows the checkpoint still lists are not
+        // appended again.
+        let runtime = RuleRuntime::new(log.clone(), queue.clone(), &checkpoints);
+        runtime.start(&rule, counter()).unwrap();
+        send("b", 1).await;
+        let mut got = until(10).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        runtime.shutdown().await;
+        assert_eq!(numbers(&log).await.len(), 10);
+        got.sort_unstable();
+        assert_eq!(got, (1..=10).collect::<Vec<i64>>());
+
+        // Dropped: the next rule of that name starts afresh.
+        let runtime = RuleRuntime::new(log.clone(), queue, &checkpoints);
+        runtime.remove("count").await.unwrap();
+        assert!(!checkpoints.join("count.ckpt").exists());
     }
 }

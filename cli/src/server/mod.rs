@@ -171,7 +171,11 @@ pub async fn serve(args: ServeArgs) -> Result<std::process::ExitCode> {
             ..SinkOptions::default()
         },
     ));
-    let rules = Arc::new(RuleRuntime::new(log.clone(), commands.clone()));
+    let rules = Arc::new(RuleRuntime::new(
+        log.clone(),
+        commands.clone(),
+        dir.checkpoints(),
+    ));
     let devices = Arc::new(tributary_engine::devices::DeviceTable::default());
     let queries = QueryEngine::new(
         catalog.clone(),

@@ -136,7 +136,7 @@ impl SqlService {
                     return Ok(message(format!("rule {name} does not exist")));
                 }
                 let source = self.catalog.rule(&name).map(|r| r.source);
-                self.rules.stop(&name).await;
+                self.rules.remove(&name).await?;
                 self.catalog.remove_rule(&name)?;
                 // Its position no longer holds events back from retention.
                 if let Some(source) = source {

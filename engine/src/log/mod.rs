@@ -4,8 +4,11 @@
 //! [`EventStream`] is the seam; [`EmbeddedLog`] is the implementation that
 //! lives in the data directory. Offsets count events, not batches: a batch of
 //! 10 events appended at offset 100 holds offsets 100..110, and the next append
-//! to that partition starts at 110. A device's events always go to the same
-//! partition ([`partition_for`]), so they stay in the order the device sent them.
+//! to that partition starts at 110. Records go to the partition of their key
+//! ([`partition_for`]): a device's events always go to the same partition, so
+//! they stay in the order the device sent them. A rule appends its rows under
+//! its own producer key (see [`crate::checkpoint`]), so they stay in the order
+//! the rule produced them.
 //!
 //! # The same contract on NATS JetStream and Kafka
 //!

@@ -897,6 +897,11 @@ mod window_tests {
     use tributary_engine::rule::Output;
 
     pub(super) fn catalog(delay: &str) -> Catalog {
+        catalog_with(&[("watermark_delay", delay)])
+    }
+
+    /// The stream `t (temp DOUBLE)` with these options.
+    fn catalog_with(options: &[(&str, &str)]) -> Catalog {
         let c = Catalog::in_memory();
         let mut def = StreamDef::new(
             "t",
@@ -907,8 +912,9 @@ mod window_tests {
             1,
         )
         .unwrap();
-        def.options
-            .insert("watermark_delay".into(), delay.to_string());
+        for (name, value) in options {
+            def.options.insert(name.to_string(), value.to_string());
+        }
         c.add_stream(def).unwrap();
         c
     }
@@ -1155,6 +1161,599 @@ mod window_tests {
             .downcast_ref::<Int64Array>()
             .unwrap();
         assert_eq!(n.values(), &[3]);
+    }
+
+    // Checkpoints of windowed rules: a program restored from a snapshot goes
+    // on exactly like the one the snapshot was taken from.
+
+    use tributary_engine::snapshot::Snapshot;
+
+    /// What a run is fed: records to process, or a time to `advance` to
+    /// while the source is quiet.
+    enum Step {
+        Records(Vec<Record>),
+        Advance(i64),
+    }
+
+    /// The stream of the checkpoint tests: events may be 2 s out of order,
+    /// and a device silent for 4 s (of arrival time) stops holding windows.
+    fn checkpoint_catalog() -> Catalog {
+        catalog_with(&[("watermark_delay", "2s"), ("idle_timeout", "4s")])
+    }
+
+    async fn program_in(sql: &str, catalog: &Catalog) -> Box<dyn RuleProgram> {
+        let Statement::CreateRule(r) = parse(sql).unwrap() else {
+            panic!("not a rule: {sql}")
+        };
+        compile_rule(&r, catalog, 0)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+            .program
+    }
+
+    /// Six devices over 40 s, on two partitions: mostly forward, now and then
+    /// a step back within the delay or behind the watermark (late). Device e
+    /// stops early, device f goes quiet for a while and comes back, so the
+    /// idle timeout closes their windows, on arrival of others' events or on
+    /// `advance`. Ends with an `advance` far in the future.
+    fn checkpoint_steps() -> Vec<Step> {
+        let temps = [1e17, 1.0, 0.1, 0.7, -3.5, 2.25, -0.0, 0.3, 42.0];
+        let mut offsets = [0u64; 2];
+        let mut steps = Vec::new();
+        let mut pending = Vec::new();
+        for r in 0..40i64 {
+            let rows: Vec<(&str, i64, f64)> = (0..6i64)
+                .filter_map(|i| {
+                    let device = ["a", "b", "c", "d", "e", "f"][((r + i) % 6) as usize];
+                    if (device == "e" && r >= 12) || (device == "f" && (6..20).contains(&r)) {
+                        return None;
+                    }
+                    let back = match (r * 6 + i) % 11 {
+                        3 => 1_500,
+                        7 => 6_000,
+                        _ => 0,
+                    };
+                    let ts = r * 1_000 + i * 150 - back;
+                    Some((device, ts, temps[((r * 6 + i) % 9) as usize]))
+                })
+                .collect();
+            let mut record = batch(&rows);
+            record.partition = u32::from(r % 3 == 2);
+            record.offset = offsets[record.partition as usize];
+            offsets[record.partition as usize] += rows.len() as u64;
+            pending.push(record);
+            // One, two or three records at a time.
+            if pending.len() as i64 > r % 3 {
+                steps.push(Step::Records(std::mem::take(&mut pending)));
+            }
+            // The source goes quiet now and then: e and f fall silent on
+            // the clock rather than on others' events.
+            if r % 9 == 8 {
+                steps.push(Step::Advance(r * 1_000 + 2_500));
+            }
+        }
+        if !pending.is_empty() {
+            steps.push(Step::Records(pending));
+        }
+        steps.push(Step::Advance(i64::MAX / 2));
+        steps
+    }
+
+    /// 1,500 devices sending 45 events each, a second apart from their own
+    /// start, in interleaved frames of 1 to 12 events, processed 13 to 109
+    /// frames at a time: their windows close one device at a time, leaving
+    /// holes in the aligned state until it is renumbered.
+    fn many_device_steps() -> Vec<Step> {
+        const DEVICES: usize = 1500;
+        let names: Vec<String> = (0..DEVICES).map(|d| format!("device-{d}")).collect();
+        let mut next = vec![0usize; DEVICES];
+        let mut frames = Vec::new();
+        let mut offset = 0;
+        let mut turn = 0usize;
+        while next.iter().any(|n| *n < 45) {
+            turn += 1;
+            let d = (turn * 7919) % DEVICES;
+            let take = (1 + (turn * 31) % 12).min(45 - next[d]);
+            if take == 0 {
+                continue;
+            }
+            let rows: Vec<(&str, i64, f64)> = (next[d]..next[d] + take)
+                .map(|i| {
+                    let ts = (d as i64 % 10) * 1_000 + i as i64 * 1_000;
+                    (names[d].as_str(), ts, ((d * 13 + i * 7) % 50) as f64)
+                })
+                .collect();
+            next[d] += take;
+            let mut record = batch(&rows);
+            record.offset = offset;
+            offset += rows.len() as u64;
+            frames.push(record);
+        }
+        let mut steps = Vec::new();
+        let mut size = 1;
+        while !frames.is_empty() {
+            let rest = frames.split_off(size.min(frames.len()));
+            steps.push(Step::Records(std::mem::replace(&mut frames, rest)));
+            size = size % 97 + 13;
+        }
+        steps.push(Step::Advance(i64::MAX / 2));
+        steps
+    }
+
+    fn run_step(program: &mut Box<dyn RuleProgram>, step: &Step) -> Output {
+        let mut out = Output::default();
+        match step {
+            Step::Records(records) => program.process(records, &mut out).unwrap(),
+            Step::Advance(now) => program.advance(*now, &mut out).unwrap(),
+        }
+        assert!(out.errors.is_empty(), "{:?}", out.errors);
+        out
+    }
+
+    fn run_all(program: &mut Box<dyn RuleProgram>, steps: &[Step]) -> Vec<Output> {
+        steps.iter().map(|s| run_step(program, s)).collect()
+    }
+
+    /// Two outputs hold the same rows, ids and late events.
+    pub(super) fn assert_same(what: &str, got: &Output, expected: &Output) {
+        assert_eq!(got.rows.len(), expected.rows.len(), "{what}: emissions");
+        for (g, e) in got.rows.iter().zip(&expected.rows) {
+            assert_eq!(g.batch, e.batch, "{what}: rows");
+            assert_eq!(g.ids, e.ids, "{what}: ids");
+        }
+        assert_eq!(got.late, expected.late, "{what}: late events");
+    }
+
+    fn assert_same_runs(what: &str, got: &[Output], expected: &[Output]) {
+        assert_eq!(got.len(), expected.len(), "{what}: steps");
+        for (i, (g, e)) in got.iter().zip(expected).enumerate() {
+            assert_same(&format!("{what}, step {i}"), g, e);
+        }
+    }
+
+    /// A snapshot as a checkpoint holds it: encoded and decoded again.
+    fn checkpoint(program: &mut Box<dyn RuleProgram>) -> Snapshot {
+        let snapshot = program
+            .snapshot()
+            .unwrap()
+            .expect("windowed rules save their state");
+        Snapshot::decode(&snapshot.encode().unwrap()).unwrap()
+    }
+
+    /// Runs `steps` through `sql` without interruption, and through a
+    /// program snapshotted before every step; before each step in
+    /// `restore_at` (given the step and the snapshot), a program restored
+    /// from that snapshot runs the rest.
+    /// Both must emit what the uninterrupted run emits, step by step.
+    /// Returns the snapshots.
+    async fn goes_on_alike(
+        sql: &str,
+        catalog: &Catalog,
+        steps: &[Step],
+        mut restore_at: impl FnMut(usize, &Snapshot) -> bool,
+    ) -> Vec<Snapshot> {
+        let mut reference = program_in(sql, catalog).await;
+        let expected = run_all(&mut reference, steps);
+        assert!(
+            expected.iter().any(|o| !o.rows.is_empty()),
+            "{sql}: no rows at all"
+        );
+        let mut live = program_in(sql, catalog).await;
+        let mut snapshots = Vec::new();
+        for (cut, step) in steps.iter().enumerate() {
+            let snapshot = checkpoint(&mut live);
+            if restore_at(cut, &snapshot) {
+                let mut restored = program_in(sql, catalog).await;
+                restored.restore(&snapshot).unwrap();
+                let (got, was) = (restored.stats(), live.stats());
+                assert_eq!(got.late_events, was.late_events, "{sql}: late events");
+                assert_eq!(got.open_windows, was.open_windows, "{sql}: open windows");
+                for p in 0..3 {
+                    assert_eq!(restored.retained_from(p), live.retained_from(p), "{sql}");
+                }
+                let what = format!("{sql}, restored before step {cut}");
+                let got = run_all(&mut restored, &steps[cut..]);
+                assert_same_runs(&what, &got, &expected[cut..]);
+                let (got, was) = (restored.stats(), reference.stats());
+                assert_eq!(got.late_events, was.late_events, "{what}: late at the end");
+                assert_eq!(
+                    got.open_windows, was.open_windows,
+                    "{what}: open at the end"
+                );
+            }
+            snapshots.push(snapshot);
+            let what = format!("{sql}, snapshotted before every step, step {cut}");
+            assert_same(&what, &run_step(&mut live, step), &expected[cut]);
+        }
+        snapshots
+    }
+
+    /// Per device: several aggregates, HAVING.
+    const TUMBLE_PER_DEVICE: &str = "CREATE RULE r AS INSERT INTO commands SELECT device_id, 'x', named_struct('avg', avg(temp), 'n', count(*), 'sum', sum(temp), 'min', min(temp), 'max', max(temp)) FROM t GROUP BY device_id, tumble(ts, INTERVAL '5' SECOND) HAVING count(*) > 1";
+    /// Across devices: windows close on the global watermark.
+    const TUMBLE_ACROSS: &str = "CREATE RULE r AS INSERT INTO commands SELECT 'all', 'x', named_struct('n', count(*), 'avg', avg(temp), 'max', max(temp)) FROM t GROUP BY tumble(ts, INTERVAL '4' SECOND)";
+    const HOP_PER_DEVICE: &str = "CREATE RULE r AS INSERT INTO commands SELECT device_id, 'x', named_struct('n', count(*), 'sum', sum(temp)) FROM t GROUP BY device_id, hop(ts, INTERVAL '2' SECOND, INTERVAL '6' SECOND)";
+    const SESSION_PER_DEVICE: &str = "CREATE RULE r AS INSERT INTO commands SELECT device_id, 'x', named_struct('n', count(*), 'avg', avg(temp), 'first', first_value(temp ORDER BY ts)) FROM t GROUP BY device_id, session(ts, INTERVAL '1200' MILLISECOND)";
+
+    #[tokio::test]
+    async fn a_restored_windowed_rule_goes_on_like_the_one_it_was_saved_from() {
+        let catalog = checkpoint_catalog();
+        let steps = checkpoint_steps();
+        let rules = [
+            TUMBLE_PER_DEVICE,
+            TUMBLE_ACROSS,
+            HOP_PER_DEVICE,
+            SESSION_PER_DEVICE,
+            // A key besides the device, computed, and a filter before the
+            // window.
+            "CREATE RULE r AS INSERT INTO commands SELECT device_id, 'x', named_struct('pos', temp > 0, 'n', count(*), 'min', min(temp)) FROM t WHERE temp < 100 GROUP BY device_id, temp > 0, tumble(ts, INTERVAL '5' SECOND)",
+            // A key across devices.
+            "CREATE RULE r AS INSERT INTO commands SELECT 'all', 'x', named_struct('pos', temp > 0, 'n', count(*)) FROM t GROUP BY temp > 0, hop(ts, INTERVAL '1' SECOND, INTERVAL '3' SECOND)",
+            // Ordered aggregates, a sketch, FILTER. (`count(DISTINCT ...)`
+            // is refused by rules.)
+            "CREATE RULE r AS INSERT INTO commands SELECT device_id, 'x', named_struct('first', first_value(temp ORDER BY ts), 'last', last_value(temp ORDER BY ts), 'distinct', approx_distinct(CAST(temp AS BIGINT)), 'hot', count(*) FILTER (WHERE temp > 0.5)) FROM t GROUP BY device_id, tumble(ts, INTERVAL '5' SECOND)",
+            "CREATE RULE r AS INSERT INTO commands SELECT 'all', 'x', named_struct('n', count(*), 'devices', approx_distinct(device_id)) FROM t GROUP BY session(ts, INTERVAL '700' MILLISECOND)",
+            // Into a stream: rows carry the watermarks' time.
+            "CREATE STREAM averages AS SELECT device_id, window_start, window_end, avg(temp) AS avg FROM t GROUP BY device_id, tumble(ts, INTERVAL '3' SECOND)",
+        ];
+        for sql in rules {
+            goes_on_alike(sql, &catalog, &steps, |_, _| true).await;
+        }
+        // The events hold what the test means them to.
+        let mut all = program_in(TUMBLE_PER_DEVICE, &catalog).await;
+        let out = run_all(&mut all, &steps);
+        assert!(out.iter().any(|o| !o.late.is_empty()), "late events");
+        let advanced: usize = steps
+            .iter()
+            .zip(&out)
+            .filter(|(s, o)| {
+                matches!(s, Step::Advance(n) if *n < i64::MAX / 2) && !o.rows.is_empty()
+            })
+            .count();
+        assert!(advanced > 0, "windows of idle devices closed on `advance`");
+
+        // Enough groups that the aligned state renumbers them between
+        // snapshots: restoring holes and a renumbered state both work.
+        let steps = many_device_steps();
+        let sql = "CREATE RULE r AS INSERT INTO commands SELECT device_id, 'n', named_struct('n', count(*), 'sum', sum(temp), 'avg', avg(temp)) FROM t GROUP BY device_id, tumble(ts, INTERVAL '10' SECOND)";
+        // Restored: with holes, before any renumbering; just after each of
+        // the first renumberings; before the last step.
+        let (mut groups, mut renumbered, mut holes) = (0, 0, false);
+        let last = steps.len() - 1;
+        goes_on_alike(
+            sql,
+            &catalog_with(&[("watermark_delay", "0s")]),
+            &steps,
+            |cut, snapshot| {
+                let keys = snapshot.u32s("windows.group_keys").unwrap();
+                let before = std::mem::replace(&mut groups, keys.len());
+                if !keys.is_empty() && keys.len() < before {
+                    renumbered += 1;
+                    return renumbered <= 2;
+                }
+                let first_holes = !holes && keys.contains(&u32::MAX);
+                holes |= first_holes;
+                first_holes || cut == last
+            },
+        )
+        .await;
+        assert!(holes, "snapshots hold emitted groups");
+        assert!(
+            renumbered > 0,
+            "the groups were renumbered between two snapshots"
+        );
+    }
+
+    /// A checkpoint of `sql` after the first `steps`.
+    async fn saved_after(sql: &str, catalog: &Catalog, steps: &[Step]) -> Snapshot {
+        let mut program = program_in(sql, catalog).await;
+        run_all(&mut program, steps);
+        checkpoint(&mut program)
+    }
+
+    /// Restoring `snapshot` into `sql` fails, without a panic, and the
+    /// program then runs like a new one: the error, or what went wrong.
+    async fn refused(
+        what: &str,
+        sql: &str,
+        catalog: &Catalog,
+        snapshot: &Snapshot,
+    ) -> Result<String, String> {
+        let steps = checkpoint_steps();
+        let mut program = program_in(sql, catalog).await;
+        let fresh = run_all(&mut program_in(sql, catalog).await, &steps);
+        let quietly =
+            |f: &mut dyn FnMut()| std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).is_ok();
+        let mut restored = Ok(());
+        if !quietly(&mut || restored = program.restore(snapshot)) {
+            return Err(format!("{what}: restore panicked"));
+        }
+        let err = match restored {
+            Ok(()) => return Err(format!("{what}: restored")),
+            Err(e) => e,
+        };
+        let stats = program.stats();
+        if (stats.open_windows, stats.late_events) != (0, 0) {
+            return Err(format!("{what}: the refused program holds state"));
+        }
+        if !quietly(&mut || {
+            let got = run_all(&mut program, &steps);
+            assert_same_runs(&format!("{what}: after the refusal"), &got, &fresh);
+        }) {
+            return Err(format!("{what}: the refused program is not a new one"));
+        }
+        Ok(err)
+    }
+
+    #[tokio::test]
+    async fn a_checkpoint_of_another_windowed_rule_is_refused() {
+        let catalog = checkpoint_catalog();
+        let steps = checkpoint_steps();
+        let before = &steps[..steps.len() / 2];
+        let wider = TUMBLE_PER_DEVICE.replace("'5' SECOND", "'10' SECOND");
+        let other_aggregate = TUMBLE_PER_DEVICE.replace("max(temp)", "stddev(temp)");
+        let other_key =
+            TUMBLE_PER_DEVICE.replace("GROUP BY device_id,", "GROUP BY device_id, temp > 0,");
+        let stateless = "CREATE RULE r AS INSERT INTO commands SELECT device_id, 'hot', temp FROM t WHERE temp > 1";
+        let over = "CREATE RULE r AS INSERT INTO commands SELECT device_id, 'x', lag(temp) OVER (PARTITION BY device_id ORDER BY ts) FROM t";
+        // (rule saved, rule restoring)
+        let pairs = [
+            (wider.as_str(), TUMBLE_PER_DEVICE),
+            (other_aggregate.as_str(), TUMBLE_PER_DEVICE),
+            (other_key.as_str(), TUMBLE_PER_DEVICE),
+            (TUMBLE_ACROSS, TUMBLE_PER_DEVICE),
+            (TUMBLE_PER_DEVICE, TUMBLE_ACROSS),
+            (HOP_PER_DEVICE, TUMBLE_PER_DEVICE),
+            (SESSION_PER_DEVICE, TUMBLE_PER_DEVICE),
+            (TUMBLE_PER_DEVICE, SESSION_PER_DEVICE),
+            (TUMBLE_PER_DEVICE, HOP_PER_DEVICE),
+            (stateless, TUMBLE_PER_DEVICE),
+            (over, TUMBLE_PER_DEVICE),
+            (over, SESSION_PER_DEVICE),
+        ];
+        for (saved, restoring) in pairs {
+            let snapshot = saved_after(saved, &catalog, before).await;
+            let what = format!("{saved} into {restoring}");
+            let err = refused(&what, restoring, &catalog, &snapshot)
+                .await
+                .unwrap();
+            assert!(!err.contains("damaged"), "{what}: {err}");
+            // The same state under the restoring rule's name and signature:
+            // the windows and watermarks themselves are refused.
+            if saved == stateless || saved == over {
+                continue;
+            }
+            let own = saved_after(restoring, &catalog, before).await;
+            let mut forged = snapshot.clone();
+            let program: serde_json::Value = own.json("program").unwrap();
+            forged.put_json("program", &program).unwrap();
+            let what = format!("forged {what}");
+            let err = refused(&what, restoring, &catalog, &forged).await.unwrap();
+            assert_ne!(err, "the checkpoint is of another plan", "{what}");
+        }
+        // The same rule over a stream with another watermark delay.
+        let other_delay = catalog_with(&[("watermark_delay", "3s"), ("idle_timeout", "4s")]);
+        let snapshot = saved_after(TUMBLE_PER_DEVICE, &other_delay, before).await;
+        let err = refused("another delay", TUMBLE_PER_DEVICE, &catalog, &snapshot)
+            .await
+            .unwrap();
+        assert!(err.contains("another plan"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_damaged_windowed_checkpoint_is_an_error_not_a_panic() {
+        use arrow::array::{ArrayRef, StringArray, UInt32Array};
+
+        let catalog = checkpoint_catalog();
+        let steps = checkpoint_steps();
+        let mut damages: Vec<(&str, &str, Snapshot)> = Vec::new();
+
+        // Tumbling windows per device, with windows open and some emitted.
+        let sql = TUMBLE_PER_DEVICE;
+        let good = saved_after(sql, &catalog, &steps[..steps.len() / 2]).await;
+        let meta: serde_json::Value = good.json("windows.meta").unwrap();
+        let keys = meta["keys"].as_u64().unwrap() as u32;
+        let group_keys = good.u32s("windows.group_keys").unwrap();
+        let total = group_keys.len() as u32;
+        let open_len = good.u32s("windows.open.len").unwrap();
+        let open_group = good.u32s("windows.open.group").unwrap();
+        assert!(!open_group.is_empty() && group_keys.contains(&u32::MAX));
+        let devices = good.strings("watermarks.names").unwrap().len();
+        let mut add = |what, edit: &dyn Fn(&mut Snapshot)| {
+            let mut s = good.clone();
+            edit(&mut s);
+            damages.push((what, sql, s));
+        };
+        add("a group too many", &|s| {
+            let mut g = group_keys.clone();
+            g.push(0);
+            s.put_u32s("windows.group_keys", &g).unwrap();
+        });
+        add("a group of an unknown key", &|s| {
+            let mut g = group_keys.clone();
+            g[0] = keys + 5;
+            s.put_u32s("windows.group_keys", &g).unwrap();
+        });
+        add("open windows of emitted groups", &|s| {
+            s.put_u32s("windows.group_keys", &vec![u32::MAX; total as usize])
+                .unwrap();
+        });
+        add("a group start missing", &|s| {
+            let starts = s.i64s("windows.group_starts").unwrap();
+            s.put_i64s("windows.group_starts", &starts[1..]).unwrap();
+        });
+        add("open windows of unknown groups", &|s| {
+            s.put_u32s("windows.open.group", &vec![total + 3; open_group.len()])
+                .unwrap();
+        });
+        add("open windows of one group twice", &|s| {
+            s.put_u32s("windows.open.group", &vec![open_group[0]; open_group.len()])
+                .unwrap();
+        });
+        add("open windows that add up wrong", &|s| {
+            let mut l = open_len.clone();
+            l[0] += 1;
+            s.put_u32s("windows.open.len", &l).unwrap();
+        });
+        add("open windows of fewer keys", &|s| {
+            s.put_u32s("windows.open.len", &open_len[1..]).unwrap();
+        });
+        add("keys of an unknown device", &|s| {
+            let mut k = s.u32s("windows.device_keys.len").unwrap();
+            k.resize(devices + 1000, 0);
+            *k.last_mut().unwrap() = 1;
+            s.put_u32s("windows.device_keys.len", &k).unwrap();
+            let mut v = s.u32s("windows.device_keys.values").unwrap();
+            v.push(0);
+            s.put_u32s("windows.device_keys.values", &v).unwrap();
+        });
+        add("a device of an unknown key", &|s| {
+            s.put_u32s(
+                "windows.device_keys.values",
+                &vec![keys + 1; open_len.len()],
+            )
+            .unwrap();
+        });
+        add("a device key id out of range", &|s| {
+            s.put_u32s("windows.device_key_id", &vec![keys; devices])
+                .unwrap();
+        });
+        add("a due group out of range", &|s| {
+            s.put_u32s("windows.due", &[total + 1]).unwrap();
+        });
+        add("slots of another count", &|s| {
+            let slots = meta["slots"].as_array().unwrap().len();
+            s.put_u32s("windows.slot_groups.len", &vec![0; slots + 1])
+                .unwrap();
+        });
+        add("no live window counted", &|s| {
+            let mut m = meta.clone();
+            m["live"] = 0.into();
+            s.put_json("windows.meta", &m).unwrap();
+        });
+        add("slots with no live windows", &|s| {
+            let mut m = meta.clone();
+            for slot in m["slots"].as_array_mut().unwrap() {
+                slot[1] = 0.into();
+            }
+            s.put_json("windows.meta", &m).unwrap();
+        });
+        add("an aggregate's state of another shape", &|s| {
+            s.put_u32s("windows.acc0", &[1, 2, 3]).unwrap();
+        });
+        add("an aggregate's state of other types", &|s| {
+            let text: ArrayRef = Arc::new(StringArray::from(vec!["x"; total as usize]));
+            s.put_arrays("windows.acc0", vec![text.clone(), text])
+                .unwrap();
+        });
+        add("a count of another type", &|s| {
+            let n: ArrayRef = Arc::new(Float64Array::from(vec![1.0; total as usize]));
+            s.put_arrays("windows.acc1", vec![n]).unwrap();
+        });
+        add("a state with a column too few", &|s| {
+            let state = s.arrays("windows.acc0", None).unwrap();
+            s.put_arrays("windows.acc0", state[..1].to_vec()).unwrap();
+        });
+        add("keys of another type", &|s| {
+            s.put_u32s("windows.keys", &vec![7; keys as usize]).unwrap();
+        });
+        add("keys of another count", &|s| {
+            s.put_strings("windows.keys", ["a"]).unwrap();
+        });
+        add("no windows at all", &|s| {
+            s.put_json("windows.meta", &serde_json::json!({})).unwrap();
+        });
+        add("a device too few", &|s| {
+            let names = s.strings("watermarks.names").unwrap();
+            s.put_strings("watermarks.names", names[1..].iter().map(String::as_str))
+                .unwrap();
+        });
+        add("a device twice", &|s| {
+            s.put_strings("watermarks.names", vec!["a"; devices])
+                .unwrap();
+        });
+        add("clocks of another count", &|s| {
+            s.put_i64s("watermarks.flags", &[1]).unwrap();
+        });
+        add("an unknown device waiting", &|s| {
+            s.put_u32s("watermarks.by_arrival.device", &[1000]).unwrap();
+            s.put_i64s("watermarks.by_arrival.time", &[0]).unwrap();
+        });
+        add("an unknown device silent", &|s| {
+            s.put_u32s("watermarks.pending_silent", &[devices as u32])
+                .unwrap();
+        });
+        add("a queue of two lengths", &|s| {
+            s.put_i64s("watermarks.by_watermark.time", &[1, 2, 3])
+                .unwrap();
+        });
+        add("no late count", &|s| {
+            s.put_json(
+                "program",
+                &serde_json::json!({"kind": "windowed", "signature": "x"}),
+            )
+            .unwrap();
+        });
+
+        // Windows across devices: slots hold their groups.
+        let sql = TUMBLE_ACROSS;
+        let good = saved_after(sql, &catalog, &steps[..steps.len() / 2]).await;
+        let slot_values = good.u32s("windows.slot_groups.values").unwrap();
+        assert!(!slot_values.is_empty());
+        let total = good.u32s("windows.group_keys").unwrap().len() as u32;
+        let mut s = good.clone();
+        s.put_u32s(
+            "windows.slot_groups.values",
+            &vec![total; slot_values.len()],
+        )
+        .unwrap();
+        damages.push(("slot groups out of range", sql, s));
+        let mut s = good.clone();
+        s.put_u32s("windows.group_keys", &vec![u32::MAX; total as usize])
+            .unwrap();
+        damages.push(("slots of emitted groups", sql, s));
+        let mut s = good.clone();
+        s.put_u32s("windows.slot_groups.len", &[slot_values.len() as u32 + 1])
+            .unwrap();
+        damages.push(("slot groups that add up wrong", sql, s));
+
+        // Sessions per device.
+        let sql = SESSION_PER_DEVICE;
+        let good = saved_after(sql, &catalog, &steps[..steps.len() / 2]).await;
+        let windows = good.i64s("windows.groups.start").unwrap().len();
+        assert!(windows > 0);
+        let mut s = good.clone();
+        s.put_u32s("windows.groups.device", &vec![1000; windows])
+            .unwrap();
+        damages.push(("sessions of an unknown device", sql, s));
+        let mut s = good.clone();
+        s.put_i64s("windows.groups.end", &vec![i64::MIN; windows])
+            .unwrap();
+        damages.push(("sessions ending before they start", sql, s));
+        let mut s = good.clone();
+        s.put_u32s("windows.groups.device", &[0]).unwrap();
+        damages.push(("a device for one session", sql, s));
+        let mut s = good.clone();
+        let text: ArrayRef = Arc::new(StringArray::from(vec!["x"; windows]));
+        s.put_arrays("windows.acc1", vec![text.clone(), text])
+            .unwrap();
+        damages.push(("a session's average of other types", sql, s));
+        let mut s = good.clone();
+        s.put_arrays(
+            "windows.groups.key",
+            vec![Arc::new(UInt32Array::from(vec![1; windows])) as ArrayRef],
+        )
+        .unwrap();
+        damages.push(("session keys of another type", sql, s));
+
+        let mut failed = Vec::new();
+        for (what, sql, damaged) in damages {
+            let damaged = Snapshot::decode(&damaged.encode().unwrap()).unwrap();
+            if let Err(e) = refused(what, sql, &catalog, &damaged).await {
+                failed.push(e);
+            }
+        }
+        assert!(failed.is_empty(), "not refused cleanly: {failed:?}");
     }
 }
 

@@ -5,6 +5,7 @@ use arrow::datatypes::SchemaRef;
 use tributary_engine::event::{RECEIVED_AT, TS};
 use tributary_engine::log::Record;
 use tributary_engine::rule::{Emitted, Output, RuleProgram};
+use tributary_engine::snapshot::Snapshot;
 
 use super::steps::{Step, run_steps};
 use super::target::Target;
@@ -35,7 +36,24 @@ impl RuleProgram for StatelessProgram {
         }
         Ok(())
     }
+
+    fn snapshot(&mut self) -> Result<Option<Snapshot>, String> {
+        let mut s = Snapshot::new();
+        s.put_json(PROGRAM, &KIND)?;
+        Ok(Some(s))
+    }
+
+    fn restore(&mut self, snapshot: &Snapshot) -> Result<(), String> {
+        match snapshot.json::<String>(PROGRAM) {
+            Ok(kind) if kind == KIND => Ok(()),
+            _ => Err("the checkpoint is of a rule with state; this one has none".into()),
+        }
+    }
 }
+
+/// The snapshot part naming the kind of program, and this program's kind.
+const PROGRAM: &str = "program";
+const KIND: &str = "stateless";
 
 impl StatelessProgram {
     fn run(&self, record: &Record) -> Result<Option<Emitted>, String> {

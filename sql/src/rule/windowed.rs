@@ -12,6 +12,7 @@ use datafusion::physical_expr::PhysicalExpr;
 use tributary_engine::event::TS;
 use tributary_engine::log::Record;
 use tributary_engine::rule::{Output, ProgramStats, RowIds, RuleProgram};
+use tributary_engine::snapshot::Snapshot;
 
 use super::arrival;
 use super::stateless::time_column;
@@ -469,6 +470,54 @@ impl RuleProgram for WindowedProgram {
             }
             _ => false,
         }
+    }
+
+    fn snapshot(&mut self) -> Result<Option<Snapshot>, String> {
+        let mut s = Snapshot::new();
+        s.put_json(
+            "program",
+            &serde_json::json!({
+                "kind": "windowed",
+                "signature": self.signature,
+                "late_events": self.state.late_events,
+            }),
+        )?;
+        self.state.watermarks.snapshot(&mut s, "watermarks")?;
+        match &mut self.state.windows {
+            Windows::Aligned(a) => a.snapshot(&mut s, "windows")?,
+            Windows::Sessions { state, closed } => {
+                if !closed.is_empty() {
+                    return Err("closed sessions are still to be emitted".into());
+                }
+                state.snapshot(&mut s, "windows")?
+            }
+        }
+        Ok(Some(s))
+    }
+
+    fn restore(&mut self, snapshot: &Snapshot) -> Result<(), String> {
+        #[derive(serde::Deserialize)]
+        struct Meta {
+            kind: String,
+            signature: String,
+            late_events: u64,
+        }
+        let meta: Meta = snapshot.json("program")?;
+        if meta.kind != "windowed" || meta.signature != self.signature {
+            return Err("the checkpoint is of another plan".into());
+        }
+        // Windows name devices by the watermarks' numbers: they are
+        // checked against the saved watermarks before anything changes.
+        let mut watermarks = self.state.watermarks.clone();
+        watermarks.restore(snapshot, "watermarks")?;
+        let devices = watermarks.len();
+        match &mut self.state.windows {
+            Windows::Aligned(a) => a.restore(snapshot, "windows", devices)?,
+            Windows::Sessions { state, .. } => state.restore(snapshot, "windows", devices)?,
+        }
+        self.state.watermarks = watermarks;
+        self.state.late_events = meta.late_events;
+        Ok(())
     }
 }
 

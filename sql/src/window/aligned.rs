@@ -14,13 +14,15 @@
 
 use std::collections::BTreeMap;
 
-use arrow::array::{Array, ArrayRef, UInt32Array};
+use arrow::array::{Array, ArrayRef, UInt32Array, new_empty_array};
 use arrow::compute::{TakeOptions, take};
 use arrow::datatypes::{DataType, SchemaRef};
 use arrow::row::RowConverter;
 use datafusion::common::HashMap;
 use datafusion::logical_expr::{EmitTo, GroupsAccumulator};
 use datafusion::physical_expr::GroupsAccumulatorAdapter;
+
+use tributary_engine::snapshot::Snapshot;
 
 use super::WindowSpec;
 use super::state::{Aggregate, Batch, Closed, key_converter, value_types};
@@ -35,6 +37,9 @@ const EMITTED: u32 = u32::MAX;
 
 /// Renumbering is not worth it below this many groups.
 const COMPACT_MIN: usize = 1024;
+
+/// A slot in a snapshot: (window start, live groups, first offsets).
+type SavedSlot = (i64, usize, Vec<(u32, u64)>);
 
 /// The open groups of one window start.
 #[derive(Default)]
@@ -493,6 +498,266 @@ impl AlignedState {
                 })
             })
             .collect()
+    }
+
+    /// Saves the open windows into `s`, under `prefix`, as they are numbered
+    /// now (emitted groups' spent state included), so a restore continues
+    /// exactly where this state is. Device numbers are the watermarks'.
+    pub fn snapshot(&mut self, s: &mut Snapshot, prefix: &str) -> Result<(), String> {
+        let part = |name: &str| format!("{prefix}.{name}");
+        let slots: Vec<SavedSlot> = self
+            .slots
+            .iter()
+            .map(|(start, slot)| (*start, slot.live, slot.from.clone()))
+            .collect();
+        s.put_json(
+            &part("meta"),
+            &serde_json::json!({
+                "size": self.size,
+                "key_count": self.key_count,
+                "per_device": self.per_device,
+                "aggregates": self.accumulators.len(),
+                "live": self.live,
+                "keys": self.key_bytes.len(),
+                "slots": slots,
+            }),
+        )?;
+        let slot_groups: Vec<Vec<u32>> = self.slots.values().map(|s| s.groups.clone()).collect();
+        s.put_nested_u32s(&part("slot_groups"), &slot_groups)?;
+        // Keys as typed columns: Arrow's row format is not promised to stay
+        // the same from one Arrow version to the next.
+        let key_columns = if self.key_count == 0 || self.key_bytes.is_empty() {
+            Vec::new()
+        } else {
+            let parser = self.converter.parser();
+            self.converter
+                .convert_rows(self.key_bytes.iter().map(|k| parser.parse(k)))
+                .map_err(|e| e.to_string())?
+        };
+        s.put_arrays(&part("keys"), key_columns)?;
+        let open_len: Vec<u32> = self.open.iter().map(|o| o.len() as u32).collect();
+        let (open_start, open_group): (Vec<i64>, Vec<u32>) =
+            self.open.iter().flatten().copied().unzip();
+        s.put_u32s(&part("open.len"), &open_len)?;
+        s.put_i64s(&part("open.start"), &open_start)?;
+        s.put_u32s(&part("open.group"), &open_group)?;
+        s.put_nested_u32s(&part("device_keys"), &self.device_keys)?;
+        s.put_u32s(&part("device_key_id"), &self.device_key_id)?;
+        s.put_u32s(&part("group_keys"), &self.group_keys)?;
+        s.put_i64s(&part("group_starts"), &self.group_starts)?;
+        s.put_u32s(&part("due"), &self.due)?;
+        let total = self.group_keys.len();
+        let identity: Vec<usize> = (0..total).collect();
+        for (j, acc) in self.accumulators.iter_mut().enumerate() {
+            let state = if total == 0 {
+                // The state of no groups, which accumulators behind a
+                // `GroupsAccumulatorAdapter` (`approx_distinct`) fail to
+                // build.
+                let fields = self.aggregates[j]
+                    .expr
+                    .state_fields()
+                    .map_err(|e| e.to_string())?;
+                fields
+                    .iter()
+                    .map(|f| new_empty_array(f.data_type()))
+                    .collect()
+            } else {
+                // Taking the state empties the accumulator: put it straight
+                // back.
+                let state = acc.state(EmitTo::All).map_err(|e| e.to_string())?;
+                acc.merge_batch(&state, &identity, total)
+                    .map_err(|e| e.to_string())?;
+                state
+            };
+            s.put_arrays(&part(&format!("acc{j}")), state)?;
+        }
+        Ok(())
+    }
+
+    /// Replaces this (new, empty) state with the one saved under `prefix`,
+    /// whose device numbers must be below `devices` (the devices the
+    /// restored watermarks know). Nothing changes unless it all fits.
+    pub fn restore(&mut self, s: &Snapshot, prefix: &str, devices: usize) -> Result<(), String> {
+        let part = |name: &str| format!("{prefix}.{name}");
+        #[derive(serde::Deserialize)]
+        struct Meta {
+            size: i64,
+            key_count: usize,
+            per_device: bool,
+            aggregates: usize,
+            live: usize,
+            keys: usize,
+            slots: Vec<SavedSlot>,
+        }
+        let meta: Meta = s.json(&part("meta"))?;
+        if (meta.size, meta.key_count, meta.per_device, meta.aggregates)
+            != (
+                self.size,
+                self.key_count,
+                self.per_device,
+                self.accumulators.len(),
+            )
+        {
+            return Err("the saved windows are of another plan".into());
+        }
+        let damaged = |what: &str| format!("the saved windows are damaged: {what}");
+        let keys = meta.keys;
+        let key_columns = s.arrays(&part("keys"), None)?;
+        let key_bytes: Vec<Box<[u8]>> = if key_columns.is_empty() {
+            if self.key_count > 0 && keys > 0 {
+                return Err(damaged("group keys"));
+            }
+            vec![Box::default(); keys]
+        } else {
+            if key_columns.len() != self.key_count || key_columns[0].len() != keys {
+                return Err(damaged("group keys"));
+            }
+            let rows = self
+                .converter
+                .convert_columns(&key_columns)
+                .map_err(|e| format!("the saved group keys do not fit this rule: {e}"))?;
+            rows.iter().map(|r| r.data().into()).collect()
+        };
+        let group_keys = s.u32s(&part("group_keys"))?;
+        let group_starts = s.i64s(&part("group_starts"))?;
+        let total = group_keys.len();
+        if group_starts.len() != total
+            || group_keys
+                .iter()
+                .any(|k| *k != EMITTED && *k as usize >= keys)
+        {
+            return Err(damaged("group keys"));
+        }
+        let in_range = |groups: &[u32]| groups.iter().all(|g| (*g as usize) < total);
+        let open_len = s.u32s(&part("open.len"))?;
+        let open_start = s.i64s(&part("open.start"))?;
+        let open_group = s.u32s(&part("open.group"))?;
+        if open_len.len() != keys || open_start.len() != open_group.len() || !in_range(&open_group)
+        {
+            return Err(damaged("open windows"));
+        }
+        let open = tributary_engine::snapshot::split_by(
+            &part("open"),
+            &open_len,
+            open_start.into_iter().zip(open_group).collect(),
+        )?;
+        let device_keys = s.nested_u32s(&part("device_keys"))?;
+        let device_key_id = s.u32s(&part("device_key_id"))?;
+        if device_keys.iter().flatten().any(|k| *k as usize >= keys)
+            || device_key_id
+                .iter()
+                .any(|k| *k != u32::MAX && *k as usize >= keys)
+        {
+            return Err(damaged("device keys"));
+        }
+        if device_keys.len() > devices || device_key_id.len() > devices {
+            return Err(damaged("they refer to devices the watermarks do not know"));
+        }
+        let due = s.u32s(&part("due"))?;
+        let slot_groups = s.nested_u32s(&part("slot_groups"))?;
+        if slot_groups.len() != meta.slots.len()
+            || !in_range(&due)
+            || !slot_groups.iter().all(|g| in_range(g))
+        {
+            return Err(damaged("slots"));
+        }
+        // The numbering must agree with itself: closing windows indexes
+        // keys by group and counts down `live` and each slot's live groups.
+        let mut open_at = vec![false; total];
+        let mut live_by_start: BTreeMap<i64, usize> = BTreeMap::new();
+        for (key, windows) in open.iter().enumerate() {
+            for &(start, g) in windows {
+                let g = g as usize;
+                if open_at[g] || group_keys[g] as usize != key || group_starts[g] != start {
+                    return Err(damaged("open windows"));
+                }
+                open_at[g] = true;
+                *live_by_start.entry(start).or_default() += 1;
+            }
+        }
+        let live: usize = live_by_start.values().sum();
+        let mut due_at = vec![false; total];
+        for g in &due {
+            let g = *g as usize;
+            if due_at[g] || open_at[g] || group_keys[g] == EMITTED {
+                return Err(damaged("due windows"));
+            }
+            due_at[g] = true;
+        }
+        let unemitted = group_keys.iter().filter(|k| **k != EMITTED).count();
+        if meta.live != live || unemitted != live + due.len() {
+            return Err(damaged("open windows"));
+        }
+        let slot_lives: BTreeMap<i64, usize> =
+            meta.slots.iter().map(|(s, l, _)| (*s, *l)).collect();
+        if slot_lives.len() != meta.slots.len() || slot_lives != live_by_start {
+            return Err(damaged("slots"));
+        }
+        // Windows across devices close a slot's groups at once (each open
+        // group of its start, once); per device, slots only count.
+        let mut in_slot = vec![false; total];
+        for ((start, live, _), groups) in meta.slots.iter().zip(&slot_groups) {
+            let expected = if self.per_device { 0 } else { *live };
+            if groups.len() != expected {
+                return Err(damaged("slots"));
+            }
+            for g in groups {
+                let g = *g as usize;
+                if in_slot[g] || !open_at[g] || group_starts[g] != *start {
+                    return Err(damaged("slots"));
+                }
+                in_slot[g] = true;
+            }
+        }
+        let mut accumulators = Vec::with_capacity(self.aggregates.len());
+        let identity: Vec<usize> = (0..total).collect();
+        for (j, a) in self.aggregates.iter().enumerate() {
+            let state = s.arrays(&part(&format!("acc{j}")), None)?;
+            // Accumulators take their state's columns as given: a column of
+            // another type, or one missing, would panic in `merge_batch`.
+            let fields = a.expr.state_fields().map_err(|e| e.to_string())?;
+            if state.len() != fields.len()
+                || state
+                    .iter()
+                    .zip(&fields)
+                    .any(|(a, f)| a.len() != total || !a.data_type().equals_datatype(f.data_type()))
+            {
+                return Err(damaged(&format!("the state of aggregate {}", j + 1)));
+            }
+            let mut acc = new_accumulator(a).map_err(|e| e.to_string())?;
+            acc.merge_batch(&state, &identity, total)
+                .map_err(|e| format!("aggregate {}: {e}", j + 1))?;
+            accumulators.push(acc);
+        }
+        let key_ids: HashMap<Box<[u8]>, u32> = key_bytes
+            .iter()
+            .enumerate()
+            .map(|(i, k)| (k.clone(), i as u32))
+            .collect();
+        if key_ids.len() != keys {
+            return Err(damaged("a group key saved twice"));
+        }
+        self.accumulators = accumulators;
+        self.key_ids = key_ids;
+        self.key_hashes = key_bytes
+            .iter()
+            .map(|k| super::state::key_hash(k))
+            .collect();
+        self.key_bytes = key_bytes;
+        self.open = open;
+        self.device_keys = device_keys;
+        self.device_key_id = device_key_id;
+        self.group_keys = group_keys;
+        self.group_starts = group_starts;
+        self.live = meta.live;
+        self.slots = meta
+            .slots
+            .into_iter()
+            .zip(slot_groups)
+            .map(|((start, live, from), groups)| (start, Slot { groups, live, from }))
+            .collect();
+        self.due = due;
+        Ok(())
     }
 
     /// Numbers the `kept` groups 0, 1, ... in order.

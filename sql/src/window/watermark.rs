@@ -12,6 +12,8 @@ use std::collections::BinaryHeap;
 
 use datafusion::common::HashMap;
 
+use tributary_engine::snapshot::Snapshot;
+
 use super::TimeOptions;
 
 /// A device as the watermarks know it.
@@ -334,6 +336,103 @@ impl Watermarks {
         if let Some(clock) = self.clocks.get_mut(device as usize) {
             clock.floor = clock.floor.max(floor);
         }
+    }
+
+    /// Saves the clocks of every device into `s`, under `prefix`. Device
+    /// numbers are kept: window state refers to devices by number.
+    pub fn snapshot(&self, s: &mut Snapshot, prefix: &str) -> Result<(), String> {
+        let part = |name: &str| format!("{prefix}.{name}");
+        s.put_json(
+            &part("meta"),
+            &serde_json::json!({
+                "global": self.global,
+                "now": self.now,
+                "global_wanted": self.global_wanted,
+            }),
+        )?;
+        s.put_strings(&part("names"), self.names.iter().map(String::as_str))?;
+        let column = |f: fn(&Clock) -> i64| self.clocks.iter().map(f).collect::<Vec<_>>();
+        s.put_i64s(&part("max_ts"), &column(|c| c.max_ts))?;
+        s.put_i64s(&part("last_seen"), &column(|c| c.last_seen))?;
+        s.put_i64s(&part("floor"), &column(|c| c.floor))?;
+        s.put_i64s(
+            &part("flags"),
+            &column(|c| i64::from(c.active) | (i64::from(c.ranked) << 1)),
+        )?;
+        for (name, queue) in [
+            ("by_watermark", &self.by_watermark),
+            ("by_arrival", &self.by_arrival),
+        ] {
+            let (times, devices): (Vec<i64>, Vec<u32>) =
+                queue.iter().map(|Reverse(entry)| *entry).unzip();
+            s.put_i64s(&part(&format!("{name}.time")), &times)?;
+            s.put_u32s(&part(&format!("{name}.device")), &devices)?;
+        }
+        s.put_u32s(&part("pending_silent"), &self.pending_silent)
+    }
+
+    /// Replaces these (new, empty) watermarks with the ones saved under
+    /// `prefix`.
+    pub fn restore(&mut self, s: &Snapshot, prefix: &str) -> Result<(), String> {
+        let part = |name: &str| format!("{prefix}.{name}");
+        #[derive(serde::Deserialize)]
+        struct Meta {
+            global: i64,
+            now: i64,
+            global_wanted: bool,
+        }
+        let meta: Meta = s.json(&part("meta"))?;
+        if meta.global_wanted != self.global_wanted {
+            return Err("the saved watermarks are of a rule with other windows".into());
+        }
+        let names = s.strings(&part("names"))?;
+        let max_ts = s.i64s(&part("max_ts"))?;
+        let last_seen = s.i64s(&part("last_seen"))?;
+        let floor = s.i64s(&part("floor"))?;
+        let flags = s.i64s(&part("flags"))?;
+        let n = names.len();
+        if [max_ts.len(), last_seen.len(), floor.len(), flags.len()] != [n; 4] {
+            return Err(format!(
+                "the saved watermarks do not match: {n} devices but clocks of other lengths"
+            ));
+        }
+        let queue = |name: &str| -> Result<Queue, String> {
+            let times = s.i64s(&part(&format!("{name}.time")))?;
+            let devices = s.u32s(&part(&format!("{name}.device")))?;
+            if times.len() != devices.len() || devices.iter().any(|d| *d as usize >= n) {
+                return Err(format!("the saved watermark queue '{name}' is damaged"));
+            }
+            Ok(times.into_iter().zip(devices).map(Reverse).collect())
+        };
+        let by_watermark = queue("by_watermark")?;
+        let by_arrival = queue("by_arrival")?;
+        let pending_silent = s.u32s(&part("pending_silent"))?;
+        if pending_silent.iter().any(|d| *d as usize >= n) {
+            return Err("the saved silent devices are damaged".into());
+        }
+        let mut index = HashMap::default();
+        for (i, name) in names.iter().enumerate() {
+            if index.insert(DeviceName::new(name), i as u32).is_some() {
+                return Err(format!("the saved watermarks hold device '{name}' twice"));
+            }
+        }
+        self.clocks = (0..n)
+            .map(|i| Clock {
+                max_ts: max_ts[i],
+                last_seen: last_seen[i],
+                floor: floor[i],
+                active: flags[i] & 1 != 0,
+                ranked: flags[i] & 2 != 0,
+            })
+            .collect();
+        self.index = index;
+        self.names = names;
+        self.by_watermark = by_watermark;
+        self.by_arrival = by_arrival;
+        self.global = meta.global;
+        self.now = meta.now;
+        self.pending_silent = pending_silent;
+        Ok(())
     }
 
     /// Bytes held, roughly.
