@@ -170,23 +170,27 @@ impl Checkpoints {
     }
 
     /// Writes a rule's checkpoint; a crash leaves the old one or the new.
-    pub async fn save(&self, checkpoint: &Checkpoint) -> Result<()> {
-        let bytes = checkpoint.encode()?;
+    /// Encoding and writing happen off the async threads.
+    pub async fn save(&self, checkpoint: Checkpoint) -> Result<()> {
         let path = self.path(&checkpoint.rule);
-        blocking(move || fsutil::write_atomic(&path, &bytes)).await
+        blocking(move || fsutil::write_atomic(&path, &checkpoint.encode()?)).await
     }
 
-    /// A rule's last checkpoint, if it has one.
+    /// A rule's last checkpoint, if it has one. A damaged file (it is
+    /// written atomically, so only a damaged disk does that) is renamed to
+    /// `<rule>.ckpt.damaged` and reported, and the rule goes on without
+    /// it; a file that cannot be read now is an error, to be tried again.
     pub async fn load(&self, rule: &str) -> Result<Option<Checkpoint>> {
         let path = self.path(rule);
         blocking(move || read(&path)).await
     }
 
-    /// Deletes a rule's checkpoint (the rule was dropped).
+    /// Deletes a rule's checkpoint (the rule was dropped), durably.
     pub async fn remove(&self, rule: &str) -> Result<()> {
         let path = self.path(rule);
+        let dir = self.dir.clone();
         blocking(move || match std::fs::remove_file(&path) {
-            Ok(()) => Ok(()),
+            Ok(()) => fsutil::sync_dir(&dir),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(Error::io(format!("remove {}", path.display()), e)),
         })
@@ -200,7 +204,16 @@ fn read(path: &Path) -> Result<Option<Checkpoint>> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(Error::io(format!("read {}", path.display()), e)),
     };
-    Checkpoint::decode(&bytes, &path.display().to_string()).map(Some)
+    match Checkpoint::decode(&bytes, &path.display().to_string()) {
+        Ok(c) => Ok(Some(c)),
+        Err(e) => {
+            let aside = path.with_extension("ckpt.damaged");
+            tracing::error!(error = %e, moved_to = %aside.display(), "damaged rule checkpoint set aside; the rule rebuilds its state");
+            std::fs::rename(path, &aside)
+                .map_err(|e| Error::io(format!("rename {}", path.display()), e))?;
+            Ok(None)
+        }
+    }
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
@@ -253,7 +266,7 @@ mod tests {
             ],
             state: Some(state),
         };
-        store.save(&ckpt).await.unwrap();
+        store.save(ckpt).await.unwrap();
         let back = store.load("r").await.unwrap().unwrap();
         assert_eq!(back.producer, "rule:r:ab12");
         assert_eq!(back.next_seq, 9);
@@ -268,8 +281,15 @@ mod tests {
         let middle = bytes.len() / 2;
         bytes[middle] ^= 1;
         std::fs::write(&path, &bytes).unwrap();
-        let err = store.load("r").await.unwrap_err().to_string();
-        assert!(err.contains("checksum"), "{err}");
+        // Set aside, not read and not overwritten.
+        assert!(store.load("r").await.unwrap().is_none());
+        assert!(dir.path().join("checkpoints/r.ckpt.damaged").exists());
+        assert!(
+            Checkpoint::decode(&bytes, "r")
+                .unwrap_err()
+                .to_string()
+                .contains("checksum")
+        );
 
         store.remove("r").await.unwrap();
         store.remove("r").await.unwrap();

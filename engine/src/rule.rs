@@ -230,12 +230,18 @@ struct Progress {
 }
 
 impl Progress {
-    fn new() -> Self {
+    /// A new producer for `rule` (a rule of that name created at
+    /// `created_at`): its key is new, so no number it uses was used before.
+    fn new(rule: &str, created_at: i64) -> Self {
         let mut nonce = [0u8; 8];
-        // SystemRandom only fails when the OS has no entropy source at all.
+        // SystemRandom only fails when the OS has no entropy source at all;
+        // the rule and its creation time still tell producers apart.
         let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut nonce);
         Progress {
-            producer: format!("rule:{:016x}", u64::from_le_bytes(nonce)),
+            producer: format!(
+                "rule:{rule}:{created_at}:{:016x}",
+                u64::from_le_bytes(nonce)
+            ),
             next_seq: 1,
             sealed: Vec::new(),
             unsealed: Vec::new(),
@@ -277,12 +283,18 @@ impl Progress {
                 .map(|(_, b)| b)
                 .collect();
             let batch = arrow::compute::concat_batches(&batches[0].schema(), batches)?;
-            self.sealed.push(PendingRows {
-                stream,
-                seq: self.next_seq,
-                batch,
-            });
-            self.next_seq += 1;
+            // Records of bounded size, whatever a checkpoint gathered.
+            let mut start = 0;
+            while start < batch.num_rows() {
+                let len = SEALED_ROWS.min(batch.num_rows() - start);
+                self.sealed.push(PendingRows {
+                    stream: stream.clone(),
+                    seq: self.next_seq,
+                    batch: batch.slice(start, len),
+                });
+                self.next_seq += 1;
+                start += len;
+            }
         }
         self.unsealed.clear();
         self.unsealed_rows = 0;
@@ -293,6 +305,9 @@ impl Progress {
         self.sealed.is_empty() && self.unsealed.is_empty()
     }
 }
+
+/// Most rows in one record a rule appends.
+const SEALED_ROWS: usize = 8192;
 
 /// What a stopped worker hands back: its program, how far it read, and the
 /// rows it has not appended yet.
@@ -347,8 +362,11 @@ impl RuleRuntime {
     }
 
     /// Makes a new rule start at the current end of its source, so it acts on
-    /// events that arrive from now on. Call once, when the rule is created.
+    /// events that arrive from now on, with no checkpoint. Call once, when the
+    /// rule is created (or starts reading another source).
     pub async fn position_at_end(&self, def: &RuleDef) -> Result<()> {
+        // A checkpoint left by an earlier rule of that name is not this one's.
+        self.checkpoints.remove(&def.name).await?;
         let consumer = consumer_name(&def.name);
         for p in 0..self.log.partitions(&def.source)? {
             let end = self.log.end_offset(&def.source, p)?;
@@ -390,6 +408,10 @@ impl RuleRuntime {
             checkpoints: self.checkpoints.clone(),
             offsets,
             progress,
+            undelivered: None,
+            used: false,
+            reload: false,
+            saved: false,
             dirty: true,
             last_checkpoint: Instant::now(),
             checkpoint_cost: Duration::ZERO,
@@ -428,9 +450,10 @@ impl RuleRuntime {
                 // The checkpoint's state is not this program's: a restart
                 // before the new program's first checkpoint rebuilds from the
                 // committed offsets, keeping the rows not yet appended.
-                if let Some(progress) = &progress {
-                    self.checkpoints
-                        .save(&Checkpoint {
+                if let Some(progress) = &progress
+                    && let Err(e) = self
+                        .checkpoints
+                        .save(Checkpoint {
                             rule: def.name.clone(),
                             source: def.source.clone(),
                             producer: progress.producer.clone(),
@@ -439,7 +462,10 @@ impl RuleRuntime {
                             pending: progress.sealed.clone(),
                             state: None,
                         })
-                        .await?;
+                        .await
+                {
+                    // The new worker saves its own first checkpoint at once.
+                    tracing::warn!(rule = %def.name, error = %e, "saving the replaced rule's checkpoint");
                 }
                 (None, Handover::Rebuilt)
             }
@@ -511,8 +537,9 @@ const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 const MAX_UNSEALED_ROWS: usize = 65_536;
 
 /// The shortest pause between checkpoints of a rule whose source went
-/// quiet, so rows for streams do not wait for [`CHECKPOINT_EVERY`].
-const QUIET_CHECKPOINT_GAP: Duration = Duration::from_millis(20);
+/// quiet, so rows for streams do not wait for [`CHECKPOINT_EVERY`]; at
+/// least 20 times the last checkpoint's own time.
+const QUIET_CHECKPOINT_GAP: Duration = Duration::from_millis(100);
 
 struct Worker {
     program: Box<dyn RuleProgram>,
@@ -522,10 +549,20 @@ struct Worker {
     offsets: Option<Vec<u64>>,
     /// None until it is read from the checkpoint.
     progress: Option<Progress>,
+    /// Output whose commands are not queued yet (the queue failed); it is
+    /// delivered before anything else, and no checkpoint is taken before.
+    undelivered: Option<Output>,
+    /// The program's state may hold input that `offsets` does not cover (a
+    /// call failed halfway): it must not read from `offsets` again.
+    used: bool,
+    /// Go back to the last checkpoint before going on.
+    reload: bool,
+    /// Whether a checkpoint was saved since this worker took its position.
+    saved: bool,
     /// Whether anything happened since the last checkpoint.
     dirty: bool,
     last_checkpoint: Instant,
-    /// How long the last checkpoint took to take the program's state.
+    /// How long the last checkpoint took.
     checkpoint_cost: Duration,
 }
 
@@ -538,10 +575,12 @@ impl Worker {
                 Err(e) => {
                     let d = &self.delivery;
                     d.stats.error(format!("rule '{}': {e}", d.def.name));
-                    // The program may have taken in input whose output was
-                    // not delivered: go back to the last checkpoint.
-                    self.offsets = None;
-                    self.progress = None;
+                    if std::mem::take(&mut self.reload) {
+                        self.offsets = None;
+                        self.progress = None;
+                        self.undelivered = None;
+                        self.saved = false;
+                    }
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
                         _ = stop.changed() => break,
@@ -550,10 +589,7 @@ impl Worker {
                 }
             }
         }
-        if self.offsets.is_some()
-            && self.progress.is_some()
-            && let Err(e) = self.checkpoint().await
-        {
+        if let Err(e) = self.last_checkpoint().await {
             let d = &self.delivery;
             d.stats
                 .error(format!("rule '{}': last checkpoint: {e}", d.def.name));
@@ -565,23 +601,26 @@ impl Worker {
         }
     }
 
+    /// Saves what the worker has done, when it knows where it is.
+    async fn last_checkpoint(&mut self) -> Result<()> {
+        if self.offsets.is_none() || self.progress.is_none() || self.reload {
+            return Ok(());
+        }
+        if let Some(out) = self.undelivered.take() {
+            self.take_output(out).await?;
+        }
+        self.checkpoint().await
+    }
+
     /// Restores the program from the rule's checkpoint, or else positions
     /// it at the committed offsets, and appends the checkpoint's rows.
     async fn load(&mut self, partitions: u32) -> Result<()> {
         let d = &self.delivery;
         let source = &d.def.source;
         if self.progress.is_none() {
-            let checkpoint = match self.checkpoints.load(&d.def.name).await {
-                Ok(c) => c,
-                Err(e) => {
-                    // Written atomically, so only a damaged disk gets here.
-                    d.stats.error(format!(
-                        "rule '{}': {e}; rebuilding from the committed offsets",
-                        d.def.name
-                    ));
-                    None
-                }
-            };
+            // A damaged file is set aside by `load` (and reported); an I/O
+            // error is returned, so the rule tries again.
+            let checkpoint = self.checkpoints.load(&d.def.name).await?;
             let mut resume = None;
             if let Some(c) = &checkpoint {
                 if let (Some(offsets), Some(state)) = (&c.resume, &c.state)
@@ -590,7 +629,10 @@ impl Worker {
                     && self.offsets.is_none()
                 {
                     match self.program.restore(state) {
-                        Ok(()) => resume = Some(offsets.clone()),
+                        Ok(()) => {
+                            resume = Some(offsets.clone());
+                            self.used = false;
+                        }
                         Err(e) => tracing::warn!(
                             rule = %d.def.name,
                             error = %e,
@@ -600,13 +642,21 @@ impl Worker {
                 }
                 self.progress = Some(Progress::from_checkpoint(c));
             } else {
-                self.progress = Some(Progress::new());
+                self.progress = Some(Progress::new(&d.def.name, d.def.created_at));
             }
             if self.offsets.is_none() {
                 self.offsets = resume;
             }
         }
         if self.offsets.is_none() {
+            if self.used {
+                // Reading from the commits again would count events twice.
+                return Err(Error::Internal(format!(
+                    "rule '{}' lost track of its input and cannot restore a checkpoint; \
+                     replace or restart it",
+                    d.def.name
+                )));
+            }
             let consumer = consumer_name(&d.def.name);
             let mut offsets = Vec::with_capacity(partitions as usize);
             for p in 0..partitions {
@@ -625,7 +675,15 @@ impl Worker {
         let partitions = log.partitions(&source)?;
         if self.offsets.is_none() || self.progress.is_none() {
             self.load(partitions).await?;
+        }
+        if let Some(out) = self.undelivered.take() {
+            self.take_output(out).await?;
+        }
+        if !self.saved {
+            // From here on, going back to a checkpoint never means reading
+            // from the commits with a program that has taken input.
             self.dirty = true;
+            self.checkpoint().await?;
         }
         loop {
             if *stop.borrow() {
@@ -642,15 +700,18 @@ impl Worker {
                 let events: usize = records.iter().map(|r| r.batch.num_rows()).sum();
                 stats.events_in.fetch_add(events as u64, Ordering::Relaxed);
                 let mut out = Output::default();
+                self.used = true;
                 if let Err(e) = self.program.process(&records, &mut out) {
+                    self.reload = true;
                     return Err(Error::Internal(e));
                 }
-                self.take_output(out).await?;
                 if let Some(offsets) = self.offsets.as_mut() {
                     offsets[p as usize] = end;
                 }
+                self.used = false;
                 self.dirty = true;
                 progressed = true;
+                self.take_output(out).await?;
                 if self.checkpoint_due(false) {
                     self.checkpoint().await?;
                 }
@@ -661,14 +722,19 @@ impl Worker {
                     self.checkpoint().await?;
                     continue;
                 }
+                let nap = self.quiet_checkpoint_in().unwrap_or(TICK).min(TICK);
                 tokio::select! {
                     changed = appended.changed() => if changed.is_err() { return Ok(()) },
                     _ = stop.changed() => return Ok(()),
-                    _ = tokio::time::sleep(TICK) => {
+                    _ = tokio::time::sleep(nap), if nap < TICK => {}
+                    _ = tokio::time::sleep(TICK), if nap >= TICK => {
                         let mut out = Output::default();
-                        self.program
-                            .advance(now_millis(), &mut out)
-                            .map_err(Error::Internal)?;
+                        self.used = true;
+                        if let Err(e) = self.program.advance(now_millis(), &mut out) {
+                            self.reload = true;
+                            return Err(Error::Internal(e));
+                        }
+                        self.used = false;
                         self.take_output(out).await?;
                         stats.program(self.program.stats());
                     }
@@ -679,64 +745,90 @@ impl Worker {
 
     /// Queues the commands of an output at once (their ids make a replay
     /// harmless) and keeps its rows for streams for the next checkpoint.
+    /// If the queue fails, the output is kept to be delivered again: the
+    /// input that made it is not read twice.
     async fn take_output(&mut self, out: Output) -> Result<()> {
         if !out.rows.is_empty() || !out.late.is_empty() {
             self.dirty = true;
         }
-        let rows = self.delivery.deliver(out).await?;
-        let progress = self.progress.get_or_insert_with(Progress::new);
+        let rows = match self.delivery.queue_commands(&out).await {
+            Ok(()) => self.delivery.stream_rows(out),
+            Err(e) => {
+                self.undelivered = Some(out);
+                return Err(e);
+            }
+        };
+        let progress = self.progress_mut()?;
         for (stream, batch) in rows {
             progress.push(&stream, batch);
         }
         Ok(())
     }
 
+    fn progress_mut(&mut self) -> Result<&mut Progress> {
+        self.progress
+            .as_mut()
+            .ok_or_else(|| Error::Internal("the rule's progress is not loaded".into()))
+    }
+
     /// Whether to take a checkpoint now: regularly while busy, early when
-    /// many rows wait, and soon after the source goes quiet when rows wait
-    /// (but never so often that checkpoints take over the rule's time).
+    /// many rows wait, and soon after the source goes quiet when rows wait.
     fn checkpoint_due(&self, quiet: bool) -> bool {
         if !self.dirty {
             return false;
         }
-        let since = self.last_checkpoint.elapsed();
         let waiting = self.progress.as_ref().map_or(0, |p| p.unsealed_rows);
-        since >= CHECKPOINT_EVERY
+        self.last_checkpoint.elapsed() >= CHECKPOINT_EVERY
             || waiting >= MAX_UNSEALED_ROWS
-            || (quiet
-                && waiting > 0
-                && since >= QUIET_CHECKPOINT_GAP.max(self.checkpoint_cost * 20))
+            || (quiet && self.quiet_checkpoint_in() == Some(Duration::ZERO))
+    }
+
+    /// With rows waiting on a quiet source: how long until the checkpoint
+    /// that appends them. The gap keeps checkpoints from taking over the
+    /// rule's time when events trickle in.
+    fn quiet_checkpoint_in(&self) -> Option<Duration> {
+        let waiting = self.progress.as_ref().map_or(0, |p| p.unsealed_rows);
+        if !self.dirty || waiting == 0 {
+            return None;
+        }
+        let gap = QUIET_CHECKPOINT_GAP.max(self.checkpoint_cost * 20);
+        Some(gap.saturating_sub(self.last_checkpoint.elapsed()))
     }
 
     /// Saves the program's state with the offsets it covers and the rows
     /// produced so far, then appends those rows and commits the offsets.
     async fn checkpoint(&mut self) -> Result<()> {
+        if self.undelivered.is_some() {
+            return Err(Error::Internal(
+                "a checkpoint must wait for the commands to be queued".into(),
+            ));
+        }
         let started = Instant::now();
-        let d = &self.delivery;
-        let state = self.program.snapshot();
-        // What the rule spends on its state (waiting for the disk is not).
-        let cost = started.elapsed();
-        let state = match state {
+        let state = match self.program.snapshot() {
             Ok(state) => state,
             Err(e) => {
-                // Without a snapshot a restart rebuilds from the commits.
-                d.stats
-                    .error(format!("rule '{}': saving its state: {e}", d.def.name));
-                None
+                // Taking the state out may have left the program damaged:
+                // go back to the last checkpoint.
+                self.reload = true;
+                return Err(Error::Internal(format!("saving its state: {e}")));
             }
         };
         let offsets = self.offsets.clone().unwrap_or_default();
-        let progress = self.progress.get_or_insert_with(Progress::new);
+        let d = &self.delivery;
+        let (rule, source) = (d.def.name.clone(), d.def.source.clone());
+        let progress = self.progress_mut()?;
         progress.seal()?;
         let checkpoint = Checkpoint {
-            rule: d.def.name.clone(),
-            source: d.def.source.clone(),
+            rule,
+            source,
             producer: progress.producer.clone(),
             next_seq: progress.next_seq,
             resume: state.is_some().then(|| offsets.clone()),
             pending: progress.sealed.clone(),
             state,
         };
-        self.checkpoints.save(&checkpoint).await?;
+        self.checkpoints.save(checkpoint).await?;
+        self.saved = true;
         self.append_sealed().await?;
         let d = &self.delivery;
         let consumer = consumer_name(&d.def.name);
@@ -753,26 +845,28 @@ impl Worker {
         }
         self.dirty = !self.progress.as_ref().is_none_or(Progress::is_empty);
         self.last_checkpoint = Instant::now();
-        self.checkpoint_cost = cost;
+        self.checkpoint_cost = started.elapsed();
         Ok(())
     }
 
-    /// Appends the rows of the last checkpoint; the log drops those it
-    /// already holds.
+    /// Appends the rows of the last checkpoint, each device's rows to its
+    /// partition; the log drops those it already holds.
     async fn append_sealed(&mut self) -> Result<()> {
-        let Some(progress) = self.progress.as_mut() else {
-            return Ok(());
-        };
-        let log = &self.delivery.log;
+        let log = self.delivery.log.clone();
+        let progress = self.progress_mut()?;
         // Submitted in order, so they are appended in order.
         let mut receipts = Vec::with_capacity(progress.sealed.len());
         for rows in &progress.sealed {
-            receipts.push(log.submit_sequenced(
-                &rows.stream,
-                &progress.producer,
-                rows.seq,
-                rows.batch.clone(),
-            )?);
+            let partitions = log.partitions(&rows.stream)?;
+            for (p, part) in by_partition(&rows.batch, partitions)? {
+                receipts.push(log.submit_to(
+                    &rows.stream,
+                    p,
+                    &progress.producer,
+                    rows.seq,
+                    part,
+                )?);
+            }
         }
         for receipt in receipts {
             receipt.await?;
@@ -789,6 +883,42 @@ impl Worker {
     }
 }
 
+/// Splits rows whose first column is the device id by the device's
+/// partition, keeping their order within each partition.
+fn by_partition(batch: &RecordBatch, partitions: u32) -> Result<Vec<(u32, RecordBatch)>> {
+    if batch.num_rows() == 0 {
+        return Ok(Vec::new());
+    }
+    let devices = cast(batch.column(0), &DataType::Utf8)?;
+    let devices = devices
+        .as_any()
+        .downcast_ref::<arrow::array::StringArray>()
+        .ok_or_else(|| Error::Internal("device column is not text".into()))?;
+    let mut rows: Vec<Vec<u32>> = vec![Vec::new(); partitions.max(1) as usize];
+    for i in 0..batch.num_rows() {
+        let device = if devices.is_null(i) {
+            ""
+        } else {
+            devices.value(i)
+        };
+        rows[crate::log::partition_for(device, partitions) as usize].push(i as u32);
+    }
+    let mut parts = Vec::new();
+    for (p, rows) in rows.into_iter().enumerate() {
+        if rows.is_empty() {
+            continue;
+        }
+        let part = if rows.len() == batch.num_rows() {
+            batch.clone()
+        } else {
+            let indices = arrow::array::UInt32Array::from(rows);
+            arrow::compute::take_record_batch(batch, &indices)?
+        };
+        parts.push((p as u32, part));
+    }
+    Ok(parts)
+}
+
 /// Where a rule's output goes.
 struct Delivery {
     def: RuleDef,
@@ -798,36 +928,28 @@ struct Delivery {
 }
 
 impl Delivery {
-    /// Queues a program's commands (durably) and returns its rows for
-    /// streams (the target's and late events'), to be appended with the
-    /// next checkpoint.
-    async fn deliver(&self, out: Output) -> Result<Vec<(String, RecordBatch)>> {
-        for e in out.errors {
+    /// Queues a program's commands, durably; counts its errors.
+    async fn queue_commands(&self, out: &Output) -> Result<()> {
+        for e in &out.errors {
             self.stats.error(format!("rule '{}': {e}", self.def.name));
         }
-        let mut rows = Vec::new();
+        let RuleTarget::Commands = &self.def.target else {
+            return Ok(());
+        };
         let mut commands = Vec::new();
-        for emitted in out.rows {
-            self.stats
-                .rows_out
-                .fetch_add(emitted.batch.num_rows() as u64, Ordering::Relaxed);
-            match &self.def.target {
-                RuleTarget::Commands => match rows_to_commands(&self.def.name, &emitted) {
-                    Ok(rows) => {
-                        for c in rows {
-                            // One bad row (say, a payload over the limit) is
-                            // counted and skipped; it must not stall the rule.
-                            match CommandQueue::validate(&c) {
-                                Ok(()) => commands.push(c),
-                                Err(e) => {
-                                    self.stats.error(format!("rule '{}': {e}", self.def.name))
-                                }
-                            }
+        for emitted in &out.rows {
+            match rows_to_commands(&self.def.name, emitted) {
+                Ok(rows) => {
+                    for c in rows {
+                        // One bad row (say, a payload over the limit) is
+                        // counted and skipped; it must not stall the rule.
+                        match CommandQueue::validate(&c) {
+                            Ok(()) => commands.push(c),
+                            Err(e) => self.stats.error(format!("rule '{}': {e}", self.def.name)),
                         }
                     }
-                    Err(e) => self.stats.error(e),
-                },
-                RuleTarget::Stream(target) => rows.push((target.clone(), emitted.batch)),
+                }
+                Err(e) => self.stats.error(e),
             }
         }
         if !commands.is_empty() {
@@ -840,12 +962,27 @@ impl Delivery {
                 .commands_queued
                 .fetch_add(queued as u64, Ordering::Relaxed);
         }
+        Ok(())
+    }
+
+    /// A program's rows for streams (the target's and late events'), to be
+    /// appended with the next checkpoint.
+    fn stream_rows(&self, out: Output) -> Vec<(String, RecordBatch)> {
+        let mut rows = Vec::new();
+        for emitted in out.rows {
+            self.stats
+                .rows_out
+                .fetch_add(emitted.batch.num_rows() as u64, Ordering::Relaxed);
+            if let RuleTarget::Stream(target) = &self.def.target {
+                rows.push((target.clone(), emitted.batch));
+            }
+        }
         if let Some(late_stream) = &self.def.late_stream {
             for batch in out.late {
                 rows.push((late_stream.clone(), batch));
             }
         }
-        Ok(rows)
+        rows
     }
 }
 
@@ -1078,9 +1215,10 @@ mod tests {
         async fn create_stream(&self, def: &crate::event::StreamDef) -> Result<()> {
             self.inner.create_stream(def).await
         }
-        fn submit_sequenced(
+        fn submit_to(
             &self,
             stream: &str,
+            partition: u32,
             key: &str,
             seq: u64,
             batch: RecordBatch,
@@ -1088,7 +1226,7 @@ mod tests {
             if seq > 0 && self.fail.load(Ordering::SeqCst) {
                 return Err(Error::Unavailable("the disk is full".into()));
             }
-            self.inner.submit_sequenced(stream, key, seq, batch)
+            self.inner.submit_to(stream, partition, key, seq, batch)
         }
         fn partitions(&self, stream: &str) -> Result<u32> {
             self.inner.partitions(stream)
@@ -1293,6 +1431,20 @@ mod tests {
         assert_eq!(numbers(&log).await.len(), 10);
         got.sort_unstable();
         assert_eq!(got, (1..=10).collect::<Vec<i64>>());
+        // Each device's rows are in its own partition of the target.
+        for p in 0..2 {
+            for r in log.read("out", p, 0, usize::MAX).await.unwrap() {
+                let devices = r
+                    .batch
+                    .column(0)
+                    .as_any()
+                    .downcast_ref::<StringArray>()
+                    .unwrap();
+                for d in devices.iter().flatten() {
+                    assert_eq!(crate::log::partition_for(d, 2), p, "{d}");
+                }
+            }
+        }
 
         // Dropped: the next rule of that name starts afresh.
         let runtime = RuleRuntime::new(log.clone(), queue, &checkpoints);

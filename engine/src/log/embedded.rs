@@ -29,7 +29,7 @@ use tokio::sync::{oneshot, watch};
 use super::segment::{self, Entry, Format};
 use super::{
     AppendFuture, AppendReceipt, DEFAULT_RETENTION_MS, EventStream, RETENTION, RETENTION_BYTES,
-    Record, partition_for,
+    Record,
 };
 use crate::event::StreamDef;
 use crate::fsutil::{sync_dir, write_atomic};
@@ -1058,14 +1058,22 @@ impl EventStream for EmbeddedLog {
         Ok(())
     }
 
-    fn submit_sequenced(
+    fn submit_to(
         &self,
         stream: &str,
+        partition: u32,
         key: &str,
         seq: u64,
         batch: RecordBatch,
     ) -> Result<AppendFuture> {
         let s = self.stream(stream)?;
+        if partition as usize >= s.partitions.len() {
+            return Err(Error::User(format!(
+                "stream '{stream}' has {} partitions, not {}",
+                s.partitions.len(),
+                partition + 1
+            )));
+        }
         if key.len() > segment::MAX_KEY_LEN {
             return Err(Error::User(format!(
                 "a key of {} bytes is longer than the log's limit of {} bytes",
@@ -1090,7 +1098,6 @@ impl EventStream for EmbeddedLog {
                 segment::MAX_BODY_LEN
             )));
         }
-        let partition = partition_for(key, s.partitions.len() as u32);
         let (reply, rx) = oneshot::channel();
         let writer = s
             .writer
@@ -1311,7 +1318,7 @@ mod tests {
         /// The highest sequence number held for device `key` (0 if none).
         fn last_seq(&self, stream: &str, key: &str) -> Result<u64> {
             let s = self.stream(stream)?;
-            let p = partition_for(key, s.partitions.len() as u32);
+            let p = crate::log::partition_for(key, s.partitions.len() as u32);
             Ok(lock(&s.partitions[p as usize])
                 .seqs
                 .get(key)
@@ -1357,7 +1364,7 @@ mod tests {
         // Numbers may skip; only going back is a resend.
         assert!(!send(&log, "d1", 7, 7.0).await.duplicate);
         assert!(send(&log, "d1", 5, 5.0).await.duplicate);
-        let p1 = partition_for("d1", 2);
+        let p1 = crate::log::partition_for("d1", 2);
         let stored = log.read("telemetry", p1, 0, 100).await.unwrap();
         assert_eq!(temps(&stored), [1.0, 2.0, 3.0, 7.0]);
         assert_eq!(log.last_seq("telemetry", "d1").unwrap(), 7);
@@ -1832,7 +1839,7 @@ mod tests {
                 .unwrap();
         }
         let log = EmbeddedLog::open(dir.path(), LogOptions::default()).unwrap();
-        let p = partition_for("dev-a", 4);
+        let p = crate::log::partition_for("dev-a", 4);
         assert_eq!(
             log.committed("sink", "telemetry", p).await.unwrap(),
             Some(2)

@@ -6,9 +6,9 @@
 //! 10 events appended at offset 100 holds offsets 100..110, and the next append
 //! to that partition starts at 110. Records go to the partition of their key
 //! ([`partition_for`]): a device's events always go to the same partition, so
-//! they stay in the order the device sent them. A rule appends its rows under
-//! its own producer key (see [`crate::checkpoint`]), so they stay in the order
-//! the rule produced them.
+//! they stay in the order the device sent them. A rule appends each device's
+//! rows to that device's partition, under the rule's own producer key (see
+//! [`crate::checkpoint`]).
 //!
 //! # The same contract on NATS JetStream and Kafka
 //!
@@ -22,7 +22,7 @@
 //! | offset (counts events) | the message's stream sequence, mapped to event offsets by keeping the running event count in a header (`Trb-Offset`) | the record offset, same: a `trb-offset` header |
 //! | record (one batch) | one message: the Arrow IPC bytes | one record: the Arrow IPC bytes |
 //! | `submit` resolving when durable | publish and wait for the PubAck (`R3` replicas: acked once replicated) | `acks=all` and wait for the produce response |
-//! | `submit_sequenced` (device resends) | `Nats-Msg-Id: <device>/<seq>` within the stream's duplicate window, and the highest `seq` per device kept beside it for resends older than the window | an idempotent producer per gateway (its own sequence covers the gateway's retries), plus the highest `seq` per device, checked before producing |
+//! | `submit_sequenced` (device resends) | `Nats-Msg-Id: <device>/<seq>` within the stream's duplicate window, and the highest `seq` per device kept beside it for resends older than the window | an idempotent producer per gateway (its own sequence covers the gateway's retries), plus the highest `seq` per device, checked before producing; `submit_to` names the partition (the subject `<stream>.p<p>`, the record's partition) |
 //! | `commit` / `committed` | a durable pull consumer per Tributary consumer, acked up to the offset (`AckAll`) | a consumer group per Tributary consumer, offsets committed after the output is durable |
 //! | `forget` | delete the durable consumer | delete the consumer group's offsets |
 //! | retention after every consumer read | `Interest` retention, or `Limits` with `MaxAge`/`MaxBytes` | `retention.ms` / `retention.bytes` (Kafka does not wait for consumers) |
@@ -123,6 +123,22 @@ pub trait EventStream: Send + Sync + 'static {
     fn submit_sequenced(
         &self,
         stream: &str,
+        key: &str,
+        seq: u64,
+        batch: RecordBatch,
+    ) -> Result<AppendFuture> {
+        let partition = partition_for(key, self.partitions(stream)?);
+        self.submit_to(stream, partition, key, seq, batch)
+    }
+
+    /// [`submit_sequenced`](EventStream::submit_sequenced) into a chosen
+    /// partition: how a rule appends each device's rows to that device's
+    /// partition under the rule's own key. Sequence numbers are kept per
+    /// partition and key.
+    fn submit_to(
+        &self,
+        stream: &str,
+        partition: u32,
         key: &str,
         seq: u64,
         batch: RecordBatch,
