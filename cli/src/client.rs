@@ -106,6 +106,40 @@ impl Api {
         Ok(response.json().await?)
     }
 
+    /// A GET with query parameters (a name may repeat), percent-encoded.
+    pub async fn get_query(&self, path: &str, query: &[(&str, &str)]) -> Result<Value> {
+        let mut url = reqwest::Url::parse(&format!("{}/api/v1{path}", self.base))
+            .with_context(|| format!("invalid server address {}", self.base))?;
+        if !query.is_empty() {
+            url.query_pairs_mut().extend_pairs(query);
+        }
+        Ok(self.send(self.http.get(url)).await?.json().await?)
+    }
+
+    pub async fn patch(&self, path: &str, body: &Value) -> Result<Value> {
+        let response = self
+            .send(
+                self.http
+                    .patch(format!("{}/api/v1{path}", self.base))
+                    .json(body),
+            )
+            .await?;
+        Ok(response.json().await?)
+    }
+
+    /// A POST of a body that is not JSON (an import file), answered with JSON.
+    pub async fn post_bytes(&self, path: &str, content_type: &str, body: Vec<u8>) -> Result<Value> {
+        let response = self
+            .send(
+                self.http
+                    .post(format!("{}/api/v1{path}", self.base))
+                    .header(reqwest::header::CONTENT_TYPE, content_type)
+                    .body(body),
+            )
+            .await?;
+        Ok(response.json().await?)
+    }
+
     pub async fn delete(&self, path: &str) -> Result<()> {
         self.send(self.http.delete(format!("{}/api/v1{path}", self.base)))
             .await?;

@@ -31,7 +31,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::protocol::{
     self, Ack, Command, CommandAck, Encoding, ErrorCode, Events, Frame, FrameDecoder, Hello,
@@ -77,6 +77,8 @@ pub struct Client {
     commands: tokio::sync::Mutex<mpsc::Receiver<Command>>,
     ended: Arc<Mutex<Option<String>>>,
     fatal: Arc<Mutex<Option<(ErrorCode, String)>>>,
+    /// Turns true once the read loop has recorded why the session ended.
+    done: watch::Receiver<bool>,
     welcome: Welcome,
 }
 
@@ -146,6 +148,7 @@ impl Client {
         let ended = Arc::new(Mutex::new(None));
         let fatal = Arc::new(Mutex::new(None));
         let send = Arc::new(tokio::sync::Mutex::new(send));
+        let (done_tx, done) = watch::channel(false);
         let client = Client {
             endpoint,
             connection: connection.clone(),
@@ -155,6 +158,7 @@ impl Client {
             commands: tokio::sync::Mutex::new(commands_rx),
             ended: ended.clone(),
             fatal: fatal.clone(),
+            done,
             welcome,
         };
         tokio::spawn(read_loop(
@@ -166,6 +170,7 @@ impl Client {
             send,
             ended,
             fatal,
+            done_tx,
         ));
         Ok(client)
     }
@@ -207,10 +212,16 @@ impl Client {
             payload,
         });
         let (tx, rx) = oneshot::channel();
-        self.waiters
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(seq, tx);
+        {
+            let mut waiters = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
+            // Once the read loop is over nobody would answer: fail now
+            // rather than wait forever. (It sets `done` under this lock.)
+            if *self.done.borrow() {
+                drop(waiters);
+                return Err(self.why_ended());
+            }
+            waiters.insert(seq, tx);
+        }
         let bytes = frame.encode_to_vec();
         {
             let mut send = self.send.lock().await;
@@ -279,6 +290,16 @@ impl Client {
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
     }
 
+    /// Waits until the session ends and returns why: for a session the
+    /// server ended, [`Error::Server`] with its code and reason (say,
+    /// `unauthorized` when the device was disabled or its token expired).
+    pub async fn closed(&self) -> Error {
+        let mut done = self.done.clone();
+        // The sender lives as long as the read loop; either way it is over.
+        let _ = done.wait_for(|d| *d).await;
+        self.why_ended()
+    }
+
     fn why_ended(&self) -> Error {
         ended_error(&self.fatal, &self.ended, &self.connection)
     }
@@ -323,6 +344,7 @@ async fn read_loop(
     send: Arc<tokio::sync::Mutex<quinn::SendStream>>,
     ended: Arc<Mutex<Option<String>>>,
     fatal: Arc<Mutex<Option<(ErrorCode, String)>>>,
+    done: watch::Sender<bool>,
 ) {
     let reason = 'outer: loop {
         loop {
@@ -363,8 +385,12 @@ async fn read_loop(
         *fatal.lock().unwrap_or_else(|p| p.into_inner()) = Some((code, message));
     }
     *ended.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason);
-    // Dropping the waiters fails every frame still waiting for an answer.
-    waiters.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    // Dropping the waiters fails every frame still waiting for an answer;
+    // `done` is set under the same lock, so no frame sent later waits.
+    let mut waiting = waiters.lock().unwrap_or_else(|p| p.into_inner());
+    waiting.clear();
+    done.send_replace(true);
+    drop(waiting);
 }
 
 fn answer(waiters: &Waiters, seq: u64, outcome: Outcome) {

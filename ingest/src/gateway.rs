@@ -9,6 +9,12 @@
 //! - sends the device its queued commands, at once and whenever new ones
 //!   are queued, and records the device's COMMAND_ACKs.
 //!
+//! A session lives only as long as its credentials: the gateway keeps each
+//! session's token and checks it again whenever the registry announces that
+//! the device's right to connect may have changed (disabled, removed, a key
+//! rotated), and closes the session when its token expires. Either way the
+//! device gets an ERROR `unauthorized` that says why.
+//!
 //! The frames of a connection are read by one task, so a device's events
 //! reach the log in the order it sent them; many frames may be in flight,
 //! and their answers go back in the same order. A connection has at most
@@ -22,7 +28,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{broadcast, mpsc, watch};
 use tributary_engine::catalog::Catalog;
 use tributary_engine::commands::CommandQueue;
 use tributary_engine::event::now_millis;
@@ -73,10 +79,40 @@ pub struct GatewayDeps {
     pub commands: Arc<CommandQueue>,
 }
 
+/// One session of a device, as the gateway tracks it.
 struct Live {
     id: u64,
     connection: quinn::Connection,
+    /// The token the session authenticated with: checked again when the
+    /// registry says the device's right to connect may have changed.
+    token: String,
+    /// False while HELLO is being checked. A session is listed before its
+    /// check starts, so that a change announced during the check still
+    /// reaches it.
+    authenticated: bool,
+    /// Ends the session with an ERROR frame carrying the reason.
+    revoke: mpsc::UnboundedSender<ProtocolError>,
 }
+
+impl Live {
+    /// Ends the session: the session task sends ERROR and closes. If it
+    /// cannot get to it soon (say, it waits for the disk), the connection is
+    /// closed anyway, with the same code and reason.
+    fn revoke(&mut self, err: ProtocolError) {
+        // No longer counted as connected, though it takes a moment to go.
+        self.authenticated = false;
+        let connection = self.connection.clone();
+        let _ = self.revoke.send(err.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(REVOKE_GRACE).await;
+            close(&connection, err.code, &err.message);
+        });
+    }
+}
+
+/// How long a revoked session has to send its ERROR frame before the
+/// connection is closed under it.
+const REVOKE_GRACE: Duration = Duration::from_millis(500);
 
 struct Shared {
     config: GatewayConfig,
@@ -93,15 +129,26 @@ pub struct GatewayHandle {
 }
 
 impl GatewayHandle {
-    /// The ids of the devices connected now.
+    /// The ids of the devices connected (and authenticated) now.
     pub fn connected_devices(&self) -> HashSet<String> {
-        lock(&self.shared.live).keys().cloned().collect()
+        lock(&self.shared.live)
+            .iter()
+            .filter(|(_, sessions)| sessions.iter().any(|l| l.authenticated))
+            .map(|(device, _)| device.clone())
+            .collect()
     }
 
-    /// Closes every connection of a device.
+    /// Closes every connection of a device with `unauthorized` and `reason`.
+    ///
+    /// The gateway does this by itself for every change the registry
+    /// announces; this is for callers that want a device gone at once.
     pub fn disconnect(&self, device: &str, reason: &str) {
-        for live in lock(&self.shared.live).remove(device).unwrap_or_default() {
-            close(&live.connection, ErrorCode::Unauthorized, reason);
+        for live in lock(&self.shared.live)
+            .get_mut(device)
+            .into_iter()
+            .flatten()
+        {
+            live.revoke(ProtocolError::new(ErrorCode::Unauthorized, reason));
         }
     }
 }
@@ -147,7 +194,14 @@ impl Gateway {
 
     /// Accepts connections until `shutdown` turns true, then closes every
     /// connection with `server_shutdown` and waits briefly for them to go.
+    ///
+    /// Meanwhile it follows the registry's changes and closes the sessions
+    /// whose credentials no longer hold.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        // Subscribed before the first connection is accepted, so that no
+        // change after a session's check can be missed.
+        let changes = self.shared.deps.registry.changes();
+        let watcher = tokio::spawn(watch_registry(self.shared.clone(), changes));
         loop {
             tokio::select! {
                 incoming = self.endpoint.accept() => {
@@ -158,6 +212,7 @@ impl Gateway {
                 _ = shutdown.changed() => break,
             }
         }
+        watcher.abort();
         self.endpoint.close(
             ErrorCode::ServerShutdown.close_code().into(),
             b"the server is shutting down",
@@ -246,64 +301,246 @@ async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming) {
         Ok(h) => h,
         Err(e) => return fail(&connection, &mut send, &e).await,
     };
-    let device = match authenticate(&shared, &hello).await {
-        Ok(d) => d,
-        Err(e) => return fail(&connection, &mut send, &e).await,
-    };
+    let device = hello.device_id.clone();
     let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+    let (revoke_tx, revoked) = mpsc::unbounded_channel();
     lock(&shared.live)
         .entry(device.clone())
         .or_default()
         .push(Live {
             id,
             connection: connection.clone(),
+            token: hello.token.clone(),
+            authenticated: false,
+            revoke: revoke_tx,
         });
-    tracing::info!(device = %device, remote = %connection.remote_address(), "device connected");
-    let session = Session {
-        shared: shared.clone(),
-        device: device.clone(),
-        connection: connection.clone(),
-        wants_commands: hello.commands,
-        idempotent: hello.idempotent,
-    };
-    let reason = session.run(send, recv, decoder).await;
-    {
-        let mut live = lock(&shared.live);
-        if let Some(sessions) = live.get_mut(&device) {
-            sessions.retain(|l| l.id != id);
-            if sessions.is_empty() {
-                live.remove(&device);
-            }
+    let checked = authenticate(&shared, &hello).await;
+    let reason = match checked {
+        Err(e) => {
+            forget(&shared, &device, id);
+            return fail(&connection, &mut send, &e).await;
         }
-    }
+        Ok(expires) => {
+            if let Some(live) = lock(&shared.live)
+                .get_mut(&device)
+                .and_then(|sessions| sessions.iter_mut().find(|l| l.id == id))
+            {
+                live.authenticated = true;
+            }
+            tracing::info!(device = %device, remote = %connection.remote_address(), "device connected");
+            let session = Session {
+                shared: shared.clone(),
+                device: device.clone(),
+                connection: connection.clone(),
+                wants_commands: hello.commands,
+                idempotent: hello.idempotent,
+                expires,
+                revoked,
+            };
+            session.run(send, recv, decoder).await
+        }
+    };
+    forget(&shared, &device, id);
     tracing::info!(device = %device, reason = %reason, "device disconnected");
 }
 
-async fn authenticate(shared: &Shared, hello: &Hello) -> Result<String, ProtocolError> {
+/// Takes a session off the live list.
+fn forget(shared: &Shared, device: &str, id: u64) {
+    let mut live = lock(&shared.live);
+    if let Some(sessions) = live.get_mut(device) {
+        sessions.retain(|l| l.id != id);
+        if sessions.is_empty() {
+            live.remove(device);
+        }
+    }
+}
+
+/// Checks HELLO's version and credentials; returns when the token expires,
+/// if it does.
+async fn authenticate(shared: &Shared, hello: &Hello) -> Result<Option<Expiry>, ProtocolError> {
     if hello.version != protocol::VERSION {
         return Err(ProtocolError::unsupported_version(u64::from(hello.version)));
     }
     match shared
         .deps
         .registry
-        .authenticate(&hello.device_id, &hello.token)
+        .authenticate(&hello.device_id, &hello.token, now_millis())
         .await
     {
-        Ok(device) => Ok(device.id),
-        Err(e @ tributary_registry::Error::Unauthorized(_)) => {
-            Err(ProtocolError::new(ErrorCode::Unauthorized, e.to_string()))
+        // Legacy `trb_` tokens (from before device keys) do not expire.
+        Ok(_) => Ok(Expiry::of(&hello.token)),
+        Err(e) => Err(refusal(&hello.device_id, e)),
+    }
+}
+
+/// The ERROR a device gets when the registry does not accept its token.
+fn refusal(device: &str, e: tributary_registry::Error) -> ProtocolError {
+    match e {
+        // The registry's reason is written for the device: generic when the
+        // signature is wrong, specific (disabled, expired) when it is not.
+        e @ tributary_registry::Error::Unauthorized(_) => {
+            ProtocolError::new(ErrorCode::Unauthorized, e.to_string())
         }
-        Err(e) if e.is_user_error() => Err(ProtocolError::new(
-            ErrorCode::Unauthorized,
-            format!("device '{}': {e}", hello.device_id),
-        )),
-        Err(e) => {
-            tracing::error!(error = %e, "registry failed during authentication");
-            Err(ProtocolError::new(
+        e if e.is_user_error() => {
+            ProtocolError::new(ErrorCode::Unauthorized, format!("device '{device}': {e}"))
+        }
+        e => {
+            tracing::error!(device = %device, error = %e, "registry failed while checking a token");
+            ProtocolError::new(
                 ErrorCode::Unavailable,
                 "the server cannot check credentials right now; retry later",
-            ))
+            )
         }
+    }
+}
+
+/// When a session's token stops being valid.
+#[derive(Debug, Clone, Copy)]
+struct Expiry {
+    /// Seconds since the Unix epoch, as the token says.
+    at_secs: i64,
+}
+
+impl Expiry {
+    fn of(token: &str) -> Option<Expiry> {
+        let (at_secs, _) = tributary_registry::token::parse(token).ok()?;
+        Some(Expiry { at_secs })
+    }
+
+    /// The tokio instant of the expiry, from the wall clock now; `None` if
+    /// it is too far away to be one.
+    fn deadline(self) -> Option<tokio::time::Instant> {
+        let left_ms = self
+            .at_secs
+            .saturating_mul(1000)
+            .saturating_sub(now_millis());
+        tokio::time::Instant::now()
+            .checked_add(Duration::from_millis(u64::try_from(left_ms).unwrap_or(0)))
+    }
+
+    fn error(self, device: &str) -> ProtocolError {
+        let at = DateTime::from_timestamp(self.at_secs, 0)
+            .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+            .unwrap_or_else(|| self.at_secs.to_string());
+        ProtocolError::new(
+            ErrorCode::Unauthorized,
+            format!("device '{device}': token expired at {at}; reconnect with a new token"),
+        )
+    }
+}
+
+/// Follows the registry's announcements and checks the live sessions of
+/// every device named again; when announcements were lost, checks them all.
+async fn watch_registry(shared: Arc<Shared>, mut changes: broadcast::Receiver<String>) {
+    loop {
+        let devices: Vec<String> = match changes.recv().await {
+            Ok(device) => vec![device],
+            Err(broadcast::error::RecvError::Lagged(missed)) => {
+                tracing::warn!(
+                    missed,
+                    "registry changes came faster than they were checked; checking every session"
+                );
+                lock(&shared.live).keys().cloned().collect()
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
+        };
+        for device in devices {
+            recheck(&shared, &device).await;
+        }
+    }
+}
+
+/// Checks every live session of `device` with its own token and revokes the
+/// ones the registry refuses now.
+async fn recheck(shared: &Shared, device: &str) {
+    let sessions: Vec<(u64, String, bool)> = lock(&shared.live)
+        .get(device)
+        .into_iter()
+        .flatten()
+        .map(|l| (l.id, l.token.clone(), l.authenticated))
+        .collect();
+    // Sessions of one device often share a token: one check each.
+    let mut verdicts: HashMap<(&str, bool), Option<ProtocolError>> = HashMap::new();
+    for (_, token, authenticated) in &sessions {
+        let key = (token.as_str(), *authenticated);
+        if verdicts.contains_key(&key) {
+            continue;
+        }
+        let verdict = match shared
+            .deps
+            .registry
+            .authenticate(device, token, now_millis())
+            .await
+        {
+            Ok(_) => None,
+            // A session whose HELLO is still being checked has proved
+            // nothing yet: it gets the registry's reason as it stands.
+            Err(e) if !authenticated => Some(refusal(device, e)),
+            Err(e) => Some(revocation(shared, device, token, e).await),
+        };
+        verdicts.insert(key, verdict);
+    }
+    let mut live = lock(&shared.live);
+    for l in live.get_mut(device).into_iter().flatten() {
+        let Some((_, token, authenticated)) = sessions.iter().find(|(id, ..)| *id == l.id) else {
+            continue; // Listed after the check began: its own check is newer.
+        };
+        if let Some(Some(err)) = verdicts.get(&(token.as_str(), *authenticated)) {
+            tracing::info!(device = %device, reason = %err.message, "closing a session whose credentials no longer hold");
+            l.revoke(err.clone());
+        }
+    }
+}
+
+/// Why a session that was authenticated is not any more. Its holder proved
+/// it had a key of the device, so it may learn what changed: the registry's
+/// generic reason (unknown device or wrong signature) is made specific.
+async fn revocation(
+    shared: &Shared,
+    device: &str,
+    token: &str,
+    e: tributary_registry::Error,
+) -> ProtocolError {
+    let tributary_registry::Error::Unauthorized(_) = &e else {
+        return refusal(device, e);
+    };
+    match shared.deps.registry.get_device(device).await {
+        Ok(None) => ProtocolError::new(
+            ErrorCode::Unauthorized,
+            format!("device '{device}' was removed from the registry"),
+        ),
+        Ok(Some(d)) if d.status == tributary_registry::DeviceStatus::Disabled => {
+            ProtocolError::new(
+                ErrorCode::Unauthorized,
+                format!(
+                    "device '{device}' is disabled; an operator must enable it before it can connect"
+                ),
+            )
+        }
+        Ok(Some(_)) => match Expiry::of(token) {
+            Some(expiry) if expiry.at_secs.saturating_mul(1000) <= now_millis() => {
+                expiry.error(device)
+            }
+            // A token from before device keys: rotating the primary key
+            // replaced it.
+            _ if token.starts_with(tributary_registry::TOKEN_PREFIX) => ProtocolError::new(
+                ErrorCode::Unauthorized,
+                format!(
+                    "device '{device}': its legacy token was replaced when its primary key was \
+                     rotated; reconnect with a token signed by a current key"
+                ),
+            ),
+            // The device is there, enabled, and the token has not expired:
+            // only its signature can have stopped holding.
+            _ => ProtocolError::new(
+                ErrorCode::Unauthorized,
+                format!(
+                    "device '{device}': the key that signed this session's token was rotated; \
+                     reconnect with a token signed by a current key"
+                ),
+            ),
+        },
+        Err(lookup) => refusal(device, lookup),
     }
 }
 
@@ -320,12 +557,16 @@ struct Session {
     wants_commands: bool,
     /// EVENTS `seq` numbers are the device's own (HELLO `idempotent`).
     idempotent: bool,
+    /// When the session's token expires; the session ends then.
+    expires: Option<Expiry>,
+    /// Why the session must end now (see [`Live::revoke`]).
+    revoked: mpsc::UnboundedReceiver<ProtocolError>,
 }
 
 impl Session {
     /// Serves an authenticated session; returns why it ended.
     async fn run(
-        self,
+        mut self,
         mut send: quinn::SendStream,
         mut recv: quinn::RecvStream,
         mut decoder: FrameDecoder,
@@ -359,8 +600,33 @@ impl Session {
         });
 
         let mut last_seq: Option<u64> = None;
+        let expires = self.expires;
+        let expiry = async move {
+            match expires.and_then(|at| Some((at, at.deadline()?))) {
+                Some((at, deadline)) => {
+                    tokio::time::sleep_until(deadline).await;
+                    at
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(expiry);
         let reason = loop {
-            let frame = match read_frame(&mut recv, &mut decoder).await {
+            // read_frame is cancel-safe: what was read stays in `decoder`.
+            let read = tokio::select! {
+                biased;
+                Some(e) = self.revoked.recv() => {
+                    self.fatal(&out_tx, &e).await;
+                    break e.to_string();
+                }
+                at = &mut expiry => {
+                    let e = at.error(&self.device);
+                    self.fatal(&out_tx, &e).await;
+                    break e.to_string();
+                }
+                read = read_frame(&mut recv, &mut decoder) => read,
+            };
+            let frame = match read {
                 Ok(Some(frame)) => frame,
                 Ok(None) => break "the device closed the session".to_string(),
                 Err(Error::Protocol(e)) => {

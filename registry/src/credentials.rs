@@ -1,21 +1,24 @@
-//! Device secrets: making tokens, hashing them for storage, checking them.
+//! Legacy device tokens, from before devices had keys (schema version 1).
 //!
-//! A token is `trb_` followed by 32 random bytes in unpadded base64url. Only
-//! its SHA-256 digest is stored. A plain (unsalted, fast) hash is enough here
-//! because the token has 256 bits of entropy: there is nothing to brute-force
-//! that a slow password hash would protect.
+//! Such a token is `trb_` followed by 32 random bytes in unpadded base64url,
+//! made by the registry. Only its SHA-256 digest is stored. A plain
+//! (unsalted, fast) hash is enough here because the token has 256 bits of
+//! entropy: there is nothing to brute-force that a slow password hash would
+//! protect.
+//!
+//! No new token of this kind is made; devices created before keys keep
+//! working with theirs until their primary key is rotated (see
+//! [`crate::Registry::rotate_key`]). Devices made since store an empty
+//! digest, which no token matches.
 
-use base64::Engine as _;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use ring::digest;
-use ring::rand::{SecureRandom, SystemRandom};
 
-use crate::{Error, Result};
-
-/// Every token starts with this, so that leaked tokens are easy to spot in
-/// logs and by secret scanners.
+/// Every legacy token starts with this, so that leaked tokens are easy to
+/// spot in logs and by secret scanners. (Tokens of the current scheme start
+/// with [`crate::token::VERSION`] and a dot.)
 pub const TOKEN_PREFIX: &str = "trb_";
 
+#[cfg(test)]
 const TOKEN_BYTES: usize = 32;
 
 /// Length of a stored token digest.
@@ -24,14 +27,19 @@ pub(crate) const DIGEST_LEN: usize = 32;
 /// A SHA-256 digest of a token, as stored.
 pub(crate) type TokenDigest = [u8; DIGEST_LEN];
 
-/// Makes a fresh token from the operating system's random generator.
-pub(crate) fn generate_token(rng: &SystemRandom) -> Result<String> {
+/// Makes a fresh token from the operating system's random generator, as
+/// schema version 1 did; tests use it to build old databases.
+#[cfg(test)]
+pub(crate) fn generate_token(rng: &ring::rand::SystemRandom) -> crate::Result<String> {
+    use base64::Engine as _;
+    use ring::rand::SecureRandom as _;
+
     let mut bytes = [0u8; TOKEN_BYTES];
     rng.fill(&mut bytes)
-        .map_err(|_| Error::Internal("the system random generator failed".into()))?;
+        .map_err(|_| crate::Error::Internal("the system random generator failed".into()))?;
     let mut token = String::with_capacity(TOKEN_PREFIX.len() + 43);
     token.push_str(TOKEN_PREFIX);
-    URL_SAFE_NO_PAD.encode_string(bytes, &mut token);
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode_string(bytes, &mut token);
     Ok(token)
 }
 
@@ -74,6 +82,9 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use base64::Engine as _;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use ring::rand::SystemRandom;
 
     #[test]
     fn tokens_have_the_documented_shape() {

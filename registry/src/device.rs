@@ -1,4 +1,4 @@
-//! The device record and the rules for ids and tags.
+//! The device record and the rules for ids, tags and metadata.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -13,18 +13,26 @@ pub const MAX_DEVICE_ID_LEN: usize = 128;
 pub const MAX_TAG_KEY_LEN: usize = 64;
 /// Longest tag value, in bytes of UTF-8.
 pub const MAX_TAG_VALUE_LEN: usize = 256;
+/// Largest metadata object, in bytes of compact JSON.
+pub const MAX_METADATA_BYTES: usize = 64 * 1024;
 
 /// A registered device.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Device {
     /// Unique id; see [`validate_device_id`].
     pub id: String,
-    /// Free-form metadata; see [`validate_tags`].
+    /// Short string labels to select devices by; see [`validate_tags`].
     pub tags: BTreeMap<String, String>,
+    /// Any JSON object (model, location, calibration, ...); see
+    /// [`validate_metadata`].
+    pub metadata: serde_json::Map<String, serde_json::Value>,
     /// Whether the device may connect.
     pub status: DeviceStatus,
     /// Creation time, milliseconds since the Unix epoch.
     pub created_at: i64,
+    /// Time of the last change to tags, metadata, status or keys,
+    /// milliseconds since the Unix epoch.
+    pub updated_at: i64,
 }
 
 /// Whether a device may authenticate.
@@ -128,6 +136,36 @@ pub fn validate_tags(tags: &BTreeMap<String, String>) -> Result<()> {
     Ok(())
 }
 
+/// Checks metadata: at most [`MAX_METADATA_BYTES`] (64 KiB) as compact
+/// JSON, so that listing devices stays cheap.
+pub fn validate_metadata(metadata: &serde_json::Map<String, serde_json::Value>) -> Result<()> {
+    let size = json_len(metadata)?;
+    if size > MAX_METADATA_BYTES {
+        return Err(Error::InvalidMetadata(format!(
+            "metadata is {size} bytes as JSON; at most {MAX_METADATA_BYTES} are allowed"
+        )));
+    }
+    Ok(())
+}
+
+/// The length of `value` as compact JSON, without building the string.
+fn json_len(value: &impl Serialize) -> Result<usize> {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    serde_json::to_writer(&mut count, value)
+        .map_err(|e| Error::Internal(format!("cannot encode metadata as JSON: {e}")))?;
+    Ok(count.0)
+}
+
 fn is_id_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | ':')
 }
@@ -221,6 +259,55 @@ mod tests {
         );
         let ctl = tag_err("site", "a\u{7}b");
         assert!(ctl.contains("control character"), "{ctl}");
+    }
+
+    #[test]
+    fn metadata_size_is_limited() {
+        let mut metadata = serde_json::Map::new();
+        validate_metadata(&metadata).unwrap();
+        // {"k":"vvv..."} is 8 bytes plus the value.
+        metadata.insert("k".into(), "v".repeat(MAX_METADATA_BYTES - 8).into());
+        assert_eq!(
+            serde_json::to_string(&metadata).unwrap().len(),
+            MAX_METADATA_BYTES
+        );
+        validate_metadata(&metadata).unwrap();
+        metadata.insert("k".into(), "v".repeat(MAX_METADATA_BYTES - 7).into());
+        let err = validate_metadata(&metadata).unwrap_err();
+        assert!(matches!(err, Error::InvalidMetadata(_)), "{err:?}");
+        assert!(err.is_user_error());
+        assert_eq!(
+            err.to_string(),
+            "invalid metadata: metadata is 65537 bytes as JSON; at most 65536 are allowed"
+        );
+    }
+
+    #[test]
+    fn device_json_uses_the_field_names() {
+        let device = Device {
+            id: "d".into(),
+            tags: BTreeMap::from([("site".into(), "north".into())]),
+            metadata: serde_json::json!({"model": "X1", "floors": [1, 2]})
+                .as_object()
+                .cloned()
+                .unwrap(),
+            status: DeviceStatus::Enabled,
+            created_at: 1,
+            updated_at: 2,
+        };
+        let json = serde_json::to_value(&device).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "id": "d",
+                "tags": {"site": "north"},
+                "metadata": {"model": "X1", "floors": [1, 2]},
+                "status": "enabled",
+                "created_at": 1,
+                "updated_at": 2,
+            })
+        );
+        assert_eq!(serde_json::from_value::<Device>(json).unwrap(), device);
     }
 
     #[test]

@@ -8,8 +8,8 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// Everything that can go wrong in the registry.
 ///
 /// The variants fall into three groups, told apart by [`Error::is_user_error`]:
-/// what the caller did wrong (a bad id or tag, an unknown device, a failed
-/// authentication), external failures (the database, the file system), and
+/// what the caller did wrong (a bad id, tag, metadata or request, an unknown
+/// device, a failed authentication), external failures (the database, the file system), and
 /// broken invariants (bugs, corrupt rows).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -20,16 +20,26 @@ pub enum Error {
     /// A tag key or value does not follow the rules of [`crate::validate_tags`].
     #[error("invalid tag: {0}")]
     InvalidTag(String),
+    /// Device metadata does not follow the rules of [`crate::validate_metadata`].
+    #[error("invalid metadata: {0}")]
+    InvalidMetadata(String),
+    /// A request the registry cannot serve as asked: a page size out of
+    /// range, a token for a device without a primary key, ...
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
     /// No device has this id.
     #[error("device '{0}' does not exist")]
     NotFound(String),
     /// A device with this id exists already.
     #[error("device '{0}' already exists")]
     AlreadyExists(String),
-    /// Authentication failed. Deliberately the same for an unknown device, a
-    /// wrong token and a disabled device, so that a caller cannot probe which
-    /// device ids exist.
-    #[error("device '{0}': unknown device or wrong token")]
+    /// Authentication failed; the reason is meant for the device, as is.
+    ///
+    /// It is the same for an unknown device, a malformed token and a token
+    /// signed by neither of the device's keys, so that a caller cannot probe
+    /// which device ids exist. Only the holder of a key learns that its device
+    /// is disabled or its token expired.
+    #[error("{0}")]
     Unauthorized(String),
     /// The database was written by a newer Tributary with a schema this
     /// version does not know.
@@ -42,6 +52,15 @@ pub enum Error {
         found: i64,
         /// The newest schema version this build knows.
         supported: i64,
+    },
+    /// The master key file (see [`crate::SqliteRegistry::key_path`]) cannot be
+    /// used.
+    #[error("registry master key '{}': {reason}", path.display())]
+    MasterKey {
+        /// The key file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
     },
     /// The database failed.
     #[error("registry storage error: {0}")]
@@ -68,6 +87,8 @@ impl Error {
             self,
             Error::InvalidId(_)
                 | Error::InvalidTag(_)
+                | Error::InvalidMetadata(_)
+                | Error::InvalidRequest(_)
                 | Error::NotFound(_)
                 | Error::AlreadyExists(_)
                 | Error::Unauthorized(_)

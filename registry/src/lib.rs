@@ -1,34 +1,50 @@
 //! Tributary's device registry: who the devices are, their metadata, and
 //! their credentials.
 //!
-//! This crate owns the [`Device`] record, the rules for device ids and tags
-//! ([`validate_device_id`], [`validate_tags`]), device tokens (made, hashed
-//! and checked here, never stored in the clear), and the [`Registry`] trait
-//! that the gateway (authentication) and the management API (provisioning)
-//! use through a [`SharedRegistry`]. [`SqliteRegistry`] is the one-machine
-//! implementation; a PostgreSQL one is planned behind the same trait.
+//! This crate owns the [`Device`] record, the rules for device ids, tags and
+//! metadata ([`validate_device_id`], [`validate_tags`],
+//! [`validate_metadata`]), device keys and the tokens made from them
+//! ([`token`]), and the [`Registry`] trait that the gateway (authentication)
+//! and the management API (provisioning) use through a [`SharedRegistry`].
+//! [`SqliteRegistry`] is the one-machine implementation; a PostgreSQL one is
+//! planned behind the same trait.
 //!
-//! Tokens look like `trb_` followed by 43 base64url characters. The registry
-//! keeps only their SHA-256 digest, so a token is shown exactly once, by
-//! [`Registry::create_device`].
+//! Every device has two random keys, a primary and a secondary, shown once
+//! when they are made ([`Registry::create_device`], [`Registry::rotate_key`])
+//! and stored encrypted. A device signs its own short-lived tokens with
+//! either key (`trb1.<expires_at>.<signature>`, see [`token`]); two keys let
+//! one be rotated while the device still works with the other. Devices made
+//! before keys existed keep their legacy `trb_` token ([`TOKEN_PREFIX`])
+//! until their primary key is rotated.
 //!
 //! ```
 //! use std::collections::BTreeMap;
 //! use std::sync::Arc;
-//! use tributary_registry::{Error, Registry, SharedRegistry, SqliteRegistry};
+//! use tributary_registry::{NewDevice, Registry, SharedRegistry, SqliteRegistry, token};
 //!
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> tributary_registry::Result<()> {
 //! let registry: SharedRegistry = Arc::new(SqliteRegistry::open_in_memory()?);
-//! let tags = BTreeMap::from([("site".to_string(), "north".to_string())]);
-//! let (device, token) = registry.create_device("sensor-1", tags, 1_700_000_000_000).await?;
-//! assert!(token.starts_with("trb_"));
+//! let now_ms = 1_767_225_600_000; // 2026-01-01T00:00:00Z
+//! let new = NewDevice {
+//!     id: "sensor-1".into(),
+//!     tags: BTreeMap::from([("site".to_string(), "north".to_string())]),
+//!     ..NewDevice::default()
+//! };
+//! let (device, keys) = registry.create_device(new, now_ms).await?;
 //!
-//! assert_eq!(registry.authenticate("sensor-1", &token).await?, device);
-//! assert!(matches!(
-//!     registry.authenticate("sensor-1", "trb_guess").await,
-//!     Err(Error::Unauthorized(_))
-//! ));
+//! // The device makes a token valid for an hour with one of its keys...
+//! let key = token::decode_key(&keys.primary).expect("a key the registry made");
+//! let expires_at = now_ms / 1000 + 3600;
+//! let device_token = token::sign("sensor-1", &key, expires_at);
+//! assert_eq!(registry.authenticate("sensor-1", &device_token, now_ms).await?, device);
+//!
+//! // ...and a new one when the hour is up.
+//! let later = registry.authenticate("sensor-1", &device_token, now_ms + 3_600_000).await;
+//! assert_eq!(
+//!     later.unwrap_err().to_string(),
+//!     "the token of device 'sensor-1' expired at 2026-01-01T01:00:00Z"
+//! );
 //! # Ok(())
 //! # }
 //! ```
@@ -36,17 +52,100 @@
 mod credentials;
 mod device;
 mod error;
+mod master_key;
 mod sqlite;
+pub mod token;
 
 use std::collections::BTreeMap;
 
 pub use credentials::TOKEN_PREFIX;
 pub use device::{
-    Device, DeviceStatus, MAX_DEVICE_ID_LEN, MAX_TAG_KEY_LEN, MAX_TAG_VALUE_LEN,
-    validate_device_id, validate_tags,
+    Device, DeviceStatus, MAX_DEVICE_ID_LEN, MAX_METADATA_BYTES, MAX_TAG_KEY_LEN,
+    MAX_TAG_VALUE_LEN, validate_device_id, validate_metadata, validate_tags,
 };
 pub use error::{Error, Result};
 pub use sqlite::{SCHEMA_VERSION, SqliteRegistry};
+
+/// Which of a device's two symmetric keys. Each is rotated on its own, so a
+/// device moves to a new key without a moment in which neither works.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeySlot {
+    Primary,
+    Secondary,
+}
+
+/// A device's keys, base64 (standard alphabet), as shown when they are made.
+/// Its `Debug` output leaves the keys out, so that they do not end up in logs.
+#[derive(Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DeviceKeys {
+    pub primary: String,
+    pub secondary: String,
+}
+
+impl std::fmt::Debug for DeviceKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceKeys")
+            .field("primary", &"<redacted>")
+            .field("secondary", &"<redacted>")
+            .finish()
+    }
+}
+
+/// A device to create.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct NewDevice {
+    pub id: String,
+    pub tags: BTreeMap<String, String>,
+    /// A JSON object; see [`validate_metadata`].
+    pub metadata: serde_json::Map<String, serde_json::Value>,
+    /// `Disabled` registers a device that may not connect yet.
+    pub status: Option<DeviceStatus>,
+}
+
+/// Changes to a device; `None` leaves a field as it is. Tags and metadata
+/// are replaced whole.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DevicePatch {
+    pub tags: Option<BTreeMap<String, String>>,
+    pub metadata: Option<serde_json::Map<String, serde_json::Value>>,
+    pub status: Option<DeviceStatus>,
+}
+
+/// Which devices to list, a page at a time, ordered by id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceFilter {
+    /// Devices that carry every one of these tags with these values.
+    pub tags: BTreeMap<String, String>,
+    pub status: Option<DeviceStatus>,
+    /// Only ids after this one: the `next` of the previous page.
+    pub after: Option<String>,
+    /// At most this many (1 to [`MAX_PAGE`]).
+    pub limit: usize,
+}
+
+impl Default for DeviceFilter {
+    fn default() -> Self {
+        DeviceFilter {
+            tags: BTreeMap::new(),
+            status: None,
+            after: None,
+            limit: DEFAULT_PAGE,
+        }
+    }
+}
+
+/// Devices per page unless asked otherwise, and the most a page holds.
+pub const DEFAULT_PAGE: usize = 100;
+pub const MAX_PAGE: usize = 1000;
+
+/// One page of devices.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DevicePage {
+    pub devices: Vec<Device>,
+    /// Where the next page starts (`DeviceFilter::after`), if there is one.
+    pub next: Option<String>,
+}
 
 /// Devices and their credentials, behind one seam so that SQLite and
 /// PostgreSQL can both serve it.
@@ -55,33 +154,54 @@ pub use sqlite::{SCHEMA_VERSION, SqliteRegistry};
 /// implementations never read a clock.
 #[async_trait::async_trait]
 pub trait Registry: Send + Sync + 'static {
-    /// Creates a device with a fresh random secret token; returns the device
-    /// and the token, which is shown this once and cannot be read back.
+    /// Creates a device with two fresh random keys; returns the device and
+    /// the keys, shown this once (they are stored encrypted).
     ///
-    /// Fails with [`Error::InvalidId`] / [`Error::InvalidTag`] for bad input
-    /// and [`Error::AlreadyExists`] if the id is taken.
-    async fn create_device(
-        &self,
-        id: &str,
-        tags: BTreeMap<String, String>,
-        now_ms: i64,
-    ) -> Result<(Device, String)>;
+    /// Fails with [`Error::InvalidId`] / [`Error::InvalidTag`] /
+    /// [`Error::InvalidMetadata`] for bad input and [`Error::AlreadyExists`]
+    /// if the id is taken.
+    async fn create_device(&self, device: NewDevice, now_ms: i64) -> Result<(Device, DeviceKeys)>;
 
     /// The device with this id, or `None`. [`Error::InvalidId`] for an id
     /// that could never exist.
     async fn get_device(&self, id: &str) -> Result<Option<Device>>;
 
-    /// All devices, ordered by id.
-    async fn list_devices(&self) -> Result<Vec<Device>>;
+    /// A page of devices matching `filter`, ordered by id.
+    async fn list_devices(&self, filter: &DeviceFilter) -> Result<DevicePage>;
+
+    /// Every device, ordered by id (for the SQL `devices` table).
+    async fn all_devices(&self) -> Result<Vec<Device>>;
+
+    /// Changes a device's tags, metadata or status; [`Error::NotFound`] if
+    /// absent. Disabling a device is announced on [`Registry::changes`].
+    async fn update_device(&self, id: &str, patch: DevicePatch, now_ms: i64) -> Result<Device>;
 
     /// Removes a device and its credentials; [`Error::NotFound`] if absent.
+    /// Announced on [`Registry::changes`].
     async fn remove_device(&self, id: &str) -> Result<()>;
 
-    /// Checks a device's token in constant time and returns the device.
+    /// Replaces one of a device's keys with a fresh one and returns it
+    /// (base64); tokens signed with the old key stop working. Announced on
+    /// [`Registry::changes`].
+    async fn rotate_key(&self, id: &str, slot: KeySlot, now_ms: i64) -> Result<String>;
+
+    /// A token for the device, signed with its primary key, valid until
+    /// `expires_at` (seconds since the Unix epoch).
+    async fn issue_token(&self, id: &str, expires_at: i64) -> Result<String>;
+
+    /// Checks a device's token (see [`token`]) at time `now_ms` and returns
+    /// the device.
     ///
-    /// An unknown device, a wrong token, a disabled device and an invalid id
-    /// all give the same [`Error::Unauthorized`].
-    async fn authenticate(&self, id: &str, token: &str) -> Result<Device>;
+    /// An unknown device, a malformed token and a signature by neither of
+    /// the device's keys all give the same [`Error::Unauthorized`] reason, so
+    /// that a caller cannot probe which ids exist. Only a token the device's
+    /// key signed learns that the device is disabled or the token expired.
+    async fn authenticate(&self, id: &str, token: &str, now_ms: i64) -> Result<Device>;
+
+    /// Ids of devices whose right to connect may have changed (disabled,
+    /// removed, a key rotated), as they change. Live connections of those
+    /// devices must be checked again.
+    fn changes(&self) -> tokio::sync::broadcast::Receiver<String>;
 }
 
 /// The registry as the rest of the program holds it.

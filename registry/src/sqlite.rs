@@ -1,15 +1,22 @@
 //! The SQLite registry: one database file, all of the crate's SQL.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use ring::rand::SystemRandom;
-use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use rusqlite::types::Value;
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params, params_from_iter};
+use tokio::sync::broadcast;
 
-use crate::credentials::{digest_token, generate_token, verify_token};
-use crate::{Device, DeviceStatus, Error, Registry, Result, validate_device_id, validate_tags};
+use crate::credentials::{TOKEN_PREFIX, verify_token};
+use crate::master_key::{self, MasterKey};
+use crate::{
+    Device, DeviceFilter, DeviceKeys, DevicePage, DevicePatch, DeviceStatus, Error, KeySlot,
+    MAX_PAGE, NewDevice, Registry, Result, token, validate_device_id, validate_metadata,
+    validate_tags,
+};
 
 /// Schema migrations, oldest first; migration `i` takes the database from
 /// `PRAGMA user_version` `i` to `i + 1`. Append only: never edit one that has
@@ -24,6 +31,17 @@ const MIGRATIONS: &[&str] = &[
         token_sha256 BLOB    NOT NULL,
         created_at   INTEGER NOT NULL
     ) STRICT;",
+    // 2: metadata (a JSON object), the time of the last change, and the two
+    // device keys, sealed under the master key (see `master_key`); NULL is
+    // "no key in this slot". `token_sha256` stays for devices made under 1
+    // (legacy `trb_` tokens). Devices made since store an empty digest
+    // there, which no token matches: simpler and safer than rebuilding the
+    // table to drop NOT NULL.
+    "ALTER TABLE devices ADD COLUMN metadata TEXT NOT NULL DEFAULT '{}';
+     ALTER TABLE devices ADD COLUMN updated_at INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE devices ADD COLUMN primary_key BLOB;
+     ALTER TABLE devices ADD COLUMN secondary_key BLOB;
+     UPDATE devices SET updated_at = created_at;",
 ];
 
 /// The schema version this build writes, stored in `PRAGMA user_version`.
@@ -32,15 +50,28 @@ pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 /// How long a writer waits for another process holding the database lock.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
-const DEVICE_COLUMNS: &str = "id, tags, status, created_at";
+/// How many announced changes a slow [`Registry::changes`] receiver may fall
+/// behind before it misses some (and is told so by `RecvError::Lagged`).
+const CHANGES_CAPACITY: usize = 1024;
 
-/// A [`Registry`] in one SQLite file (WAL mode, `synchronous=FULL`).
+const DEVICE_COLUMNS: &str = "id, tags, metadata, status, created_at, updated_at";
+
+/// A [`Registry`] in one SQLite file (WAL mode, `synchronous=FULL`), with
+/// the master key that seals device keys in a second file next to it (see
+/// [`SqliteRegistry::key_path`]). Back up both: the database without its key
+/// file holds no usable device key.
 ///
 /// Calls run synchronously on the caller's task behind a mutex; registry
 /// queries are short point lookups, so this is cheaper than a thread hop.
 pub struct SqliteRegistry {
     conn: Mutex<Connection>,
     rng: SystemRandom,
+    master: MasterKey,
+    /// A key sealed for no device (the empty id is invalid), opened in place
+    /// of a device's missing key, so that authentication does the same work
+    /// whether or not the device and its keys exist.
+    dummy_sealed: Vec<u8>,
+    changes: broadcast::Sender<String>,
 }
 
 impl std::fmt::Debug for SqliteRegistry {
@@ -51,7 +82,8 @@ impl std::fmt::Debug for SqliteRegistry {
 
 impl SqliteRegistry {
     /// Opens (or creates) the registry at `path`, creating missing parent
-    /// directories and bringing the schema up to date.
+    /// directories, bringing the schema up to date and reading (or, for a
+    /// new registry, creating) its master key file, [`Self::key_path`].
     pub fn open(path: &Path) -> Result<Self> {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).map_err(|source| Error::Io {
@@ -59,26 +91,69 @@ impl SqliteRegistry {
                 source,
             })?;
         }
-        Self::from_connection(Connection::open(path)?)
+        let key_path = Self::key_path(path);
+        if key_path == path {
+            return Err(Error::MasterKey {
+                path: key_path,
+                reason: "the database file itself is named like the master key file; \
+                         give the database another extension (e.g. registry.db)"
+                    .into(),
+            });
+        }
+        let mut conn = Self::prepare(Connection::open(path)?)?;
+        let rng = SystemRandom::new();
+        // Under the write lock: two processes opening a new registry at once
+        // must not each write a key file.
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let has_sealed_keys: bool = tx.query_row(
+            "SELECT EXISTS (SELECT 1 FROM devices
+                            WHERE primary_key IS NOT NULL OR secondary_key IS NOT NULL)",
+            [],
+            |row| row.get(0),
+        )?;
+        let master = MasterKey::load_or_create(&key_path, !has_sealed_keys, &rng)?;
+        tx.commit()?;
+        Self::new(conn, master, rng)
     }
 
-    /// A registry that lives only as long as this value; for tests and demos.
+    /// A registry that lives only as long as this value, with a random
+    /// master key; for tests and demos.
     pub fn open_in_memory() -> Result<Self> {
-        Self::from_connection(Connection::open_in_memory()?)
+        let conn = Self::prepare(Connection::open_in_memory()?)?;
+        let rng = SystemRandom::new();
+        let master = MasterKey::random(&rng)?;
+        Self::new(conn, master, rng)
     }
 
-    fn from_connection(mut conn: Connection) -> Result<Self> {
+    /// Where the master key of the registry at `db_path` is kept: the same
+    /// name with the extension `key` (`registry.db` → `registry.key`). It
+    /// holds 32 random bytes, readable by the owner only.
+    pub fn key_path(db_path: &Path) -> PathBuf {
+        master_key::key_path(db_path)
+    }
+
+    fn prepare(mut conn: Connection) -> Result<Connection> {
         conn.busy_timeout(BUSY_TIMEOUT)?;
         // WAL lets readers (e.g. a second CLI process) work during writes; an
         // in-memory database answers "memory", which is fine.
         conn.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get::<_, String>(0))?;
-        // Device creation hands out a token exactly once; FULL makes sure a
-        // token the caller has seen survives a power cut.
+        // Device creation and key rotation hand out a key exactly once; FULL
+        // makes sure a key the caller has seen survives a power cut.
         conn.pragma_update(None, "synchronous", "FULL")?;
         migrate(&mut conn)?;
+        Ok(conn)
+    }
+
+    fn new(conn: Connection, master: MasterKey, rng: SystemRandom) -> Result<Self> {
+        let dummy_key = token::generate_key(&rng)?;
+        let dummy_sealed = master.seal(&rng, "", KeySlot::Primary, &dummy_key)?;
+        let (changes, _) = broadcast::channel(CHANGES_CAPACITY);
         Ok(Self {
             conn: Mutex::new(conn),
-            rng: SystemRandom::new(),
+            rng,
+            master,
+            dummy_sealed,
+            changes,
         })
     }
 
@@ -87,6 +162,48 @@ impl SqliteRegistry {
         // written (an open transaction rolls back when dropped), so the
         // connection is still good.
         self.conn.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Tells [`Registry::changes`] receivers; having none is fine.
+    fn announce(&self, id: &str) {
+        let _ = self.changes.send(id.to_string());
+    }
+
+    /// Makes a key and seals it for `id`'s `slot`: (plain, sealed).
+    fn new_key(&self, id: &str, slot: KeySlot) -> Result<([u8; token::KEY_LEN], Vec<u8>)> {
+        let key = token::generate_key(&self.rng)?;
+        let sealed = self.master.seal(&self.rng, id, slot, &key)?;
+        Ok((key, sealed))
+    }
+
+    /// The key in a slot, opened. A sealed key that does not open is a
+    /// broken setup (another master key file, a row copied from elsewhere),
+    /// not a wrong token, so it is an error of its own.
+    fn open_key(&self, id: &str, slot: KeySlot, sealed: &[u8]) -> Result<Vec<u8>> {
+        self.master.open(id, slot, sealed).ok_or_else(|| {
+            Error::Internal(format!(
+                "device '{id}': its stored {} key does not open with this registry's master \
+                 key (was the key file replaced, or the row copied from another registry?)",
+                slot_name(slot)
+            ))
+        })
+    }
+
+    /// The key to check a signature against, and whether it is real: the
+    /// slot's key, or the dummy key (with the same work) when there is none.
+    fn key_or_dummy(
+        &self,
+        id: &str,
+        slot: KeySlot,
+        sealed: Option<&[u8]>,
+    ) -> Result<(Vec<u8>, bool)> {
+        match sealed {
+            Some(sealed) => Ok((self.open_key(id, slot, sealed)?, true)),
+            None => {
+                let dummy = self.master.open("", KeySlot::Primary, &self.dummy_sealed);
+                Ok((dummy.unwrap_or_default(), false))
+            }
+        }
     }
 }
 
@@ -117,17 +234,22 @@ fn migrate(conn: &mut Connection) -> Result<()> {
 struct RawDevice {
     id: String,
     tags: String,
+    metadata: String,
     status: String,
     created_at: i64,
+    updated_at: i64,
 }
 
 impl RawDevice {
+    /// Reads [`DEVICE_COLUMNS`], which come first in every query.
     fn from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Self> {
         Ok(Self {
             id: row.get(0)?,
             tags: row.get(1)?,
-            status: row.get(2)?,
-            created_at: row.get(3)?,
+            metadata: row.get(2)?,
+            status: row.get(3)?,
+            created_at: row.get(4)?,
+            updated_at: row.get(5)?,
         })
     }
 
@@ -135,6 +257,12 @@ impl RawDevice {
         let tags: BTreeMap<String, String> = serde_json::from_str(&self.tags).map_err(|e| {
             Error::Internal(format!(
                 "device '{}': stored tags are not a JSON object of strings: {e}",
+                self.id
+            ))
+        })?;
+        let metadata = serde_json::from_str(&self.metadata).map_err(|e| {
+            Error::Internal(format!(
+                "device '{}': stored metadata is not a JSON object: {e}",
                 self.id
             ))
         })?;
@@ -147,9 +275,42 @@ impl RawDevice {
         Ok(Device {
             id: self.id,
             tags,
+            metadata,
             status,
             created_at: self.created_at,
+            updated_at: self.updated_at,
         })
+    }
+}
+
+/// What authentication reads of a device.
+struct Credentials {
+    device: RawDevice,
+    legacy_digest: Vec<u8>,
+    primary: Option<Vec<u8>>,
+    secondary: Option<Vec<u8>>,
+}
+
+fn read_device(conn: &Connection, id: &str) -> Result<Option<Device>> {
+    let raw = conn
+        .query_row(
+            &format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE id = ?1"),
+            [id],
+            RawDevice::from_row,
+        )
+        .optional()?;
+    raw.map(RawDevice::decode).transpose()
+}
+
+fn to_json(what: &str, value: &impl serde::Serialize) -> Result<String> {
+    serde_json::to_string(value)
+        .map_err(|e| Error::Internal(format!("cannot encode {what} as JSON: {e}")))
+}
+
+fn slot_name(slot: KeySlot) -> &'static str {
+    match slot {
+        KeySlot::Primary => "primary",
+        KeySlot::Secondary => "secondary",
     }
 }
 
@@ -160,56 +321,132 @@ fn is_primary_key_violation(e: &rusqlite::Error) -> bool {
     )
 }
 
+/// A device id as it may be shown back to whoever sent it: control
+/// characters escaped, cut to the longest valid id.
+fn shown_id(id: &str) -> String {
+    let mut out: String = id
+        .chars()
+        .take(crate::MAX_DEVICE_ID_LEN)
+        .flat_map(char::escape_debug)
+        .collect();
+    if id.chars().nth(crate::MAX_DEVICE_ID_LEN).is_some() {
+        out.push_str("...");
+    }
+    out
+}
+
+/// Seconds since the Unix epoch as RFC 3339 (UTC), for people.
+fn rfc3339(seconds: i64) -> String {
+    chrono::DateTime::from_timestamp(seconds, 0).map_or_else(
+        || format!("{seconds} seconds after the Unix epoch"),
+        |t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+    )
+}
+
 #[async_trait::async_trait]
 impl Registry for SqliteRegistry {
-    async fn create_device(
-        &self,
-        id: &str,
-        tags: BTreeMap<String, String>,
-        now_ms: i64,
-    ) -> Result<(Device, String)> {
-        validate_device_id(id)?;
+    async fn create_device(&self, device: NewDevice, now_ms: i64) -> Result<(Device, DeviceKeys)> {
+        let NewDevice {
+            id,
+            tags,
+            metadata,
+            status,
+        } = device;
+        validate_device_id(&id)?;
         validate_tags(&tags)?;
-        let token = generate_token(&self.rng)?;
-        let digest = digest_token(&token);
-        let tags_json = serde_json::to_string(&tags)
-            .map_err(|e| Error::Internal(format!("cannot encode tags as JSON: {e}")))?;
-        let status = DeviceStatus::Enabled;
+        validate_metadata(&metadata)?;
+        let status = status.unwrap_or(DeviceStatus::Enabled);
+        let (primary, sealed_primary) = self.new_key(&id, KeySlot::Primary)?;
+        let (secondary, sealed_secondary) = self.new_key(&id, KeySlot::Secondary)?;
         let inserted = self.conn().execute(
-            "INSERT INTO devices (id, tags, status, token_sha256, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![id, tags_json, status.as_str(), &digest[..], now_ms],
+            "INSERT INTO devices (id, tags, metadata, status, token_sha256, created_at,
+                                  updated_at, primary_key, secondary_key)
+             VALUES (?1, ?2, ?3, ?4, X'', ?5, ?5, ?6, ?7)",
+            params![
+                id,
+                to_json("tags", &tags)?,
+                to_json("metadata", &metadata)?,
+                status.as_str(),
+                now_ms,
+                sealed_primary,
+                sealed_secondary,
+            ],
         );
         match inserted {
             Ok(_) => {}
-            Err(e) if is_primary_key_violation(&e) => {
-                return Err(Error::AlreadyExists(id.to_string()));
-            }
+            Err(e) if is_primary_key_violation(&e) => return Err(Error::AlreadyExists(id)),
             Err(e) => return Err(e.into()),
         }
+        let keys = DeviceKeys {
+            primary: token::encode_key(&primary),
+            secondary: token::encode_key(&secondary),
+        };
         let device = Device {
-            id: id.to_string(),
+            id,
             tags,
+            metadata,
             status,
             created_at: now_ms,
+            updated_at: now_ms,
         };
-        Ok((device, token))
+        Ok((device, keys))
     }
 
     async fn get_device(&self, id: &str) -> Result<Option<Device>> {
         validate_device_id(id)?;
-        let raw = self
-            .conn()
-            .query_row(
-                &format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE id = ?1"),
-                [id],
-                RawDevice::from_row,
-            )
-            .optional()?;
-        raw.map(RawDevice::decode).transpose()
+        read_device(&self.conn(), id)
     }
 
-    async fn list_devices(&self) -> Result<Vec<Device>> {
+    async fn list_devices(&self, filter: &DeviceFilter) -> Result<DevicePage> {
+        if !(1..=MAX_PAGE).contains(&filter.limit) {
+            return Err(Error::InvalidRequest(format!(
+                "a page holds 1 to {MAX_PAGE} devices; {} were asked for",
+                filter.limit
+            )));
+        }
+        validate_tags(&filter.tags)?;
+        let mut sql = format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE TRUE");
+        let mut args: Vec<Value> = Vec::new();
+        if let Some(after) = &filter.after {
+            sql.push_str(" AND id > ?");
+            args.push(Value::Text(after.clone()));
+        }
+        if let Some(status) = filter.status {
+            sql.push_str(" AND status = ?");
+            args.push(Value::Text(status.as_str().into()));
+        }
+        for (key, value) in &filter.tags {
+            // validate_tags allows only [A-Za-z0-9_.-] in keys, so the quoted
+            // path names exactly this key; it is bound anyway, like the value.
+            sql.push_str(" AND json_extract(tags, ?) = ?");
+            args.push(Value::Text(format!("$.\"{key}\"")));
+            args.push(Value::Text(value.clone()));
+        }
+        // One more than asked for tells whether there is a next page.
+        sql.push_str(" ORDER BY id LIMIT ?");
+        args.push(Value::Integer(i64::try_from(filter.limit + 1).map_err(
+            |_| Error::Internal("page limit does not fit in i64".into()),
+        )?));
+        let raws = {
+            let conn = self.conn();
+            let mut stmt = conn.prepare_cached(&sql)?;
+            let rows = stmt.query_map(params_from_iter(args), RawDevice::from_row)?;
+            rows.collect::<rusqlite::Result<Vec<_>>>()?
+        };
+        let mut devices = raws
+            .into_iter()
+            .map(RawDevice::decode)
+            .collect::<Result<Vec<_>>>()?;
+        let next = if devices.len() > filter.limit {
+            devices.truncate(filter.limit);
+            devices.last().map(|d| d.id.clone())
+        } else {
+            None
+        };
+        Ok(DevicePage { devices, next })
+    }
+
+    async fn all_devices(&self) -> Result<Vec<Device>> {
         let raws = {
             let conn = self.conn();
             let mut stmt =
@@ -220,6 +457,45 @@ impl Registry for SqliteRegistry {
         raws.into_iter().map(RawDevice::decode).collect()
     }
 
+    async fn update_device(&self, id: &str, patch: DevicePatch, now_ms: i64) -> Result<Device> {
+        validate_device_id(id)?;
+        if let Some(tags) = &patch.tags {
+            validate_tags(tags)?;
+        }
+        if let Some(metadata) = &patch.metadata {
+            validate_metadata(metadata)?;
+        }
+        let device = {
+            let mut conn = self.conn();
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let mut device = read_device(&tx, id)?.ok_or_else(|| Error::NotFound(id.into()))?;
+            let DevicePatch {
+                tags,
+                metadata,
+                status,
+            } = patch;
+            device.tags = tags.unwrap_or(device.tags);
+            device.metadata = metadata.unwrap_or(device.metadata);
+            device.status = status.unwrap_or(device.status);
+            device.updated_at = now_ms;
+            tx.execute(
+                "UPDATE devices SET tags = ?2, metadata = ?3, status = ?4, updated_at = ?5
+                 WHERE id = ?1",
+                params![
+                    id,
+                    to_json("tags", &device.tags)?,
+                    to_json("metadata", &device.metadata)?,
+                    device.status.as_str(),
+                    now_ms,
+                ],
+            )?;
+            tx.commit()?;
+            device
+        };
+        self.announce(id);
+        Ok(device)
+    }
+
     async fn remove_device(&self, id: &str) -> Result<()> {
         validate_device_id(id)?;
         let removed = self
@@ -228,296 +504,136 @@ impl Registry for SqliteRegistry {
         if removed == 0 {
             return Err(Error::NotFound(id.to_string()));
         }
+        self.announce(id);
         Ok(())
     }
 
-    async fn authenticate(&self, id: &str, token: &str) -> Result<Device> {
-        let unauthorized = || Error::Unauthorized(id.to_string());
-        if validate_device_id(id).is_err() {
-            // No such device can exist; answer as for any unknown device.
-            verify_token(token, None);
-            return Err(unauthorized());
+    /// Also, rotating the primary key of a device made before keys existed
+    /// retires its legacy `trb_` token: that token stands in the primary
+    /// slot until then. So such a device moves over like any other: rotate
+    /// the secondary key, switch the device to it, then rotate the primary.
+    async fn rotate_key(&self, id: &str, slot: KeySlot, now_ms: i64) -> Result<String> {
+        validate_device_id(id)?;
+        let (key, sealed) = self.new_key(id, slot)?;
+        let sql = match slot {
+            KeySlot::Primary => {
+                "UPDATE devices SET primary_key = ?2, token_sha256 = X'', updated_at = ?3
+                 WHERE id = ?1"
+            }
+            KeySlot::Secondary => {
+                "UPDATE devices SET secondary_key = ?2, updated_at = ?3 WHERE id = ?1"
+            }
+        };
+        let updated = self.conn().execute(sql, params![id, sealed, now_ms])?;
+        if updated == 0 {
+            return Err(Error::NotFound(id.to_string()));
         }
+        self.announce(id);
+        Ok(token::encode_key(&key))
+    }
+
+    async fn issue_token(&self, id: &str, expires_at: i64) -> Result<String> {
+        validate_device_id(id)?;
+        if expires_at < 0 {
+            return Err(Error::InvalidRequest(format!(
+                "a token expires at a time in seconds since the Unix epoch, from 0 on; \
+                 {expires_at} is before it"
+            )));
+        }
+        let sealed: Option<Option<Vec<u8>>> = self
+            .conn()
+            .query_row(
+                "SELECT primary_key FROM devices WHERE id = ?1",
+                [id],
+                |row| row.get(0),
+            )
+            .optional()?;
+        let sealed = sealed
+            .ok_or_else(|| Error::NotFound(id.to_string()))?
+            .ok_or_else(|| {
+                Error::InvalidRequest(format!(
+                    "device '{id}' has no primary key: it was made before device keys and \
+                     still uses its legacy token; rotate its primary key first"
+                ))
+            })?;
+        let key = self.open_key(id, KeySlot::Primary, &sealed)?;
+        Ok(token::sign(id, &key, expires_at))
+    }
+
+    async fn authenticate(&self, id: &str, token: &str, now_ms: i64) -> Result<Device> {
+        let refused = || {
+            Error::Unauthorized(format!(
+                "device '{}': unknown device, or a token not signed by its keys",
+                shown_id(id)
+            ))
+        };
+        // Up to a verified signature, every failure looks the same. Ids and
+        // tokens of the wrong form are refused straight away: that they are
+        // malformed is no secret, it says nothing about which devices exist.
+        if validate_device_id(id).is_err() || token.len() > token::MAX_TOKEN_LEN {
+            return Err(refused());
+        }
+        let parsed = if token.starts_with(TOKEN_PREFIX) {
+            None
+        } else {
+            Some(token::parse(token).map_err(|_| refused())?)
+        };
         let row = self
             .conn()
             .query_row(
-                &format!("SELECT {DEVICE_COLUMNS}, token_sha256 FROM devices WHERE id = ?1"),
+                &format!(
+                    "SELECT {DEVICE_COLUMNS}, token_sha256, primary_key, secondary_key
+                     FROM devices WHERE id = ?1"
+                ),
                 [id],
-                |row| Ok((RawDevice::from_row(row)?, row.get::<_, Vec<u8>>(4)?)),
+                |row| {
+                    Ok(Credentials {
+                        device: RawDevice::from_row(row)?,
+                        legacy_digest: row.get(6)?,
+                        primary: row.get(7)?,
+                        secondary: row.get(8)?,
+                    })
+                },
             )
             .optional()?;
-        let (raw, digest) = match row {
-            Some((raw, digest)) => (Some(raw), Some(digest)),
-            None => (None, None),
+        // The same work whether or not the device, or a key, exists: every
+        // check below runs, against dummies where something is missing.
+        let verified = match &parsed {
+            None => verify_token(token, row.as_ref().map(|r| &r.legacy_digest[..])),
+            Some((expires_at, signature)) => {
+                let primary = row.as_ref().and_then(|r| r.primary.as_deref());
+                let secondary = row.as_ref().and_then(|r| r.secondary.as_deref());
+                let (primary, has_primary) = self.key_or_dummy(id, KeySlot::Primary, primary)?;
+                let (secondary, has_secondary) =
+                    self.key_or_dummy(id, KeySlot::Secondary, secondary)?;
+                let by_primary = token::verify(id, &primary, *expires_at, signature);
+                let by_secondary = token::verify(id, &secondary, *expires_at, signature);
+                (by_primary & has_primary) | (by_secondary & has_secondary)
+            }
         };
-        if !verify_token(token, digest.as_deref()) {
-            return Err(unauthorized());
+        let row = match row {
+            Some(row) if verified => row,
+            _ => return Err(refused()),
+        };
+        let device = row.device.decode()?;
+        if device.status == DeviceStatus::Disabled {
+            return Err(Error::Unauthorized(format!("device '{id}' is disabled")));
         }
-        let device = raw.ok_or_else(unauthorized)?.decode()?;
-        if device.status != DeviceStatus::Enabled {
-            return Err(unauthorized());
+        if let Some((expires_at, _)) = parsed
+            && now_ms >= expires_at.saturating_mul(1000)
+        {
+            return Err(Error::Unauthorized(format!(
+                "the token of device '{id}' expired at {}",
+                rfc3339(expires_at)
+            )));
         }
         Ok(device)
+    }
+
+    fn changes(&self) -> broadcast::Receiver<String> {
+        self.changes.subscribe()
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::SharedRegistry;
-    use std::sync::Arc;
-
-    fn tags(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
-
-    fn db_path(dir: &tempfile::TempDir) -> std::path::PathBuf {
-        dir.path().join("registry.db")
-    }
-
-    #[tokio::test]
-    async fn create_get_list_remove() {
-        let dir = tempfile::tempdir().unwrap();
-        let reg = SqliteRegistry::open(&db_path(&dir)).unwrap();
-
-        let (b, _) = reg
-            .create_device("sensor-b", tags(&[("site", "north")]), 2_000)
-            .await
-            .unwrap();
-        let (a, _) = reg
-            .create_device("sensor-a", tags(&[]), 1_000)
-            .await
-            .unwrap();
-        assert_eq!(a.status, DeviceStatus::Enabled);
-        assert_eq!(b.tags, tags(&[("site", "north")]));
-        assert_eq!(b.created_at, 2_000);
-
-        assert_eq!(reg.get_device("sensor-b").await.unwrap(), Some(b.clone()));
-        assert_eq!(reg.get_device("sensor-c").await.unwrap(), None);
-        assert_eq!(reg.list_devices().await.unwrap(), vec![a.clone(), b]);
-
-        reg.remove_device("sensor-b").await.unwrap();
-        assert_eq!(reg.get_device("sensor-b").await.unwrap(), None);
-        assert_eq!(reg.list_devices().await.unwrap(), vec![a]);
-        let err = reg.remove_device("sensor-b").await.unwrap_err();
-        assert!(
-            matches!(&err, Error::NotFound(id) if id == "sensor-b"),
-            "{err:?}"
-        );
-        assert_eq!(err.to_string(), "device 'sensor-b' does not exist");
-        assert!(err.is_user_error());
-    }
-
-    #[tokio::test]
-    async fn duplicate_create_is_already_exists() {
-        let dir = tempfile::tempdir().unwrap();
-        let reg = SqliteRegistry::open(&db_path(&dir)).unwrap();
-        let (_, token) = reg.create_device("dev1", tags(&[]), 1).await.unwrap();
-        let err = reg
-            .create_device("dev1", tags(&[("x", "y")]), 2)
-            .await
-            .unwrap_err();
-        assert!(
-            matches!(&err, Error::AlreadyExists(id) if id == "dev1"),
-            "{err:?}"
-        );
-        assert_eq!(err.to_string(), "device 'dev1' already exists");
-        // The first device, and its token, are untouched.
-        let dev = reg.authenticate("dev1", &token).await.unwrap();
-        assert_eq!(dev.tags, tags(&[]));
-        assert_eq!(dev.created_at, 1);
-    }
-
-    #[tokio::test]
-    async fn authenticate_cases() {
-        let dir = tempfile::tempdir().unwrap();
-        let reg = SqliteRegistry::open(&db_path(&dir)).unwrap();
-        let (dev, token) = reg
-            .create_device("gw:1", tags(&[("role", "gateway")]), 5)
-            .await
-            .unwrap();
-        let (_, other_token) = reg.create_device("gw:2", tags(&[]), 6).await.unwrap();
-        assert!(token.starts_with("trb_"));
-
-        assert_eq!(reg.authenticate("gw:1", &token).await.unwrap(), dev);
-
-        let unauthorized = |r: Result<Device>, id: &str| {
-            let err = r.unwrap_err();
-            assert!(matches!(&err, Error::Unauthorized(i) if i == id), "{err:?}");
-            assert_eq!(
-                err.to_string(),
-                format!("device '{id}': unknown device or wrong token")
-            );
-            assert!(err.is_user_error());
-        };
-        unauthorized(reg.authenticate("gw:1", "trb_wrong").await, "gw:1");
-        unauthorized(reg.authenticate("gw:1", "").await, "gw:1");
-        unauthorized(reg.authenticate("gw:1", &other_token).await, "gw:1");
-        unauthorized(reg.authenticate("nobody", &token).await, "nobody");
-        unauthorized(reg.authenticate("not valid!", &token).await, "not valid!");
-
-        reg.remove_device("gw:1").await.unwrap();
-        unauthorized(reg.authenticate("gw:1", &token).await, "gw:1");
-    }
-
-    #[tokio::test]
-    async fn disabled_device_cannot_authenticate() {
-        let dir = tempfile::tempdir().unwrap();
-        let reg = SqliteRegistry::open(&db_path(&dir)).unwrap();
-        let (_, token) = reg.create_device("d", tags(&[]), 0).await.unwrap();
-        reg.conn()
-            .execute("UPDATE devices SET status = 'disabled' WHERE id = 'd'", [])
-            .unwrap();
-        let err = reg.authenticate("d", &token).await.unwrap_err();
-        assert!(matches!(err, Error::Unauthorized(_)), "{err:?}");
-        let dev = reg.get_device("d").await.unwrap().unwrap();
-        assert_eq!(dev.status, DeviceStatus::Disabled);
-    }
-
-    #[tokio::test]
-    async fn data_survives_reopening() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = db_path(&dir);
-        let (dev, token) = {
-            let reg = SqliteRegistry::open(&path).unwrap();
-            reg.create_device("keep", tags(&[("unit", "°C")]), 42)
-                .await
-                .unwrap()
-        };
-        let reg = SqliteRegistry::open(&path).unwrap();
-        assert_eq!(reg.get_device("keep").await.unwrap(), Some(dev.clone()));
-        assert_eq!(reg.authenticate("keep", &token).await.unwrap(), dev);
-    }
-
-    #[tokio::test]
-    async fn token_is_not_stored_in_plain_text() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = db_path(&dir);
-        let reg = SqliteRegistry::open(&path).unwrap();
-        let (_, token) = reg.create_device("secret", tags(&[]), 0).await.unwrap();
-        let body = token.strip_prefix("trb_").unwrap();
-
-        // Nothing in the table holds the token, but the digest is there.
-        let cells: Vec<Vec<u8>> = {
-            let conn = reg.conn();
-            let mut stmt = conn.prepare("SELECT * FROM devices").unwrap();
-            let ncols = stmt.column_count();
-            let mut rows = stmt.query([]).unwrap();
-            let mut cells = Vec::new();
-            while let Some(row) = rows.next().unwrap() {
-                for i in 0..ncols {
-                    cells.push(match row.get_ref(i).unwrap() {
-                        rusqlite::types::ValueRef::Text(b) | rusqlite::types::ValueRef::Blob(b) => {
-                            b.to_vec()
-                        }
-                        other => format!("{other:?}").into_bytes(),
-                    });
-                }
-            }
-            cells
-        };
-        assert!(cells.iter().any(|c| c[..] == digest_token(&token)[..]));
-        for cell in &cells {
-            assert!(!contains(cell, body.as_bytes()), "token found in a column");
-        }
-
-        // Nor do the files on disk (database and WAL), open or closed.
-        let scan = || {
-            for entry in std::fs::read_dir(dir.path()).unwrap() {
-                let bytes = std::fs::read(entry.unwrap().path()).unwrap();
-                assert!(!contains(&bytes, body.as_bytes()), "token found on disk");
-            }
-        };
-        scan();
-        drop(reg);
-        scan();
-        assert!(std::fs::metadata(&path).unwrap().len() > 0);
-    }
-
-    fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-        haystack.windows(needle.len()).any(|w| w == needle)
-    }
-
-    #[tokio::test]
-    async fn invalid_input_is_rejected_with_a_reason() {
-        let reg = SqliteRegistry::open_in_memory().unwrap();
-        let err = reg.create_device("bad id", tags(&[]), 0).await.unwrap_err();
-        assert!(matches!(err, Error::InvalidId(_)), "{err:?}");
-        assert!(err.to_string().contains("contains ' '"), "{err}");
-        assert!(err.is_user_error());
-
-        let err = reg
-            .create_device("ok", tags(&[("bad key", "v")]), 0)
-            .await
-            .unwrap_err();
-        assert!(matches!(err, Error::InvalidTag(_)), "{err:?}");
-        assert!(err.to_string().contains("tag key \"bad key\""), "{err}");
-
-        let err = reg
-            .create_device("ok", tags(&[("k", "line\nbreak")]), 0)
-            .await
-            .unwrap_err();
-        assert!(err.to_string().contains("control character"), "{err}");
-
-        assert!(matches!(reg.get_device("").await, Err(Error::InvalidId(_))));
-        assert!(matches!(
-            reg.remove_device("/etc").await,
-            Err(Error::InvalidId(_))
-        ));
-        // Nothing was created by the failed calls.
-        assert!(reg.list_devices().await.unwrap().is_empty());
-    }
-
-    #[test]
-    fn open_sets_pragmas_and_creates_parent_dirs() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("a/b/registry.db");
-        let reg = SqliteRegistry::open(&path).unwrap();
-        assert!(path.exists());
-        let conn = reg.conn();
-        let int =
-            |name: &str| -> i64 { conn.pragma_query_value(None, name, |r| r.get(0)).unwrap() };
-        let mode: String = conn
-            .pragma_query_value(None, "journal_mode", |r| r.get(0))
-            .unwrap();
-        assert_eq!(mode, "wal");
-        assert_eq!(int("synchronous"), 2, "2 is FULL");
-        assert_eq!(int("user_version"), SCHEMA_VERSION);
-    }
-
-    #[test]
-    fn newer_schema_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = db_path(&dir);
-        Connection::open(&path)
-            .unwrap()
-            .pragma_update(None, "user_version", 99)
-            .unwrap();
-        let err = SqliteRegistry::open(&path).unwrap_err();
-        assert!(
-            matches!(
-                err,
-                Error::SchemaTooNew {
-                    found: 99,
-                    supported: SCHEMA_VERSION
-                }
-            ),
-            "{err:?}"
-        );
-        assert!(!err.is_user_error());
-    }
-
-    #[tokio::test]
-    async fn usable_as_a_shared_trait_object() {
-        let reg: SharedRegistry = Arc::new(SqliteRegistry::open_in_memory().unwrap());
-        let r2 = Arc::clone(&reg);
-        let (_, token) = tokio::spawn(async move { r2.create_device("x", tags(&[]), 0).await })
-            .await
-            .unwrap()
-            .unwrap();
-        reg.authenticate("x", &token).await.unwrap();
-    }
-}
+mod tests;

@@ -202,10 +202,25 @@ impl Server {
 
     /// Adds a device; returns its token.
     pub fn add_device(&self, id: &str) -> String {
+        self.add_device_with_keys(id).token
+    }
+
+    /// Adds a device; returns its keys and the token `device add` made.
+    pub fn add_device_with_keys(&self, id: &str) -> DeviceCredentials {
         let run = self.cli(&["device", "add", id, "--json"]).ok();
         let v: serde_json::Value =
             serde_json::from_str(run.stdout.trim()).expect("device add --json prints JSON");
-        v["token"].as_str().expect("a token").to_string()
+        let field = |k: &str| {
+            v[k].as_str()
+                .unwrap_or_else(|| panic!("device add --json has no '{k}': {v}"))
+                .to_string()
+        };
+        DeviceCredentials {
+            id: field("id"),
+            primary_key: field("primary_key"),
+            secondary_key: field("secondary_key"),
+            token: field("token"),
+        }
     }
 
     /// Stops the server with SIGTERM and waits for it to exit cleanly.
@@ -256,6 +271,63 @@ impl Drop for Server {
             let _ = child.wait();
         }
     }
+}
+
+/// A device's credentials as `device add --json` shows them once.
+#[derive(Debug, Clone)]
+pub struct DeviceCredentials {
+    pub id: String,
+    /// Standard base64 with padding, as the CLI prints keys.
+    pub primary_key: String,
+    pub secondary_key: String,
+    /// A token signed with the primary key.
+    pub token: String,
+}
+
+impl DeviceCredentials {
+    /// A token signed with the primary key, valid until `expires_at`.
+    pub fn primary_token(&self, expires_at: i64) -> String {
+        sign_token(&self.id, &self.primary_key, expires_at)
+    }
+
+    /// A token signed with the secondary key, valid until `expires_at`.
+    pub fn secondary_token(&self, expires_at: i64) -> String {
+        sign_token(&self.id, &self.secondary_key, expires_at)
+    }
+}
+
+/// Makes a device token the way `docs/security.md` says a device does:
+/// `trb1.<expires_at>.<base64url(HMAC-SHA256(key, "trb1\n" + id + "\n" +
+/// expires_at))>`. Written from the document, not from the server's code,
+/// so that the tests check the two agree.
+pub fn sign_token(device_id: &str, key_base64: &str, expires_at: i64) -> String {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+    let key = STANDARD
+        .decode(key_base64)
+        .expect("a device key is standard base64");
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &key);
+    let tag = ring::hmac::sign(&key, format!("trb1\n{device_id}\n{expires_at}").as_bytes());
+    format!("trb1.{expires_at}.{}", URL_SAFE_NO_PAD.encode(tag.as_ref()))
+}
+
+/// A fresh random key, standard base64, as a device key is written.
+pub fn random_key() -> String {
+    use base64::Engine as _;
+    use ring::rand::SecureRandom as _;
+    let mut key = [0u8; 32];
+    ring::rand::SystemRandom::new()
+        .fill(&mut key)
+        .expect("the system random generator");
+    base64::engine::general_purpose::STANDARD.encode(key)
+}
+
+/// Seconds since the Unix epoch now, as tokens count time.
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
 }
 
 /// True when `GET /health` answers 200.

@@ -29,7 +29,8 @@ fn wrong_token_and_unknown_device_are_refused() {
     assert!(!run.success);
     assert!(run.stderr.contains("unauthorized"), "{}", run.stderr);
     assert!(
-        run.stderr.contains("unknown device or wrong token"),
+        run.stderr
+            .contains("unknown device, or a token not signed by its keys"),
         "{}",
         run.stderr
     );

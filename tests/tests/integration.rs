@@ -3,9 +3,11 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod api;
 mod bad_input;
 mod crash;
 mod e2e;
 mod golden;
 mod restart;
+mod security;
 mod windows;

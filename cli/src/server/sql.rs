@@ -69,8 +69,13 @@ impl SqlService {
 
     /// Reloads the devices table from the registry (after it changed).
     pub async fn refresh_devices(&self, registry: &SharedRegistry) -> anyhow::Result<()> {
+        // One reload at a time, each reading the registry after the one
+        // before it was applied: two concurrent reloads could otherwise
+        // apply out of order and leave an older snapshot in place.
+        static RELOAD: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+        let _one_at_a_time = RELOAD.lock().await;
         let rows: Vec<DeviceRow> = registry
-            .list_devices()
+            .all_devices()
             .await?
             .into_iter()
             .map(|d| DeviceRow {
