@@ -18,7 +18,10 @@ pub struct DeviceRow {
     pub tags: BTreeMap<String, String>,
     /// `enabled` or `disabled`.
     pub status: String,
+    /// The device's metadata, a JSON object as text.
+    pub metadata: String,
     pub created_at: i64,
+    pub updated_at: i64,
 }
 
 /// One version of the devices table.
@@ -46,7 +49,8 @@ impl Default for DeviceTable {
 }
 
 /// The columns of the `devices` table: `id`, `tags` (a map of text to text,
-/// read as `tags['site']`), `status`, `created_at`.
+/// read as `tags['site']`), `status`, `metadata` (a JSON object as text),
+/// `created_at`, `updated_at`.
 pub fn device_schema() -> SchemaRef {
     let entries = Field::new(
         "entries",
@@ -63,14 +67,9 @@ pub fn device_schema() -> SchemaRef {
         Field::new("id", DataType::Utf8, false),
         Field::new("tags", DataType::Map(Arc::new(entries), false), false),
         Field::new("status", DataType::Utf8, false),
-        Field::new(
-            "created_at",
-            DataType::Timestamp(
-                arrow::datatypes::TimeUnit::Millisecond,
-                Some(TIME_ZONE.into()),
-            ),
-            false,
-        ),
+        Field::new("metadata", DataType::Utf8, false),
+        Field::new("created_at", crate::event::timestamp_type(), false),
+        Field::new("updated_at", crate::event::timestamp_type(), false),
     ]))
 }
 
@@ -95,10 +94,13 @@ impl DeviceTable {
             tags.append(true)?;
         }
         let status = StringArray::from_iter_values(devices.iter().map(|d| d.status.as_str()));
-        let created = arrow::array::TimestampMillisecondArray::from_iter_values(
-            devices.iter().map(|d| d.created_at),
-        )
-        .with_timezone(TIME_ZONE);
+        let metadata = StringArray::from_iter_values(devices.iter().map(|d| d.metadata.as_str()));
+        let time = |f: fn(&DeviceRow) -> i64| {
+            Arc::new(
+                arrow::array::TimestampMillisecondArray::from_iter_values(devices.iter().map(f))
+                    .with_timezone(TIME_ZONE),
+            )
+        };
         let schema = device_schema();
         let tags: ArrayRef = Arc::new(tags.finish());
         // The builder names its fields its own way; give the column the
@@ -106,7 +108,14 @@ impl DeviceTable {
         let tags = arrow::compute::cast(&tags, schema.field(1).data_type())?;
         let batch = RecordBatch::try_new(
             schema,
-            vec![Arc::new(ids), tags, Arc::new(status), Arc::new(created)],
+            vec![
+                Arc::new(ids),
+                tags,
+                Arc::new(status),
+                Arc::new(metadata),
+                time(|d| d.created_at),
+                time(|d| d.updated_at),
+            ],
         )?;
         let mut current = self.current.write().unwrap_or_else(|p| p.into_inner());
         *current = Arc::new(DeviceSnapshot {
@@ -146,7 +155,9 @@ mod tests {
             id: "pump-7".into(),
             tags: BTreeMap::from([("site".into(), "berlin".into())]),
             status: "enabled".into(),
+            metadata: r#"{"model":"x1"}"#.into(),
             created_at: 5,
+            updated_at: 6,
         }])
         .unwrap();
         let s = t.snapshot();

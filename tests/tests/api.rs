@@ -308,8 +308,12 @@ fn device_lifecycle_over_http() {
         .expect(200);
     assert_eq!(patched["metadata"], json!({"model": "P8"}));
     assert_eq!(patched["tags"]["site"], "south");
-    let site = server.sql_json("SELECT tags['site'] AS site FROM devices");
+    let site = server.sql_json(
+        "SELECT tags['site'] AS site, metadata, updated_at >= created_at AS later FROM devices",
+    );
     assert_eq!(site[0]["site"], "south");
+    assert_eq!(site[0]["metadata"], r#"{"model":"P8"}"#);
+    assert_eq!(site[0]["later"], true);
     http.patch("/api/v1/devices/ghost", json!({"tags": {}}))
         .expect_error(404, "not_found");
     http.patch("/api/v1/devices/pump-1", json!({"status": "off"}))

@@ -85,7 +85,9 @@ impl SqlService {
                     DeviceStatus::Enabled => "enabled".into(),
                     DeviceStatus::Disabled => "disabled".into(),
                 },
+                metadata: serde_json::Value::Object(d.metadata).to_string(),
                 created_at: d.created_at,
+                updated_at: d.updated_at,
             })
             .collect();
         self.devices.replace(&rows)?;
