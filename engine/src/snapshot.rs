@@ -13,8 +13,8 @@ use std::io::Cursor;
 use std::sync::Arc;
 
 use arrow::array::{
-    Array, ArrayRef, BinaryArray, Int64Array, RecordBatch, RecordBatchOptions, StringArray,
-    UInt32Array, UInt64Array,
+    Array, ArrayRef, Int64Array, RecordBatch, RecordBatchOptions, StringArray, UInt32Array,
+    UInt64Array,
 };
 use arrow::datatypes::{Field, Schema};
 use arrow::ipc::reader::StreamReader;
@@ -42,11 +42,6 @@ const MAGIC: &[u8; 8] = b"TRBSNAP1";
 impl Snapshot {
     pub fn new() -> Self {
         Self::default()
-    }
-
-    /// Whether the snapshot holds nothing (a program without state).
-    pub fn is_empty(&self) -> bool {
-        self.parts.is_empty()
     }
 
     /// Stores a value as JSON.
@@ -129,21 +124,6 @@ impl Snapshot {
         let a = self.array(name)?;
         let a = downcast::<Int64Array>(name, &a)?;
         Ok(a.values().to_vec())
-    }
-
-    pub fn put_bytes<'a>(
-        &mut self,
-        name: &str,
-        values: impl IntoIterator<Item = &'a [u8]>,
-    ) -> SnapshotResult<()> {
-        let array = BinaryArray::from_iter_values(values);
-        self.put_arrays(name, vec![Arc::new(array)])
-    }
-
-    pub fn bytes(&self, name: &str) -> SnapshotResult<Vec<Box<[u8]>>> {
-        let a = self.array(name)?;
-        let a = downcast::<BinaryArray>(name, &a)?;
-        Ok(a.iter().map(|v| v.unwrap_or_default().into()).collect())
     }
 
     pub fn put_strings<'a>(
@@ -334,7 +314,6 @@ mod tests {
         s.put_u32s("groups", &[3, 1, 4]).unwrap();
         s.put_i64s("starts", &[-5, 0, i64::MAX]).unwrap();
         s.put_u64s("offsets", &[]).unwrap();
-        s.put_bytes("keys", [&b"ab"[..], b"", b"\x00\xff"]).unwrap();
         s.put_strings("names", ["d1", "ünïcode"]).unwrap();
         s.put_nested_u32s("open", &[vec![1, 2], vec![], vec![3]])
             .unwrap();
@@ -353,8 +332,6 @@ mod tests {
         assert_eq!(back.u32s("groups").unwrap(), vec![3, 1, 4]);
         assert_eq!(back.i64s("starts").unwrap(), vec![-5, 0, i64::MAX]);
         assert!(back.u64s("offsets").unwrap().is_empty());
-        let keys = back.bytes("keys").unwrap();
-        assert_eq!(&*keys[2], b"\x00\xff");
         assert_eq!(back.strings("names").unwrap()[1], "ünïcode");
         assert_eq!(
             back.nested_u32s("open").unwrap(),

@@ -193,6 +193,7 @@ pub async fn serve(args: ServeArgs) -> Result<std::process::ExitCode> {
         queries,
         ddl: tokio::sync::Mutex::new(()),
         failed: Default::default(),
+        devices_reload: Default::default(),
         devices,
     });
     sql.refresh_devices(&registry).await?;

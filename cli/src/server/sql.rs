@@ -30,6 +30,8 @@ pub struct SqlService {
     pub devices: Arc<DeviceTable>,
     /// Why rules that should run could not be started (after a restart).
     pub failed: std::sync::Mutex<std::collections::HashMap<String, String>>,
+    /// One reload of the devices table at a time (see `refresh_devices`).
+    pub devices_reload: tokio::sync::Mutex<()>,
 }
 
 impl SqlService {
@@ -72,8 +74,7 @@ impl SqlService {
         // One reload at a time, each reading the registry after the one
         // before it was applied: two concurrent reloads could otherwise
         // apply out of order and leave an older snapshot in place.
-        static RELOAD: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-        let _one_at_a_time = RELOAD.lock().await;
+        let _one_at_a_time = self.devices_reload.lock().await;
         let rows: Vec<DeviceRow> = registry
             .all_devices()
             .await?

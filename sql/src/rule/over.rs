@@ -1191,7 +1191,7 @@ mod tests {
         s.put_u32s("pending.device", &devices).unwrap();
         damages.push(("device 1000", s));
         let mut s = good.clone();
-        s.put_bytes("keys", [&b"k"[..], b"k", b"k", b"k"]).unwrap();
+        s.put_strings("keys", ["k", "k", "k", "k"]).unwrap();
         damages.push(("partitions", s));
         let mut s = good.clone();
         s.put_u64s("keys.count", &[1_000]).unwrap();
