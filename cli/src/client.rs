@@ -9,7 +9,7 @@ use arrow::ipc::reader::StreamReader;
 use arrow::record_batch::RecordBatch;
 use reqwest::StatusCode;
 use serde_json::Value;
-use tributary_ingest::client::ClientOptions;
+use tributary_ingest::client::{ClientIdentity, ClientOptions};
 
 use crate::datadir::DataDir;
 use crate::server::http::ARROW_STREAM;
@@ -140,6 +140,24 @@ impl Api {
         Ok(response.json().await?)
     }
 
+    /// A JSON request with extra headers (`If-Match`).
+    pub async fn send_json(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: &Value,
+        headers: &[(&str, String)],
+    ) -> Result<Value> {
+        let mut request = self
+            .http
+            .request(method, format!("{}/api/v1{path}", self.base))
+            .json(body);
+        for (name, value) in headers {
+            request = request.header(*name, value);
+        }
+        Ok(self.send(request).await?.json().await?)
+    }
+
     pub async fn delete(&self, path: &str) -> Result<()> {
         self.send(self.http.delete(format!("{}/api/v1{path}", self.base)))
             .await?;
@@ -187,13 +205,22 @@ pub fn device_options(args: &DeviceArgs, commands: bool) -> Result<ClientOptions
             ca.display()
         );
     }
+    let identity = match (&args.cert, &args.key) {
+        (Some(cert), Some(key)) => Some(
+            ClientIdentity::from_files(cert, key)
+                .with_context(|| format!("reading the client certificate {}", cert.display()))?,
+        ),
+        _ => None,
+    };
     Ok(ClientOptions {
         server,
         server_name: args.server_name.clone(),
         ca,
         device_id: args.device.clone(),
-        token: args.token.clone(),
+        token: args.token.clone().unwrap_or_default(),
         commands,
         idempotent: false,
+        identity,
+        group: args.group.clone(),
     })
 }

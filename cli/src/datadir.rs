@@ -84,11 +84,7 @@ impl DataDir {
         }
         std::fs::create_dir_all(&self.root)
             .with_context(|| format!("creating the data directory {}", self.root.display()))?;
-        let mut bytes = [0u8; 32];
-        ring::rand::SystemRandom::new()
-            .fill(&mut bytes)
-            .map_err(|_| anyhow::anyhow!("the operating system gave no random bytes"))?;
-        let token = format!("trb_admin_{}", hex(&bytes));
+        let token = new_admin_token()?;
         let mut f = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -99,6 +95,34 @@ impl DataDir {
             .and_then(|()| f.sync_all())
             .with_context(|| format!("writing {}", path.display()))?;
         Ok(token)
+    }
+
+    /// Replaces the admin token file with `token`, atomically: a reader sees
+    /// the old token or the new one, never a part, and after a crash the
+    /// file holds one of them. The new file is mode 0600 from its creation.
+    pub fn write_admin_token(&self, token: &str) -> Result<()> {
+        let path = self.admin_token();
+        let mut suffix = [0u8; 8];
+        ring::rand::SystemRandom::new()
+            .fill(&mut suffix)
+            .map_err(|_| anyhow::anyhow!("the operating system gave no random bytes"))?;
+        let tmp = self.root.join(format!(".admin.token.{}.tmp", hex(&suffix)));
+        let written = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .and_then(|mut f| {
+                writeln!(f, "{token}")?;
+                f.sync_all()
+            })
+            .and_then(|()| std::fs::rename(&tmp, &path));
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e).with_context(|| format!("writing {}", path.display()));
+        }
+        tributary_engine::fsutil::sync_dir(&self.root)?;
+        Ok(())
     }
 
     /// Reads the admin token of an existing data directory.
@@ -133,6 +157,15 @@ impl DataDir {
     }
 }
 
+/// A fresh random admin token: `trb_admin_` and 64 hex digits.
+pub fn new_admin_token() -> Result<String> {
+    let mut bytes = [0u8; 32];
+    ring::rand::SystemRandom::new()
+        .fill(&mut bytes)
+        .map_err(|_| anyhow::anyhow!("the operating system gave no random bytes"))?;
+    Ok(format!("trb_admin_{}", hex(&bytes)))
+}
+
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -140,4 +173,33 @@ pub fn hex(bytes: &[u8]) -> String {
 /// True when `path` exists and looks like a data directory.
 pub fn looks_like_data_dir(path: &Path) -> bool {
     path.join("catalog.json").exists() || path.join("admin.token").exists()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    #[test]
+    fn admin_token_is_replaced_whole_and_private() {
+        let temp = tempfile::tempdir().unwrap();
+        let dir = DataDir::new(temp.path());
+        let first = dir.ensure_admin_token().unwrap();
+        let second = new_admin_token().unwrap();
+        assert_ne!(first, second);
+        dir.write_admin_token(&second).unwrap();
+        assert_eq!(dir.read_admin_token().unwrap(), second);
+        let mode = std::fs::metadata(dir.admin_token())
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        // No temporary file is left behind.
+        let names: Vec<_> = std::fs::read_dir(temp.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["admin.token"]);
+    }
 }

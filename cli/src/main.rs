@@ -42,9 +42,27 @@ pub struct DeviceArgs {
     /// The device id.
     #[arg(long, env = "TRIBUTARY_DEVICE")]
     pub device: String,
-    /// The device's token (printed by `tributary device add`).
-    #[arg(long, env = "TRIBUTARY_DEVICE_TOKEN", hide_env_values = true)]
-    pub token: String,
+    /// The device's token (printed by `tributary device add`); not needed
+    /// with --cert.
+    #[arg(
+        long,
+        env = "TRIBUTARY_DEVICE_TOKEN",
+        hide_env_values = true,
+        required_unless_present = "cert"
+    )]
+    pub token: Option<String>,
+    /// Authenticate with this client certificate (PEM, as `tributary device
+    /// add --cert` writes it) instead of a token.
+    #[arg(long, value_name = "FILE", requires = "key")]
+    pub cert: Option<PathBuf>,
+    /// The private key of --cert (PEM).
+    #[arg(long, value_name = "FILE", requires = "cert")]
+    pub key: Option<PathBuf>,
+    /// The enrollment group the device belongs to: a device the server does
+    /// not know yet is registered on its first connection (its token signed
+    /// with the key derived from the group's).
+    #[arg(long, env = "TRIBUTARY_GROUP")]
+    pub group: Option<String>,
     /// The server's data directory, to find its QUIC address and CA.
     #[arg(long, env = "TRIBUTARY_DATA_DIR", default_value = datadir::DEFAULT_DATA_DIR)]
     pub data_dir: PathBuf,
@@ -84,9 +102,18 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
     },
-    /// Manage devices in the registry.
+    /// Manage devices in the registry: credentials, certificates, twins.
     #[command(subcommand)]
     Device(commands::device::DeviceCommand),
+    /// Manage enrollment groups (zero-touch provisioning).
+    #[command(subcommand)]
+    Group(commands::group::GroupCommand),
+    /// Send commands to devices.
+    #[command(name = "command", subcommand)]
+    Commands(commands::command::CommandCommand),
+    /// Manage the server itself: the admin token.
+    #[command(subcommand)]
+    Admin(commands::admin::AdminCommand),
     /// Send JSON events (one per line, from arguments or stdin) as a device.
     Send(commands::send::SendArgs),
     /// Connect as a device and print each command it receives as a JSON line.
@@ -119,6 +146,9 @@ fn main() -> ExitCode {
                 format,
             } => commands::sql::query_offline(&data_dir, &statement, format).await,
             Command::Device(cmd) => commands::device::run(cmd).await,
+            Command::Group(cmd) => commands::group::run(cmd).await,
+            Command::Commands(cmd) => commands::command::run(cmd).await,
+            Command::Admin(cmd) => commands::admin::run(cmd).await,
             Command::Send(args) => commands::send::run(args).await,
             Command::Listen(args) => commands::listen::run(args).await,
         }

@@ -22,6 +22,16 @@ pub struct DeviceRow {
     pub metadata: String,
     pub created_at: i64,
     pub updated_at: i64,
+    /// Whether the device has an authenticated connection now.
+    pub connected: bool,
+    /// Its last frame of any kind, if it ever connected.
+    pub last_seen: Option<i64>,
+    /// The event time of its last event, if it ever sent one.
+    pub last_event_at: Option<i64>,
+    /// Its reported properties (device twin), a JSON object as text.
+    pub properties: String,
+    /// Its desired properties (device twin), a JSON object as text.
+    pub desired: String,
 }
 
 /// One version of the devices table.
@@ -50,7 +60,8 @@ impl Default for DeviceTable {
 
 /// The columns of the `devices` table: `id`, `tags` (a map of text to text,
 /// read as `tags['site']`), `status`, `metadata` (a JSON object as text),
-/// `created_at`, `updated_at`.
+/// `created_at`, `updated_at`, `connected`, `last_seen`, `last_event_at`,
+/// `properties` (reported, a JSON object as text) and `desired` (likewise).
 pub fn device_schema() -> SchemaRef {
     let entries = Field::new(
         "entries",
@@ -70,6 +81,11 @@ pub fn device_schema() -> SchemaRef {
         Field::new("metadata", DataType::Utf8, false),
         Field::new("created_at", crate::event::timestamp_type(), false),
         Field::new("updated_at", crate::event::timestamp_type(), false),
+        Field::new("connected", DataType::Boolean, false),
+        Field::new("last_seen", crate::event::timestamp_type(), true),
+        Field::new("last_event_at", crate::event::timestamp_type(), true),
+        Field::new("properties", DataType::Utf8, false),
+        Field::new("desired", DataType::Utf8, false),
     ]))
 }
 
@@ -101,6 +117,17 @@ impl DeviceTable {
                     .with_timezone(TIME_ZONE),
             )
         };
+        let optional_time = |f: fn(&DeviceRow) -> Option<i64>| {
+            Arc::new(
+                arrow::array::TimestampMillisecondArray::from_iter(devices.iter().map(f))
+                    .with_timezone(TIME_ZONE),
+            )
+        };
+        let connected =
+            arrow::array::BooleanArray::from_iter(devices.iter().map(|d| Some(d.connected)));
+        let properties =
+            StringArray::from_iter_values(devices.iter().map(|d| d.properties.as_str()));
+        let desired = StringArray::from_iter_values(devices.iter().map(|d| d.desired.as_str()));
         let schema = device_schema();
         let tags: ArrayRef = Arc::new(tags.finish());
         // The builder names its fields its own way; give the column the
@@ -115,6 +142,11 @@ impl DeviceTable {
                 Arc::new(metadata),
                 time(|d| d.created_at),
                 time(|d| d.updated_at),
+                Arc::new(connected),
+                optional_time(|d| d.last_seen),
+                optional_time(|d| d.last_event_at),
+                Arc::new(properties),
+                Arc::new(desired),
             ],
         )?;
         let mut current = self.current.write().unwrap_or_else(|p| p.into_inner());
@@ -158,6 +190,11 @@ mod tests {
             metadata: r#"{"model":"x1"}"#.into(),
             created_at: 5,
             updated_at: 6,
+            connected: true,
+            last_seen: Some(7),
+            last_event_at: None,
+            properties: r#"{"fw":"1.2"}"#.into(),
+            desired: "{}".into(),
         }])
         .unwrap();
         let s = t.snapshot();

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use crate::protocol::{ErrorCode, ProtocolError};
+use crate::protocol::{ErrorCode, ProtocolError, RefusedCode};
 
 /// The ingest crate's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -30,6 +30,13 @@ pub enum Error {
     /// The client could not reach the server or finish the handshake.
     #[error("cannot connect to {server}: {reason}")]
     Connect { server: String, reason: String },
+    /// The server refused the client certificate in the TLS handshake: it
+    /// does not chain to a CA the server trusts, or is expired or malformed.
+    #[error("cannot connect to {server}: the server refused the client certificate ({reason})")]
+    CertificateRefused { server: String, reason: String },
+    /// The server refused a RENEW or REPORT; the session goes on as before.
+    #[error("the server refused the request ({code}): {message}")]
+    Refused { code: RefusedCode, message: String },
     /// The server ended the session with a fatal error.
     #[error("server closed the session ({code}): {message}")]
     Server { code: ErrorCode, message: String },

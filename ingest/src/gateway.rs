@@ -1,19 +1,30 @@
 //! The cloud gateway: the QUIC endpoint devices connect to.
 //!
 //! Per connection: the device opens the session stream and says HELLO; the
-//! gateway checks its token against the registry, answers WELCOME, and from
-//! then on
+//! gateway checks its credentials against the registry (a token, a token
+//! signed with a key derived from an enrollment group's, or the client
+//! certificate of the TLS handshake), answers WELCOME, and from then on
 //! - decodes each EVENTS frame against its stream's schema and submits the
 //!   batch to the event stream in arrival order, answering ACK once the
 //!   batch is durable, or REJECT (nothing stored) when a frame is bad;
 //! - sends the device its queued commands, at once and whenever new ones
-//!   are queued, and records the device's COMMAND_ACKs.
+//!   are queued, and records the device's COMMAND_ACKs;
+//! - sends the device its desired properties (DESIRED), at once and
+//!   whenever they change, and stores the properties it reports (REPORT);
+//! - takes a new token on the live session (RENEW).
 //!
 //! A session lives only as long as its credentials: the gateway keeps each
-//! session's token and checks it again whenever the registry announces that
-//! the device's right to connect may have changed (disabled, removed, a key
-//! rotated), and closes the session when its token expires. Either way the
-//! device gets an ERROR `unauthorized` that says why.
+//! session's token or certificate thumbprint and checks it again whenever
+//! the registry announces that the device's right to connect may have
+//! changed (disabled, removed, a key rotated, a certificate revoked), and
+//! closes the session when its token (or certificate) expires. Either way
+//! the device gets an ERROR `unauthorized` that says why.
+//!
+//! The gateway records each device's connection state in the registry as
+//! it changes: connected when its first session is authenticated,
+//! disconnected (with the reason) when its last one ends. While connected,
+//! the last frame and the last event time live in memory only
+//! ([`GatewayHandle::live_state`]) and are stored at the disconnect.
 //!
 //! The frames of a connection are read by one task, so a device's events
 //! reach the log in the order it sent them; many frames may be in flight,
@@ -21,24 +32,27 @@
 //! [`GatewayConfig::max_in_flight`] frames waiting for the disk; past that,
 //! the gateway stops reading and QUIC flow control slows the sender.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use arrow::array::{Array, TimestampMillisecondArray};
+use arrow::record_batch::RecordBatch;
 use chrono::{DateTime, Utc};
-use tokio::sync::{broadcast, mpsc, watch};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tributary_engine::catalog::Catalog;
 use tributary_engine::commands::CommandQueue;
 use tributary_engine::event::now_millis;
 use tributary_engine::log::{AppendFuture, SharedEventStream};
-use tributary_registry::SharedRegistry;
+use tributary_registry::{Change, ConnectionState, PropertiesUpdate, SharedRegistry, Side};
 
 use crate::decode::decode_json;
 use crate::protocol::{
-    self, Ack, Command, CommandAck, Encoding, ErrorBody, ErrorCode, Events, Frame, FrameDecoder,
-    Hello, ProtocolError, Reject, RejectCode, Welcome,
+    self, Ack, Command, CommandAck, Desired, Encoding, ErrorBody, ErrorCode, Events, Frame,
+    FrameDecoder, Hello, ProtocolError, RefusedCode, RefusedRequest, Reject, RejectCode, Renew,
+    Renewed, Report, Reported, Welcome,
 };
 use crate::tls::{TlsFiles, server_config};
 use crate::{Error, Result};
@@ -47,6 +61,8 @@ use crate::{Error, Result};
 #[derive(Debug, Clone)]
 pub struct GatewayConfig {
     pub listen: SocketAddr,
+    /// The server's certificate, and the CAs whose client certificates it
+    /// accepts ([`TlsFiles::client_ca`]).
     pub tls: TlsFiles,
     pub max_frame_bytes: u32,
     pub max_events_per_frame: u32,
@@ -79,17 +95,85 @@ pub struct GatewayDeps {
     pub commands: Arc<CommandQueue>,
 }
 
+/// The disconnect reason stored when the server stops (and, at start, for
+/// devices a crash left marked connected).
+pub const SERVER_STOPPED: &str = "server stopped";
+
+/// What a session proved itself with; checked again when the registry
+/// announces a change. (No `Debug`: it holds a token.)
+#[derive(Clone, PartialEq, Eq, Hash)]
+enum Credential {
+    Token(String),
+    /// A token signed with a key derived from this group's, while HELLO is
+    /// checked; once the device is enrolled, its own keys sign the token
+    /// and the session holds a plain [`Credential::Token`].
+    Group {
+        group: String,
+        token: String,
+    },
+    /// The thumbprint of the client certificate of the TLS handshake.
+    Certificate(String),
+}
+
+/// What a session has seen lately, kept without the live-sessions lock:
+/// every frame touches it.
+#[derive(Debug)]
+struct Activity {
+    /// The last frame, milliseconds since the Unix epoch.
+    last_seen: AtomicI64,
+    /// The latest event time of the events stored; [`NEVER`] if none.
+    last_event_at: AtomicI64,
+}
+
+/// "Not yet" in [`Activity`].
+const NEVER: i64 = i64::MIN;
+
+impl Activity {
+    fn new(now: i64) -> Self {
+        Activity {
+            last_seen: AtomicI64::new(now),
+            last_event_at: AtomicI64::new(NEVER),
+        }
+    }
+
+    fn seen(&self, now: i64) {
+        self.last_seen.fetch_max(now, Ordering::Relaxed);
+    }
+
+    fn stored_events_until(&self, event_time: i64) {
+        self.last_event_at.fetch_max(event_time, Ordering::Relaxed);
+    }
+
+    fn last_seen(&self) -> Option<i64> {
+        Some(self.last_seen.load(Ordering::Relaxed)).filter(|t| *t != NEVER)
+    }
+
+    fn last_event_at(&self) -> Option<i64> {
+        Some(self.last_event_at.load(Ordering::Relaxed)).filter(|t| *t != NEVER)
+    }
+}
+
 /// One session of a device, as the gateway tracks it.
 struct Live {
     id: u64,
     connection: quinn::Connection,
-    /// The token the session authenticated with: checked again when the
+    /// What the session authenticated with: checked again when the
     /// registry says the device's right to connect may have changed.
-    token: String,
+    credential: Credential,
+    /// A token a RENEW is having checked, and, if a registry change
+    /// refused it meanwhile, why: a renewal never installs a token that was
+    /// revoked while it was being checked.
+    renewal: Option<(String, Option<ProtocolError>)>,
     /// False while HELLO is being checked. A session is listed before its
     /// check starts, so that a change announced during the check still
     /// reaches it.
     authenticated: bool,
+    /// Whether the session was ever authenticated: it counts towards the
+    /// device being connected until it is gone (even once revoked).
+    counted: bool,
+    activity: Arc<Activity>,
+    /// The newest desired-properties version announced for the device.
+    desired: watch::Sender<i64>,
     /// Ends the session with an ERROR frame carrying the reason.
     revoke: mpsc::UnboundedSender<ProtocolError>,
 }
@@ -110,16 +194,94 @@ impl Live {
     }
 }
 
+/// A device's live sessions and its connection state while connected.
+#[derive(Default)]
+struct DeviceLive {
+    sessions: Vec<Live>,
+    /// When the device connected: its first session of this stretch was
+    /// authenticated then. `None` while no session counts.
+    since: Option<i64>,
+    /// The latest of the sessions that ended during this stretch (and, for
+    /// the event time, of the state stored before it).
+    last_seen: Option<i64>,
+    last_event_at: Option<i64>,
+}
+
+impl DeviceLive {
+    /// The device's state now, if it has an authenticated session.
+    fn state(&self) -> Option<ConnectionState> {
+        let since = self.since?;
+        if !self.sessions.iter().any(|l| l.authenticated) {
+            return None;
+        }
+        let (last_seen, last_event_at) = self.latest();
+        Some(ConnectionState {
+            connected: true,
+            since,
+            reason: None,
+            last_seen,
+            last_event_at,
+        })
+    }
+
+    /// The last frame and the last event time over every session of this
+    /// stretch.
+    fn latest(&self) -> (Option<i64>, Option<i64>) {
+        let counted = self.sessions.iter().filter(|l| l.counted);
+        let last_seen = counted
+            .clone()
+            .filter_map(|l| l.activity.last_seen())
+            .chain(self.last_seen)
+            .max();
+        let last_event_at = counted
+            .filter_map(|l| l.activity.last_event_at())
+            .chain(self.last_event_at)
+            .max();
+        (last_seen, last_event_at)
+    }
+}
+
 /// How long a revoked session has to send its ERROR frame before the
 /// connection is closed under it.
 const REVOKE_GRACE: Duration = Duration::from_millis(500);
+
+/// REPORT frames of one session waiting for the registry; past that the
+/// session stops reading.
+const REPORTS_IN_FLIGHT: usize = 16;
+
+/// A connection-state change for the registry, written in the order the
+/// changes happened by one task ([`record_presence`]).
+enum PresenceWrite {
+    Connected {
+        device: String,
+        since: i64,
+    },
+    Disconnected {
+        device: String,
+        state: ConnectionState,
+    },
+    /// Answered once everything queued before it is written.
+    Flush(oneshot::Sender<()>),
+}
 
 struct Shared {
     config: GatewayConfig,
     deps: GatewayDeps,
     /// The live sessions of each connected device (a device may hold several).
-    live: Mutex<HashMap<String, Vec<Live>>>,
+    live: Mutex<HashMap<String, DeviceLive>>,
     next_id: AtomicU64,
+    presence: mpsc::UnboundedSender<PresenceWrite>,
+    /// Set, under the `live` lock, when the gateway stops: sessions ending
+    /// then are recorded by [`Gateway::run`] as "server stopped".
+    stopping: AtomicBool,
+}
+
+impl Shared {
+    fn record(&self, write: PresenceWrite) {
+        // The receiver lives as long as the gateway runs; after that there
+        // is nobody left to tell.
+        let _ = self.presence.send(write);
+    }
 }
 
 /// A handle for the rest of the server: who is connected, and disconnecting.
@@ -129,11 +291,25 @@ pub struct GatewayHandle {
 }
 
 impl GatewayHandle {
+    /// The live connection state of a connected device (last seen and last
+    /// event time as of now); `None` when it is not connected.
+    pub fn live_state(&self, id: &str) -> Option<ConnectionState> {
+        lock(&self.shared.live).get(id)?.state()
+    }
+
+    /// The live connection state of every connected device.
+    pub fn live_states(&self) -> BTreeMap<String, ConnectionState> {
+        lock(&self.shared.live)
+            .iter()
+            .filter_map(|(id, device)| Some((id.clone(), device.state()?)))
+            .collect()
+    }
+
     /// The ids of the devices connected (and authenticated) now.
     pub fn connected_devices(&self) -> HashSet<String> {
         lock(&self.shared.live)
             .iter()
-            .filter(|(_, sessions)| sessions.iter().any(|l| l.authenticated))
+            .filter(|(_, device)| device.sessions.iter().any(|l| l.authenticated))
             .map(|(device, _)| device.clone())
             .collect()
     }
@@ -143,12 +319,10 @@ impl GatewayHandle {
     /// The gateway does this by itself for every change the registry
     /// announces; this is for callers that want a device gone at once.
     pub fn disconnect(&self, device: &str, reason: &str) {
-        for live in lock(&self.shared.live)
-            .get_mut(device)
-            .into_iter()
-            .flatten()
-        {
-            live.revoke(ProtocolError::new(ErrorCode::Unauthorized, reason));
+        if let Some(device) = lock(&self.shared.live).get_mut(device) {
+            for live in &mut device.sessions {
+                live.revoke(ProtocolError::new(ErrorCode::Unauthorized, reason));
+            }
         }
     }
 }
@@ -157,6 +331,7 @@ impl GatewayHandle {
 pub struct Gateway {
     endpoint: quinn::Endpoint,
     shared: Arc<Shared>,
+    presence: mpsc::UnboundedReceiver<PresenceWrite>,
 }
 
 impl Gateway {
@@ -168,6 +343,7 @@ impl Gateway {
                 addr: config.listen,
                 source,
             })?;
+        let (presence_tx, presence) = mpsc::unbounded_channel();
         Ok(Gateway {
             endpoint,
             shared: Arc::new(Shared {
@@ -175,7 +351,10 @@ impl Gateway {
                 deps,
                 live: Mutex::new(HashMap::new()),
                 next_id: AtomicU64::new(1),
+                presence: presence_tx,
+                stopping: AtomicBool::new(false),
             }),
+            presence,
         })
     }
 
@@ -192,32 +371,129 @@ impl Gateway {
         }
     }
 
-    /// Accepts connections until `shutdown` turns true, then closes every
+    /// Accepts connections until `shutdown` turns true, then records every
+    /// connected device as disconnected ("server stopped"), closes every
     /// connection with `server_shutdown` and waits briefly for them to go.
     ///
-    /// Meanwhile it follows the registry's changes and closes the sessions
-    /// whose credentials no longer hold.
+    /// Before the first connection it marks the devices still stored as
+    /// connected (a crash left them so) disconnected. Meanwhile it follows
+    /// the registry's changes: it closes the sessions whose credentials no
+    /// longer hold and sends changed desired properties.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let Gateway {
+            endpoint,
+            shared,
+            presence,
+        } = self;
+        // Before the first session can record itself connected.
+        match shared
+            .deps
+            .registry
+            .disconnect_all(SERVER_STOPPED, now_millis())
+            .await
+        {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(devices = n, "marked devices left connected disconnected"),
+            Err(e) => {
+                tracing::error!(error = %e, "could not mark devices left connected disconnected")
+            }
+        }
+        let recorder = tokio::spawn(record_presence(shared.clone(), presence));
         // Subscribed before the first connection is accepted, so that no
         // change after a session's check can be missed.
-        let changes = self.shared.deps.registry.changes();
-        let watcher = tokio::spawn(watch_registry(self.shared.clone(), changes));
+        let changes = shared.deps.registry.changes();
+        let watcher = tokio::spawn(watch_registry(shared.clone(), changes));
         loop {
             tokio::select! {
-                incoming = self.endpoint.accept() => {
+                incoming = endpoint.accept() => {
                     let Some(incoming) = incoming else { break };
-                    let shared = self.shared.clone();
+                    let shared = shared.clone();
                     tokio::spawn(async move { serve(shared, incoming).await });
                 }
                 _ = shutdown.changed() => break,
             }
         }
         watcher.abort();
-        self.endpoint.close(
+        record_stop(&shared);
+        let (flushed_tx, flushed) = oneshot::channel();
+        shared.record(PresenceWrite::Flush(flushed_tx));
+        endpoint.close(
             ErrorCode::ServerShutdown.close_code().into(),
             b"the server is shutting down",
         );
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), flushed).await;
+        recorder.abort();
+        let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+    }
+}
+
+/// Queues a "server stopped" disconnect for every connected device; from
+/// now on ending sessions record nothing.
+fn record_stop(shared: &Shared) {
+    let now = now_millis();
+    let mut live = lock(&shared.live);
+    shared.stopping.store(true, Ordering::Relaxed);
+    for (device, entry) in live.iter_mut() {
+        let (last_seen, last_event_at) = entry.latest();
+        if entry.since.take().is_some() {
+            shared.record(PresenceWrite::Disconnected {
+                device: device.clone(),
+                state: ConnectionState {
+                    connected: false,
+                    since: now,
+                    reason: Some(SERVER_STOPPED.into()),
+                    last_seen,
+                    last_event_at,
+                },
+            });
+        }
+    }
+}
+
+/// Writes connection states to the registry, one at a time in the order
+/// they happened, so that a quick reconnect cannot be overtaken by the
+/// disconnect before it.
+async fn record_presence(shared: Arc<Shared>, mut writes: mpsc::UnboundedReceiver<PresenceWrite>) {
+    let registry = shared.deps.registry.clone();
+    while let Some(write) = writes.recv().await {
+        let (device, mut state) = match write {
+            PresenceWrite::Flush(done) => {
+                let _ = done.send(());
+                continue;
+            }
+            PresenceWrite::Connected { device, since } => (
+                device,
+                ConnectionState {
+                    connected: true,
+                    since,
+                    reason: None,
+                    last_seen: Some(since),
+                    last_event_at: None,
+                },
+            ),
+            PresenceWrite::Disconnected { device, state } => (device, state),
+        };
+        // The event time survives reconnects: it is the last event ever
+        // stored, which may be from an earlier connection.
+        let stored = match registry.connection_state(&device).await {
+            Ok(stored) => stored.and_then(|s| s.last_event_at),
+            Err(e) => {
+                tracing::warn!(device = %device, error = %e, "could not read a device's connection state");
+                None
+            }
+        };
+        state.last_event_at = state.last_event_at.max(stored);
+        if state.connected {
+            // The live state shows it too, while this stretch lasts.
+            if let Some(entry) = lock(&shared.live).get_mut(&device)
+                && entry.since == Some(state.since)
+            {
+                entry.last_event_at = entry.last_event_at.max(stored);
+            }
+        }
+        if let Err(e) = registry.record_connection(&device, &state).await {
+            tracing::error!(device = %device, error = %e, "could not record a device's connection state");
+        }
     }
 }
 
@@ -227,6 +503,19 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 fn close(connection: &quinn::Connection, code: ErrorCode, reason: &str) {
     connection.close(code.close_code().into(), reason.as_bytes());
+}
+
+/// Why the connection under a session stream went, in the words the
+/// connection state records.
+fn lost(e: &quinn::ReadError) -> String {
+    use quinn::ConnectionError as C;
+    match e {
+        quinn::ReadError::ConnectionLost(C::TimedOut) => "idle timeout".into(),
+        quinn::ReadError::ConnectionLost(C::ApplicationClosed(_)) => "closed by the device".into(),
+        quinn::ReadError::ConnectionLost(C::LocallyClosed) => "closed by the server".into(),
+        quinn::ReadError::Reset(_) => "closed by the device (stream reset)".into(),
+        e => format!("connection lost: {e}"),
+    }
 }
 
 /// Reads the next whole frame; `Ok(None)` when the peer finished the stream.
@@ -244,7 +533,7 @@ async fn read_frame(
                 decoder.finish()?;
                 return Ok(None);
             }
-            Err(e) => return Err(Error::ConnectionLost(e.to_string())),
+            Err(e) => return Err(Error::ConnectionLost(lost(&e))),
         }
     }
 }
@@ -261,10 +550,24 @@ async fn fail(connection: &quinn::Connection, send: &mut quinn::SendStream, err:
     close(connection, err.code, &err.message);
 }
 
+/// The thumbprint of the client certificate the connection presented (TLS
+/// has checked it chains to a trusted CA), if it presented one.
+fn peer_thumbprint(connection: &quinn::Connection) -> Option<String> {
+    let identity = connection.peer_identity()?;
+    let chain = identity
+        .downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>()
+        .ok()?;
+    chain
+        .first()
+        .map(|leaf| tributary_registry::thumbprint(leaf))
+}
+
 async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming) {
     let connection = match incoming.await {
         Ok(c) => c,
         Err(e) => {
+            // Among others: a client certificate from an untrusted CA (the
+            // client got a TLS alert saying so).
             tracing::debug!(error = %e, "handshake failed");
             return;
         }
@@ -302,74 +605,191 @@ async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming) {
         Err(e) => return fail(&connection, &mut send, &e).await,
     };
     let device = hello.device_id.clone();
+    let credential = match (&hello.group, hello.token.is_empty()) {
+        (None, true) => match peer_thumbprint(&connection) {
+            Some(thumbprint) => Credential::Certificate(thumbprint),
+            None => {
+                let e = ProtocolError::new(
+                    ErrorCode::Unauthorized,
+                    format!(
+                        "device '{device}': HELLO has an empty token and the connection \
+                         presented no client certificate; send a token or connect with a \
+                         client certificate"
+                    ),
+                );
+                return fail(&connection, &mut send, &e).await;
+            }
+        },
+        (Some(group), _) => Credential::Group {
+            group: group.clone(),
+            token: hello.token.clone(),
+        },
+        (None, false) => Credential::Token(hello.token.clone()),
+    };
     let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
     let (revoke_tx, revoked) = mpsc::unbounded_channel();
+    let (desired_tx, desired) = watch::channel(0);
+    let activity = Arc::new(Activity::new(now_millis()));
     lock(&shared.live)
         .entry(device.clone())
         .or_default()
+        .sessions
         .push(Live {
             id,
             connection: connection.clone(),
-            token: hello.token.clone(),
+            credential: credential.clone(),
+            renewal: None,
             authenticated: false,
+            counted: false,
+            activity: activity.clone(),
+            desired: desired_tx,
             revoke: revoke_tx,
         });
-    let checked = authenticate(&shared, &hello).await;
-    let reason = match checked {
+    let (credential, expires) = match authenticate(&shared, &hello, credential).await {
+        Ok(checked) => checked,
         Err(e) => {
-            forget(&shared, &device, id);
+            forget(&shared, &device, id, "");
             return fail(&connection, &mut send, &e).await;
         }
-        Ok(expires) => {
-            if let Some(live) = lock(&shared.live)
-                .get_mut(&device)
-                .and_then(|sessions| sessions.iter_mut().find(|l| l.id == id))
-            {
-                live.authenticated = true;
-            }
-            tracing::info!(device = %device, remote = %connection.remote_address(), "device connected");
-            let session = Session {
-                shared: shared.clone(),
-                device: device.clone(),
-                connection: connection.clone(),
-                wants_commands: hello.commands,
-                idempotent: hello.idempotent,
-                expires,
-                revoked,
-            };
-            session.run(send, recv, decoder).await
-        }
     };
-    forget(&shared, &device, id);
+    let now = now_millis();
+    {
+        let mut live = lock(&shared.live);
+        if let Some(entry) = live.get_mut(&device)
+            && let Some(l) = entry.sessions.iter_mut().find(|l| l.id == id)
+        {
+            l.authenticated = true;
+            l.counted = true;
+            l.credential = credential;
+            l.activity.seen(now);
+            if entry.since.is_none() && !shared.stopping.load(Ordering::Relaxed) {
+                entry.since = Some(now);
+                shared.record(PresenceWrite::Connected {
+                    device: device.clone(),
+                    since: now,
+                });
+            }
+        }
+    }
+    tracing::info!(device = %device, remote = %connection.remote_address(), "device connected");
+    let session = Session {
+        shared: shared.clone(),
+        device: device.clone(),
+        id,
+        connection: connection.clone(),
+        wants_commands: hello.commands,
+        wants_desired: hello.twin,
+        idempotent: hello.idempotent,
+        expires,
+        revoked,
+        desired,
+        activity,
+    };
+    let reason = session.run(send, recv, decoder).await;
+    forget(&shared, &device, id, &reason);
     tracing::info!(device = %device, reason = %reason, "device disconnected");
 }
 
-/// Takes a session off the live list.
-fn forget(shared: &Shared, device: &str, id: u64) {
+/// Takes a session off the live list. When it was the device's last
+/// session, the device is recorded disconnected for `reason`.
+fn forget(shared: &Shared, device: &str, id: u64, reason: &str) {
     let mut live = lock(&shared.live);
-    if let Some(sessions) = live.get_mut(device) {
-        sessions.retain(|l| l.id != id);
-        if sessions.is_empty() {
-            live.remove(device);
+    let Some(entry) = live.get_mut(device) else {
+        return;
+    };
+    let Some(at) = entry.sessions.iter().position(|l| l.id == id) else {
+        return;
+    };
+    let session = entry.sessions.remove(at);
+    if session.counted {
+        entry.last_seen = entry.last_seen.max(session.activity.last_seen());
+        entry.last_event_at = entry.last_event_at.max(session.activity.last_event_at());
+        if !entry.sessions.iter().any(|l| l.counted)
+            && entry.since.take().is_some()
+            && !shared.stopping.load(Ordering::Relaxed)
+        {
+            shared.record(PresenceWrite::Disconnected {
+                device: device.to_string(),
+                state: ConnectionState {
+                    connected: false,
+                    since: now_millis(),
+                    reason: Some(reason.to_string()),
+                    last_seen: entry.last_seen.take(),
+                    last_event_at: entry.last_event_at.take(),
+                },
+            });
+        }
+    }
+    if entry.sessions.is_empty() {
+        live.remove(device);
+    }
+}
+
+/// Checks HELLO's version and credentials; returns the credential the
+/// session holds from now on and when it expires, if it does.
+async fn authenticate(
+    shared: &Shared,
+    hello: &Hello,
+    credential: Credential,
+) -> Result<(Credential, Option<Expiry>), ProtocolError> {
+    if hello.version != protocol::VERSION {
+        return Err(ProtocolError::unsupported_version(u64::from(hello.version)));
+    }
+    let registry = &shared.deps.registry;
+    let device = hello.device_id.as_str();
+    let now = now_millis();
+    match credential {
+        Credential::Token(token) => match registry.authenticate(device, &token, now).await {
+            // Legacy `trb_` tokens (from before device keys) do not expire.
+            Ok(_) => {
+                let expires = Expiry::of_token(&token);
+                Ok((Credential::Token(token), expires))
+            }
+            Err(e) => Err(refusal(device, e)),
+        },
+        Credential::Group { group, token } => {
+            match registry.enroll(&group, device, &token, now).await {
+                Ok((_, created)) => {
+                    if created {
+                        tracing::info!(device = %device, group = %group, "device enrolled");
+                    }
+                    // From now on the device's own (derived) keys sign it.
+                    let expires = Expiry::of_token(&token);
+                    Ok((Credential::Token(token), expires))
+                }
+                Err(e) => Err(refusal(device, e)),
+            }
+        }
+        Credential::Certificate(thumbprint) => {
+            match registry
+                .authenticate_certificate(device, &thumbprint, now)
+                .await
+            {
+                Ok(_) => {
+                    let expires = certificate_expiry(shared, device, &thumbprint).await;
+                    Ok((Credential::Certificate(thumbprint), expires))
+                }
+                Err(e) => Err(refusal(device, e)),
+            }
         }
     }
 }
 
-/// Checks HELLO's version and credentials; returns when the token expires,
-/// if it does.
-async fn authenticate(shared: &Shared, hello: &Hello) -> Result<Option<Expiry>, ProtocolError> {
-    if hello.version != protocol::VERSION {
-        return Err(ProtocolError::unsupported_version(u64::from(hello.version)));
-    }
-    match shared
-        .deps
-        .registry
-        .authenticate(&hello.device_id, &hello.token, now_millis())
-        .await
-    {
-        // Legacy `trb_` tokens (from before device keys) do not expire.
-        Ok(_) => Ok(Expiry::of(&hello.token)),
-        Err(e) => Err(refusal(&hello.device_id, e)),
+/// When a device's registered certificate stops being valid; `None` if the
+/// registry cannot say (the certificate is then checked on changes only).
+async fn certificate_expiry(shared: &Shared, device: &str, thumbprint: &str) -> Option<Expiry> {
+    match shared.deps.registry.list_certificates(device).await {
+        Ok(certificates) => certificates
+            .into_iter()
+            .find(|c| c.thumbprint == thumbprint)
+            .map(|c| Expiry {
+                at_ms: c.not_after,
+                of: Expiring::Certificate,
+            }),
+        Err(e) => {
+            tracing::warn!(device = %device, error = %e, "could not read a device's certificates");
+            None
+        }
     }
 }
 
@@ -385,7 +805,7 @@ fn refusal(device: &str, e: tributary_registry::Error) -> ProtocolError {
             ProtocolError::new(ErrorCode::Unauthorized, format!("device '{device}': {e}"))
         }
         e => {
-            tracing::error!(device = %device, error = %e, "registry failed while checking a token");
+            tracing::error!(device = %device, error = %e, "registry failed while checking credentials");
             ProtocolError::new(
                 ErrorCode::Unavailable,
                 "the server cannot check credentials right now; retry later",
@@ -394,53 +814,99 @@ fn refusal(device: &str, e: tributary_registry::Error) -> ProtocolError {
     }
 }
 
-/// When a session's token stops being valid.
+/// What expires.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expiring {
+    Token,
+    Certificate,
+}
+
+/// When a session's credential stops being valid.
 #[derive(Debug, Clone, Copy)]
 struct Expiry {
-    /// Seconds since the Unix epoch, as the token says.
-    at_secs: i64,
+    /// Milliseconds since the Unix epoch.
+    at_ms: i64,
+    of: Expiring,
 }
 
 impl Expiry {
-    fn of(token: &str) -> Option<Expiry> {
+    fn of_token(token: &str) -> Option<Expiry> {
         let (at_secs, _) = tributary_registry::token::parse(token).ok()?;
-        Some(Expiry { at_secs })
+        Some(Expiry {
+            at_ms: at_secs.saturating_mul(1000),
+            of: Expiring::Token,
+        })
     }
 
     /// The tokio instant of the expiry, from the wall clock now; `None` if
     /// it is too far away to be one.
     fn deadline(self) -> Option<tokio::time::Instant> {
-        let left_ms = self
-            .at_secs
-            .saturating_mul(1000)
-            .saturating_sub(now_millis());
+        let left_ms = self.at_ms.saturating_sub(now_millis());
         tokio::time::Instant::now()
             .checked_add(Duration::from_millis(u64::try_from(left_ms).unwrap_or(0)))
     }
 
+    fn has_passed(self) -> bool {
+        self.at_ms <= now_millis()
+    }
+
     fn error(self, device: &str) -> ProtocolError {
-        let at = DateTime::from_timestamp(self.at_secs, 0)
+        let at = DateTime::from_timestamp_millis(self.at_ms)
             .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
-            .unwrap_or_else(|| self.at_secs.to_string());
-        ProtocolError::new(
-            ErrorCode::Unauthorized,
-            format!("device '{device}': token expired at {at}; reconnect with a new token"),
-        )
+            .unwrap_or_else(|| self.at_ms.to_string());
+        let message = match self.of {
+            Expiring::Token => {
+                format!("device '{device}': token expired at {at}; reconnect with a new token")
+            }
+            Expiring::Certificate => format!(
+                "device '{device}': its client certificate expired at {at}; reconnect with a \
+                 current certificate"
+            ),
+        };
+        ProtocolError::new(ErrorCode::Unauthorized, message)
+    }
+
+    /// The connection-state reason of a session that ended at its expiry.
+    fn reason(self) -> &'static str {
+        match self.of {
+            Expiring::Token => "token expired",
+            Expiring::Certificate => "certificate expired",
+        }
     }
 }
 
-/// Follows the registry's announcements and checks the live sessions of
-/// every device named again; when announcements were lost, checks them all.
-async fn watch_registry(shared: Arc<Shared>, mut changes: broadcast::Receiver<String>) {
+/// Follows the registry's announcements: checks the live sessions of every
+/// device whose access changed, and wakes the desired-properties delivery of
+/// every device whose desired properties did. When announcements were lost,
+/// does both for every device.
+async fn watch_registry(shared: Arc<Shared>, mut changes: broadcast::Receiver<Change>) {
     loop {
         let devices: Vec<String> = match changes.recv().await {
-            Ok(device) => vec![device],
+            Ok(Change::Access(device)) => vec![device],
+            Ok(Change::Desired(device, version)) => {
+                if let Some(entry) = lock(&shared.live).get(&device) {
+                    for l in &entry.sessions {
+                        l.desired.send_if_modified(|newest| {
+                            let newer = version > *newest;
+                            *newest = (*newest).max(version);
+                            newer
+                        });
+                    }
+                }
+                continue;
+            }
+            Ok(_) => continue,
             Err(broadcast::error::RecvError::Lagged(missed)) => {
                 tracing::warn!(
                     missed,
                     "registry changes came faster than they were checked; checking every session"
                 );
-                lock(&shared.live).keys().cloned().collect()
+                let live = lock(&shared.live);
+                for l in live.values().flat_map(|d| &d.sessions) {
+                    // Wakes the delivery, which reads the twin again.
+                    l.desired.send_modify(|_| {});
+                }
+                live.keys().cloned().collect()
             }
             Err(broadcast::error::RecvError::Closed) => return,
         };
@@ -450,55 +916,125 @@ async fn watch_registry(shared: Arc<Shared>, mut changes: broadcast::Receiver<St
     }
 }
 
-/// Checks every live session of `device` with its own token and revokes the
-/// ones the registry refuses now.
+/// One session as [`recheck`] found it.
+struct Check {
+    id: u64,
+    credential: Credential,
+    authenticated: bool,
+    renewal: Option<String>,
+}
+
+/// Checks every live session of `device` with its own credential (and the
+/// token of a renewal under way) and revokes the ones the registry refuses
+/// now. A session that renewed its token meanwhile is checked again with
+/// the new one.
 async fn recheck(shared: &Shared, device: &str) {
-    let sessions: Vec<(u64, String, bool)> = lock(&shared.live)
-        .get(device)
-        .into_iter()
-        .flatten()
-        .map(|l| (l.id, l.token.clone(), l.authenticated))
-        .collect();
-    // Sessions of one device often share a token: one check each.
-    let mut verdicts: HashMap<(&str, bool), Option<ProtocolError>> = HashMap::new();
-    for (_, token, authenticated) in &sessions {
-        let key = (token.as_str(), *authenticated);
-        if verdicts.contains_key(&key) {
-            continue;
-        }
-        let verdict = match shared
-            .deps
-            .registry
-            .authenticate(device, token, now_millis())
-            .await
-        {
-            Ok(_) => None,
-            // A session whose HELLO is still being checked has proved
-            // nothing yet: it gets the registry's reason as it stands.
-            Err(e) if !authenticated => Some(refusal(device, e)),
-            Err(e) => Some(revocation(shared, device, token, e).await),
-        };
-        verdicts.insert(key, verdict);
-    }
-    let mut live = lock(&shared.live);
-    for l in live.get_mut(device).into_iter().flatten() {
-        let Some((_, token, authenticated)) = sessions.iter().find(|(id, ..)| *id == l.id) else {
-            continue; // Listed after the check began: its own check is newer.
-        };
-        if let Some(Some(err)) = verdicts.get(&(token.as_str(), *authenticated)) {
-            tracing::info!(device = %device, reason = %err.message, "closing a session whose credentials no longer hold");
-            l.revoke(err.clone());
+    // Each round needs a renewal to finish during the one before; a device
+    // renewing non-stop gets checked on its next change anyway.
+    for _ in 0..8 {
+        if !recheck_once(shared, device).await {
+            return;
         }
     }
 }
 
+/// One round of [`recheck`]; true if a session's credential changed since
+/// it was looked at.
+async fn recheck_once(shared: &Shared, device: &str) -> bool {
+    let sessions: Vec<Check> = lock(&shared.live)
+        .get(device)
+        .into_iter()
+        .flat_map(|d| &d.sessions)
+        .map(|l| Check {
+            id: l.id,
+            credential: l.credential.clone(),
+            authenticated: l.authenticated,
+            renewal: l.renewal.as_ref().map(|(token, _)| token.clone()),
+        })
+        .collect();
+    // Sessions of one device often share a credential: one check each.
+    let mut verdicts: HashMap<(&Credential, bool), Option<ProtocolError>> = HashMap::new();
+    let renewals: Vec<Credential> = sessions
+        .iter()
+        .filter_map(|c| c.renewal.clone().map(Credential::Token))
+        .collect();
+    let wanted = sessions
+        .iter()
+        .map(|c| (&c.credential, c.authenticated))
+        // A renewal has proved nothing yet: it gets the registry's reason
+        // as it stands, like a HELLO being checked.
+        .chain(renewals.iter().map(|token| (token, false)));
+    for key in wanted {
+        if verdicts.contains_key(&key) {
+            continue;
+        }
+        let verdict = check(shared, device, key.0, key.1).await;
+        verdicts.insert(key, verdict);
+    }
+    let mut changed = false;
+    let mut live = lock(&shared.live);
+    for l in live
+        .get_mut(device)
+        .into_iter()
+        .flat_map(|d| &mut d.sessions)
+    {
+        let Some(seen) = sessions.iter().find(|c| c.id == l.id) else {
+            continue; // Listed after the check began: its own check is newer.
+        };
+        if let Some((token, refused)) = &mut l.renewal
+            && seen.renewal.as_deref() == Some(token.as_str())
+            && let Some(Some(err)) = verdicts.get(&(&Credential::Token(token.clone()), false))
+        {
+            *refused = Some(err.clone());
+        }
+        if l.credential != seen.credential {
+            changed = true;
+            continue;
+        }
+        if let Some(Some(err)) = verdicts.get(&(&seen.credential, seen.authenticated)) {
+            tracing::info!(device = %device, reason = %err.message, "closing a session whose credentials no longer hold");
+            l.revoke(err.clone());
+        }
+    }
+    changed
+}
+
+/// The registry's verdict on one credential now: `None` if it still holds.
+async fn check(
+    shared: &Shared,
+    device: &str,
+    credential: &Credential,
+    authenticated: bool,
+) -> Option<ProtocolError> {
+    let registry = &shared.deps.registry;
+    let now = now_millis();
+    let result = match credential {
+        Credential::Token(token) => registry.authenticate(device, token, now).await.map(|_| ()),
+        Credential::Certificate(thumbprint) => registry
+            .authenticate_certificate(device, thumbprint, now)
+            .await
+            .map(|_| ()),
+        // Its HELLO is being checked (and may be enrolling the device right
+        // now): that check answers for it.
+        Credential::Group { .. } => Ok(()),
+    };
+    match result {
+        Ok(()) => None,
+        // A session whose HELLO is still being checked has proved nothing
+        // yet: it gets the registry's reason as it stands.
+        Err(e) if !authenticated => Some(refusal(device, e)),
+        Err(e) => Some(revocation(shared, device, credential, e).await),
+    }
+}
+
 /// Why a session that was authenticated is not any more. Its holder proved
-/// it had a key of the device, so it may learn what changed: the registry's
-/// generic reason (unknown device or wrong signature) is made specific.
+/// it had a key (or the certificate) of the device, so it may learn what
+/// changed: the registry's generic reason (unknown device or wrong
+/// signature) is made specific.
 async fn revocation(
     shared: &Shared,
     device: &str,
-    token: &str,
+    credential: &Credential,
     e: tributary_registry::Error,
 ) -> ProtocolError {
     let tributary_registry::Error::Unauthorized(_) = &e else {
@@ -517,28 +1053,37 @@ async fn revocation(
                 ),
             )
         }
-        Ok(Some(_)) => match Expiry::of(token) {
-            Some(expiry) if expiry.at_secs.saturating_mul(1000) <= now_millis() => {
-                expiry.error(device)
+        Ok(Some(_)) => match credential {
+            // The registry says what became of the certificate: revoked or
+            // expired.
+            Credential::Certificate(_) => ProtocolError::new(
+                ErrorCode::Unauthorized,
+                format!("{e}; reconnect with an active certificate"),
+            ),
+            Credential::Token(token) | Credential::Group { token, .. } => {
+                match Expiry::of_token(token) {
+                    Some(expiry) if expiry.has_passed() => expiry.error(device),
+                    // A token from before device keys: rotating the primary
+                    // key replaced it.
+                    _ if token.starts_with(tributary_registry::TOKEN_PREFIX) => ProtocolError::new(
+                        ErrorCode::Unauthorized,
+                        format!(
+                            "device '{device}': its legacy token was replaced when its \
+                                 primary key was rotated; reconnect with a token signed by a \
+                                 current key"
+                        ),
+                    ),
+                    // The device is there, enabled, and the token has not
+                    // expired: only its signature can have stopped holding.
+                    _ => ProtocolError::new(
+                        ErrorCode::Unauthorized,
+                        format!(
+                            "device '{device}': the key that signed this session's token was \
+                             rotated; reconnect with a token signed by a current key"
+                        ),
+                    ),
+                }
             }
-            // A token from before device keys: rotating the primary key
-            // replaced it.
-            _ if token.starts_with(tributary_registry::TOKEN_PREFIX) => ProtocolError::new(
-                ErrorCode::Unauthorized,
-                format!(
-                    "device '{device}': its legacy token was replaced when its primary key was \
-                     rotated; reconnect with a token signed by a current key"
-                ),
-            ),
-            // The device is there, enabled, and the token has not expired:
-            // only its signature can have stopped holding.
-            _ => ProtocolError::new(
-                ErrorCode::Unauthorized,
-                format!(
-                    "device '{device}': the key that signed this session's token was rotated; \
-                     reconnect with a token signed by a current key"
-                ),
-            ),
         },
         Err(lookup) => refusal(device, lookup),
     }
@@ -547,24 +1092,37 @@ async fn revocation(
 /// The answer to one EVENTS frame, in the order frames arrived.
 enum Pending {
     Ready(Frame),
-    Appending { seq: u64, future: AppendFuture },
+    Appending {
+        seq: u64,
+        future: AppendFuture,
+        /// The frame's latest event time, for the connection state.
+        latest_event: Option<i64>,
+    },
 }
 
 struct Session {
     shared: Arc<Shared>,
     device: String,
+    /// The session's id in the live list.
+    id: u64,
     connection: quinn::Connection,
     wants_commands: bool,
+    /// HELLO `twin`: the client takes DESIRED frames.
+    wants_desired: bool,
     /// EVENTS `seq` numbers are the device's own (HELLO `idempotent`).
     idempotent: bool,
-    /// When the session's token expires; the session ends then.
+    /// When the session's credential expires; the session ends then.
     expires: Option<Expiry>,
     /// Why the session must end now (see [`Live::revoke`]).
     revoked: mpsc::UnboundedReceiver<ProtocolError>,
+    /// The newest desired-properties version announced for the device.
+    desired: watch::Receiver<i64>,
+    activity: Arc<Activity>,
 }
 
 impl Session {
-    /// Serves an authenticated session; returns why it ended.
+    /// Serves an authenticated session; returns why it ended, in the words
+    /// the connection state records.
     async fn run(
         mut self,
         mut send: quinn::SendStream,
@@ -590,6 +1148,7 @@ impl Session {
             pending_rx,
             out_tx.clone(),
             self.idempotent.then(|| unanswered.clone()),
+            self.activity.clone(),
         ));
         let commands = self.wants_commands.then(|| {
             tokio::spawn(deliver_commands(
@@ -598,18 +1157,28 @@ impl Session {
                 out_tx.clone(),
             ))
         });
+        let desired = self.wants_desired.then(|| {
+            tokio::spawn(deliver_desired(
+                self.shared.deps.registry.clone(),
+                self.device.clone(),
+                self.desired.clone(),
+                self.shared.config.max_frame_bytes,
+                out_tx.clone(),
+            ))
+        });
+        let (reports_tx, reports_rx) = mpsc::channel::<Report>(REPORTS_IN_FLIGHT);
+        let reporter = tokio::spawn(store_reports(
+            self.shared.deps.registry.clone(),
+            self.device.clone(),
+            reports_rx,
+            out_tx.clone(),
+        ));
 
         let mut last_seq: Option<u64> = None;
-        let expires = self.expires;
-        let expiry = async move {
-            match expires.and_then(|at| Some((at, at.deadline()?))) {
-                Some((at, deadline)) => {
-                    tokio::time::sleep_until(deadline).await;
-                    at
-                }
-                None => std::future::pending().await,
-            }
-        };
+        let far = || tokio::time::Instant::now() + Duration::from_secs(365 * 86_400);
+        let mut expires = self.expires;
+        let expiry =
+            tokio::time::sleep_until(expires.and_then(Expiry::deadline).unwrap_or_else(far));
         tokio::pin!(expiry);
         let reason = loop {
             // read_frame is cancel-safe: what was read stays in `decoder`.
@@ -617,24 +1186,27 @@ impl Session {
                 biased;
                 Some(e) = self.revoked.recv() => {
                     self.fatal(&out_tx, &e).await;
-                    break e.to_string();
+                    break format!("revoked: {}", e.message);
                 }
-                at = &mut expiry => {
+                () = &mut expiry, if expires.is_some_and(|e| e.deadline().is_some()) => {
+                    let Some(at) = expires else { continue };
                     let e = at.error(&self.device);
                     self.fatal(&out_tx, &e).await;
-                    break e.to_string();
+                    break at.reason().to_string();
                 }
                 read = read_frame(&mut recv, &mut decoder) => read,
             };
             let frame = match read {
                 Ok(Some(frame)) => frame,
-                Ok(None) => break "the device closed the session".to_string(),
+                Ok(None) => break "closed by the device".to_string(),
                 Err(Error::Protocol(e)) => {
                     self.fatal(&out_tx, &e).await;
-                    break e.to_string();
+                    break format!("protocol error: {}", e.code);
                 }
+                Err(Error::ConnectionLost(reason)) => break reason,
                 Err(e) => break e.to_string(),
             };
+            self.activity.seen(now_millis());
             match frame {
                 Frame::Events(events) => {
                     if self.idempotent && events.seq == 0 {
@@ -642,7 +1214,7 @@ impl Session {
                             "EVENTS seq 0 in an idempotent session; the device's numbers start at 1",
                         );
                         self.fatal(&out_tx, &e).await;
-                        break e.to_string();
+                        break format!("protocol error: {}", e.code);
                     }
                     if self.idempotent {
                         if !lock(&unanswered).insert(events.seq) {
@@ -651,7 +1223,7 @@ impl Session {
                                 events.seq
                             ));
                             self.fatal(&out_tx, &e).await;
-                            break e.to_string();
+                            break format!("protocol error: {}", e.code);
                         }
                     } else if last_seq.is_some_and(|last| events.seq <= last) {
                         let e = ProtocolError::protocol(format!(
@@ -660,7 +1232,7 @@ impl Session {
                             last_seq.unwrap_or_default()
                         ));
                         self.fatal(&out_tx, &e).await;
-                        break e.to_string();
+                        break format!("protocol error: {}", e.code);
                     }
                     last_seq = Some(events.seq);
                     let answer = self.accept_events(events);
@@ -684,6 +1256,20 @@ impl Session {
                         }
                     });
                 }
+                Frame::Renew(Renew { token }) => {
+                    let (answer, renewed) = self.renew(token).await;
+                    if let Some(renewed) = renewed {
+                        expires = renewed;
+                        let deadline = expires.and_then(Expiry::deadline).unwrap_or_else(far);
+                        expiry.as_mut().reset(deadline);
+                    }
+                    let _ = out_tx.send(answer).await;
+                }
+                Frame::Report(report) => {
+                    if reports_tx.send(report).await.is_err() {
+                        break "connection lost".into();
+                    }
+                }
                 Frame::Ping(nonce) => {
                     let _ = out_tx.send(Frame::Pong(nonce)).await;
                 }
@@ -694,21 +1280,112 @@ impl Session {
                         other.frame_type().name()
                     ));
                     self.fatal(&out_tx, &e).await;
-                    break e.to_string();
+                    break format!("protocol error: {}", e.code);
                 }
             }
         };
         // Answer what is in flight before letting the writer go.
         drop(pending_tx);
+        drop(reports_tx);
         let _ = acker.await;
-        if let Some(commands) = commands {
-            commands.abort();
-            let _ = commands.await;
+        let _ = reporter.await;
+        for task in [commands, desired].into_iter().flatten() {
+            task.abort();
+            let _ = task.await;
+        }
+        if self.wants_commands {
             self.shared.deps.commands.release_notifier(&self.device);
         }
         drop(out_tx);
         let _ = writer.await;
         reason
+    }
+
+    /// Checks a RENEW's token for the session's device. Returns the answer,
+    /// and, if the token was taken, the session's new expiry.
+    async fn renew(&self, token: String) -> (Frame, Option<Option<Expiry>>) {
+        let refused = |code: RefusedCode, message: String| {
+            let frame = Frame::Refused(protocol::Refused {
+                request: RefusedRequest::Renew,
+                id: None,
+                code,
+                message,
+            });
+            (frame, None)
+        };
+        let certified = {
+            let mut live = lock(&self.shared.live);
+            let Some(l) = self.live_mut(&mut live) else {
+                return refused(
+                    RefusedCode::Unavailable,
+                    "the session is ending".to_string(),
+                );
+            };
+            if matches!(l.credential, Credential::Certificate(_)) {
+                true
+            } else {
+                // Listed before the check, so that a change announced
+                // during it refuses the token (see `recheck`).
+                l.renewal = Some((token.clone(), None));
+                false
+            }
+        };
+        if certified {
+            return refused(
+                RefusedCode::InvalidRequest,
+                format!(
+                    "device '{}': this session authenticated with its client certificate; it has \
+                     no token to renew",
+                    self.device
+                ),
+            );
+        }
+        let checked = self
+            .shared
+            .deps
+            .registry
+            .authenticate(&self.device, &token, now_millis())
+            .await;
+        let mut live = lock(&self.shared.live);
+        let Some(l) = self.live_mut(&mut live) else {
+            return refused(
+                RefusedCode::Unavailable,
+                "the session is ending".to_string(),
+            );
+        };
+        let revoked_meanwhile = match l.renewal.take() {
+            Some((candidate, refused)) if candidate == token => refused,
+            _ => None,
+        };
+        let refusal = match (checked, revoked_meanwhile) {
+            (Ok(_), None) => {
+                let expires = Expiry::of_token(&token);
+                l.credential = Credential::Token(token);
+                let expires_at = expires.map(|e| u64::try_from(e.at_ms / 1000).unwrap_or(0));
+                tracing::debug!(device = %self.device, "session token renewed");
+                return (Frame::Renewed(Renewed { expires_at }), Some(expires));
+            }
+            (Ok(_), Some(refused)) => refused,
+            (Err(e), _) => refusal(&self.device, e),
+        };
+        let code = match refusal.code {
+            ErrorCode::Unavailable => RefusedCode::Unavailable,
+            _ => RefusedCode::Unauthorized,
+        };
+        refused(
+            code,
+            format!(
+                "{}; the session goes on with its current token",
+                refusal.message
+            ),
+        )
+    }
+
+    fn live_mut<'a>(&self, live: &'a mut HashMap<String, DeviceLive>) -> Option<&'a mut Live> {
+        live.get_mut(&self.device)?
+            .sessions
+            .iter_mut()
+            .find(|l| l.id == self.id)
     }
 
     /// Decodes and submits one EVENTS frame. Submission happens here, in
@@ -761,6 +1438,7 @@ impl Session {
             Ok(batch) => batch,
             Err(e) => return reject(e.code, e.message, e.event, e.field),
         };
+        let latest_event = latest_event_time(&batch);
         // A numbered frame the log already holds is acknowledged with
         // count 0 and not stored again.
         let numbered = if self.idempotent { seq } else { 0 };
@@ -770,7 +1448,11 @@ impl Session {
             .log
             .submit_sequenced(&stream, &self.device, numbered, batch)
         {
-            Ok(future) => Pending::Appending { seq, future },
+            Ok(future) => Pending::Appending {
+                seq,
+                future,
+                latest_event,
+            },
             Err(e) => {
                 tracing::error!(device = %self.device, stream = %stream, error = %e, "append refused");
                 reject(
@@ -791,6 +1473,21 @@ impl Session {
     }
 }
 
+/// The latest event time (`ts`, the second system column) of a decoded
+/// batch.
+fn latest_event_time(batch: &RecordBatch) -> Option<i64> {
+    let ts = batch
+        .columns()
+        .get(1)?
+        .as_any()
+        .downcast_ref::<TimestampMillisecondArray>()?;
+    if ts.null_count() == 0 {
+        ts.values().iter().copied().max()
+    } else {
+        ts.iter().flatten().max()
+    }
+}
+
 /// The numbers of an idempotent session's frames awaiting their answer.
 type Unanswered = Arc<Mutex<std::collections::HashSet<u64>>>;
 
@@ -799,15 +1496,27 @@ async fn answer_in_order(
     mut pending: mpsc::Receiver<Pending>,
     out: mpsc::Sender<Frame>,
     unanswered: Option<Unanswered>,
+    activity: Arc<Activity>,
 ) {
     while let Some(p) = pending.recv().await {
         let frame = match p {
             Pending::Ready(frame) => frame,
-            Pending::Appending { seq, future } => match future.await {
-                Ok(receipt) => Frame::Ack(Ack {
-                    seq,
-                    count: receipt.count,
-                }),
+            Pending::Appending {
+                seq,
+                future,
+                latest_event,
+            } => match future.await {
+                Ok(receipt) => {
+                    if receipt.count > 0
+                        && let Some(t) = latest_event
+                    {
+                        activity.stored_events_until(t);
+                    }
+                    Frame::Ack(Ack {
+                        seq,
+                        count: receipt.count,
+                    })
+                }
                 Err(e) => {
                     if matches!(e, tributary_engine::Error::Unavailable(_)) {
                         // Backpressure (a full log, a frame to resend first):
@@ -901,6 +1610,109 @@ async fn deliver_commands(queue: Arc<CommandQueue>, device: String, out: mpsc::S
             }
         }
         notified.await;
+    }
+}
+
+/// Sends the device its desired properties: now, if it has any, and again
+/// whenever they change, each version at most once and never an older one
+/// after a newer.
+async fn deliver_desired(
+    registry: SharedRegistry,
+    device: String,
+    mut announced: watch::Receiver<i64>,
+    max_frame_bytes: u32,
+    out: mpsc::Sender<Frame>,
+) {
+    let mut sent: i64 = 0;
+    loop {
+        // Marked seen before the read, so that a change announced during
+        // the read wakes this loop again.
+        drop(announced.borrow_and_update());
+        match registry.get_twin(&device).await {
+            Ok(twin) if twin.desired_version > sent => {
+                sent = twin.desired_version;
+                let frame = Frame::Desired(Desired {
+                    version: u64::try_from(twin.desired_version).unwrap_or(0),
+                    properties: twin.desired,
+                });
+                let len = frame.encode_to_vec().len() - protocol::LENGTH_PREFIX_BYTES;
+                if len > max_frame_bytes as usize {
+                    tracing::error!(
+                        device = %device,
+                        version = sent,
+                        bytes = len,
+                        max_frame_bytes,
+                        "desired properties too large for a frame; not sent"
+                    );
+                } else if out.send(frame).await.is_err() {
+                    return;
+                }
+            }
+            Ok(_) => {}
+            // Removed: the session is being closed.
+            Err(tributary_registry::Error::NotFound(_)) => return,
+            Err(e) => {
+                tracing::error!(device = %device, error = %e, "reading desired properties failed");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        }
+        if announced.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Stores the device's REPORTs, in the order it sent them, and answers
+/// each with REPORTED or REFUSED.
+async fn store_reports(
+    registry: SharedRegistry,
+    device: String,
+    mut reports: mpsc::Receiver<Report>,
+    out: mpsc::Sender<Frame>,
+) {
+    while let Some(Report { id, patch, replace }) = reports.recv().await {
+        let update = PropertiesUpdate {
+            patch,
+            replace,
+            if_version: None,
+        };
+        let refused = |code: RefusedCode, message: String| {
+            Frame::Refused(protocol::Refused {
+                request: RefusedRequest::Report,
+                id: Some(id),
+                code,
+                message,
+            })
+        };
+        let frame = match registry
+            .update_properties(&device, Side::Reported, update, now_millis())
+            .await
+        {
+            Ok(twin) => Frame::Reported(Reported {
+                id,
+                version: u64::try_from(twin.reported_version).unwrap_or(0),
+            }),
+            Err(e @ tributary_registry::Error::InvalidProperties(_)) => {
+                refused(RefusedCode::InvalidProperties, e.to_string())
+            }
+            Err(tributary_registry::Error::NotFound(_)) => refused(
+                RefusedCode::Unauthorized,
+                format!("device '{device}' was removed from the registry"),
+            ),
+            Err(e) if e.is_user_error() => refused(RefusedCode::InvalidRequest, e.to_string()),
+            Err(e) => {
+                tracing::error!(device = %device, error = %e, "storing reported properties failed");
+                refused(
+                    RefusedCode::Unavailable,
+                    "the server could not store the reported properties; send them again later"
+                        .into(),
+                )
+            }
+        };
+        if out.send(frame).await.is_err() {
+            return;
+        }
     }
 }
 

@@ -6,10 +6,14 @@
 //! - [`decode`]: EVENTS payloads (JSON) into Arrow record batches with a
 //!   stream's schema.
 //! - [`gateway`]: the QUIC endpoint on quinn: authentication against the
-//!   registry, events into the event stream, commands out to devices.
+//!   registry (tokens, client certificates, enrollment groups; renewed on
+//!   the live session), events into the event stream, commands and desired
+//!   properties out to devices, reported properties and connection state
+//!   into the registry.
 //! - [`client`]: the device side, used by `tributary send` / `listen` and
 //!   by anyone embedding a device in Rust.
-//! - [`tls`]: the development CA and the rustls configurations.
+//! - [`tls`]: the development CA, device certificates it issues, and the
+//!   rustls configurations (mutual TLS optional).
 
 pub mod client;
 pub mod decode;

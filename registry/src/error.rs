@@ -27,9 +27,23 @@ pub enum Error {
     /// range, a token for a device without a primary key, ...
     #[error("invalid request: {0}")]
     InvalidRequest(String),
+    /// Twin properties do not follow the rules of
+    /// [`crate::validate_properties`].
+    #[error("invalid properties: {0}")]
+    InvalidProperties(String),
+    /// A conditional update found another version than it expected.
+    #[error("version mismatch: {0}")]
+    VersionMismatch(String),
     /// No device has this id.
     #[error("device '{0}' does not exist")]
     NotFound(String),
+    /// Something other than a device does not exist (an enrollment group,
+    /// a certificate); the message says what.
+    #[error("{0}")]
+    Missing(String),
+    /// Something other than a device exists already; the message says what.
+    #[error("{0}")]
+    Conflict(String),
     /// A device with this id exists already.
     #[error("device '{0}' already exists")]
     AlreadyExists(String),
@@ -88,9 +102,13 @@ impl Error {
             Error::InvalidId(_)
                 | Error::InvalidTag(_)
                 | Error::InvalidMetadata(_)
+                | Error::InvalidProperties(_)
+                | Error::VersionMismatch(_)
                 | Error::InvalidRequest(_)
                 | Error::NotFound(_)
                 | Error::AlreadyExists(_)
+                | Error::Missing(_)
+                | Error::Conflict(_)
                 | Error::Unauthorized(_)
         )
     }

@@ -49,22 +49,37 @@
 //! # }
 //! ```
 
+mod certificate;
+#[cfg(test)]
+mod conformance;
 mod credentials;
 mod device;
+mod enrollment;
 mod error;
 mod master_key;
+mod presence;
 mod sqlite;
 pub mod token;
+mod twin;
 
 use std::collections::BTreeMap;
 
+pub use certificate::{Certificate, CertificateStatus, thumbprint, validate_thumbprint};
 pub use credentials::TOKEN_PREFIX;
 pub use device::{
     Device, DeviceStatus, MAX_DEVICE_ID_LEN, MAX_METADATA_BYTES, MAX_TAG_KEY_LEN,
     MAX_TAG_VALUE_LEN, validate_device_id, validate_metadata, validate_tags,
 };
+pub use enrollment::{
+    EnrollmentGroup, GroupPatch, NewGroup, derive_device_key, validate_group_name,
+};
 pub use error::{Error, Result};
+pub use presence::ConnectionState;
 pub use sqlite::{SCHEMA_VERSION, SqliteRegistry};
+pub use twin::{
+    MAX_PROPERTIES_BYTES, MAX_PROPERTIES_DEPTH, Properties, PropertiesUpdate, Side, Twin,
+    merge_patch, validate_properties,
+};
 
 /// Which of a device's two symmetric keys. Each is rotated on its own, so a
 /// device moves to a new key without a moment in which neither works.
@@ -199,9 +214,152 @@ pub trait Registry: Send + Sync + 'static {
     async fn authenticate(&self, id: &str, token: &str, now_ms: i64) -> Result<Device>;
 
     /// Ids of devices whose right to connect may have changed (disabled,
-    /// removed, a key rotated), as they change. Live connections of those
-    /// devices must be checked again.
-    fn changes(&self) -> tokio::sync::broadcast::Receiver<String>;
+    /// removed, a key or certificate revoked), and of devices whose desired
+    /// properties changed, as they change.
+    fn changes(&self) -> tokio::sync::broadcast::Receiver<Change>;
+
+    // ----- X.509 certificates ---------------------------------------------
+
+    /// Registers a certificate (by thumbprint, see [`thumbprint`]) to a
+    /// device. [`Error::NotFound`] for an unknown device,
+    /// [`Error::Conflict`] if the thumbprint is registered already
+    /// (to any device).
+    async fn add_certificate(
+        &self,
+        id: &str,
+        thumbprint: &str,
+        not_after_ms: i64,
+        now_ms: i64,
+    ) -> Result<Certificate>;
+
+    /// A device's certificates, oldest first. [`Error::NotFound`] for an
+    /// unknown device.
+    async fn list_certificates(&self, id: &str) -> Result<Vec<Certificate>>;
+
+    /// Marks a device's certificate revoked; announced on
+    /// [`Registry::changes`]. [`Error::NotFound`] for an unknown device,
+    /// [`Error::Missing`] if the device has no such certificate.
+    async fn revoke_certificate(
+        &self,
+        id: &str,
+        thumbprint: &str,
+        now_ms: i64,
+    ) -> Result<Certificate>;
+
+    /// The device a certificate (already verified by TLS against a trusted
+    /// CA) authenticates as `id`. Refused ([`Error::Unauthorized`]) unless
+    /// the thumbprint is registered to `id`, active and not past
+    /// `not_after`, and the device is enabled.
+    async fn authenticate_certificate(
+        &self,
+        id: &str,
+        thumbprint: &str,
+        now_ms: i64,
+    ) -> Result<Device>;
+
+    // ----- Enrollment groups ----------------------------------------------
+
+    /// Creates an enrollment group with two fresh keys, shown this once.
+    async fn create_group(
+        &self,
+        group: NewGroup,
+        now_ms: i64,
+    ) -> Result<(EnrollmentGroup, DeviceKeys)>;
+
+    /// The group with this name, or `None`.
+    async fn get_group(&self, name: &str) -> Result<Option<EnrollmentGroup>>;
+
+    /// Every group, ordered by name.
+    async fn list_groups(&self) -> Result<Vec<EnrollmentGroup>>;
+
+    /// Changes a group's tags or status; [`Error::Missing`] if absent.
+    async fn update_group(
+        &self,
+        name: &str,
+        patch: GroupPatch,
+        now_ms: i64,
+    ) -> Result<EnrollmentGroup>;
+
+    /// Removes a group; [`Error::Missing`] if absent. Devices it enrolled
+    /// stay (with their own keys).
+    async fn remove_group(&self, name: &str) -> Result<()>;
+
+    /// Replaces one of a group's keys; devices enrolled later derive from
+    /// the new one, devices already enrolled keep theirs. [`Error::Missing`]
+    /// if the group does not exist.
+    async fn rotate_group_key(&self, name: &str, slot: KeySlot, now_ms: i64) -> Result<String>;
+
+    /// Authenticates device `id` as a member of group `group`
+    /// (see [`enrollment`](crate::derive_device_key)): the token must be
+    /// signed with a key derived from one of the group's keys. A device the
+    /// registry does not know is created with the group's tags and the
+    /// derived keys; a known device must have been enrolled by this group
+    /// and authenticates with its own keys. Returns the device and whether
+    /// it was created now. All failures before a signature verifies give
+    /// the same [`Error::Unauthorized`] reason.
+    async fn enroll(
+        &self,
+        group: &str,
+        id: &str,
+        token: &str,
+        now_ms: i64,
+    ) -> Result<(Device, bool)>;
+
+    // ----- Connection state ---------------------------------------------
+
+    /// Stores a device's connection state. Ignores an unknown device (it
+    /// may have been removed while connected).
+    async fn record_connection(&self, id: &str, state: &ConnectionState) -> Result<()>;
+
+    /// A device's stored connection state; `None` if it never connected.
+    async fn connection_state(&self, id: &str) -> Result<Option<ConnectionState>>;
+
+    /// Every stored connection state, by device id.
+    async fn connection_states(&self) -> Result<BTreeMap<String, ConnectionState>>;
+
+    /// At start-up: every device still stored as connected was cut off when
+    /// the server last stopped; marks it disconnected with `reason` at
+    /// `now_ms`. Returns how many.
+    async fn disconnect_all(&self, reason: &str, now_ms: i64) -> Result<usize>;
+
+    // ----- Twins -----------------------------------------------------------
+
+    /// A device's twin; [`Error::NotFound`] for an unknown device (a device
+    /// without properties has an empty twin at versions 0).
+    async fn get_twin(&self, id: &str) -> Result<Twin>;
+
+    /// Changes one side of a device's twin (see [`PropertiesUpdate`]) and
+    /// returns the twin. Desired changes are announced on
+    /// [`Registry::changes`]. [`Error::NotFound`], [`Error::VersionMismatch`]
+    /// and [`Error::InvalidProperties`] as they apply.
+    async fn update_properties(
+        &self,
+        id: &str,
+        side: Side,
+        update: PropertiesUpdate,
+        now_ms: i64,
+    ) -> Result<Twin>;
+
+    /// Every device's twin, by device id (for the SQL `devices` table);
+    /// devices without properties are left out.
+    async fn all_twins(&self) -> Result<BTreeMap<String, Twin>>;
+}
+
+/// What [`Registry::changes`] announces.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Change {
+    /// The device's right to connect may have changed: its live sessions
+    /// must be checked again.
+    Access(String),
+    /// The device's desired properties changed (to this version): its live
+    /// sessions get the new ones.
+    Desired(String, i64),
+    /// Something else about the device changed that copies of the registry
+    /// (the SQL `devices` table) show: it was created or enrolled, its
+    /// tags, metadata or status, its connection state or its reported
+    /// properties.
+    Updated(String),
 }
 
 /// The registry as the rest of the program holds it.

@@ -13,9 +13,10 @@ use tokio::sync::broadcast;
 use crate::credentials::{TOKEN_PREFIX, verify_token};
 use crate::master_key::{self, MasterKey};
 use crate::{
-    Device, DeviceFilter, DeviceKeys, DevicePage, DevicePatch, DeviceStatus, Error, KeySlot,
-    MAX_PAGE, NewDevice, Registry, Result, token, validate_device_id, validate_metadata,
-    validate_tags,
+    Certificate, CertificateStatus, Change, ConnectionState, Device, DeviceFilter, DeviceKeys,
+    DevicePage, DevicePatch, DeviceStatus, EnrollmentGroup, Error, GroupPatch, KeySlot, MAX_PAGE,
+    NewDevice, NewGroup, PropertiesUpdate, Registry, Result, Side, Twin, derive_device_key, token,
+    validate_device_id, validate_group_name, validate_metadata, validate_tags, validate_thumbprint,
 };
 
 /// Schema migrations, oldest first; migration `i` takes the database from
@@ -42,6 +43,54 @@ const MIGRATIONS: &[&str] = &[
      ALTER TABLE devices ADD COLUMN primary_key BLOB;
      ALTER TABLE devices ADD COLUMN secondary_key BLOB;
      UPDATE devices SET updated_at = created_at;",
+    // 3: enrollment groups (keys sealed like a device's, under the
+    // associated-data id `group/<name>`, which no device id can spell), the
+    // group that enrolled a device, X.509 certificates, connection state and
+    // twins. What belongs to a device goes with it (`PRAGMA foreign_keys` is
+    // on for every connection); a removed group leaves its devices standing
+    // alone.
+    "CREATE TABLE enrollment_groups (
+        name          TEXT    NOT NULL PRIMARY KEY,
+        tags          TEXT    NOT NULL DEFAULT '{}',
+        status        TEXT    NOT NULL DEFAULT 'enabled'
+                              CHECK (status IN ('enabled', 'disabled')),
+        primary_key   BLOB    NOT NULL,
+        secondary_key BLOB    NOT NULL,
+        created_at    INTEGER NOT NULL,
+        updated_at    INTEGER NOT NULL
+     ) STRICT;
+     ALTER TABLE devices ADD COLUMN enrollment_group TEXT
+         REFERENCES enrollment_groups (name) ON DELETE SET NULL;
+     CREATE INDEX devices_by_enrollment_group ON devices (enrollment_group);
+     CREATE TABLE certificates (
+        thumbprint TEXT    NOT NULL PRIMARY KEY,
+        device_id  TEXT    NOT NULL REFERENCES devices (id) ON DELETE CASCADE,
+        status     TEXT    NOT NULL DEFAULT 'active'
+                           CHECK (status IN ('active', 'revoked')),
+        not_after  INTEGER NOT NULL,
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL
+     ) STRICT;
+     CREATE INDEX certificates_by_device ON certificates (device_id, created_at);
+     CREATE TABLE connections (
+        device_id     TEXT    NOT NULL PRIMARY KEY
+                              REFERENCES devices (id) ON DELETE CASCADE,
+        connected     INTEGER NOT NULL CHECK (connected IN (0, 1)),
+        since         INTEGER NOT NULL,
+        reason        TEXT,
+        last_seen     INTEGER,
+        last_event_at INTEGER
+     ) STRICT;
+     CREATE TABLE twins (
+        device_id           TEXT    NOT NULL PRIMARY KEY
+                                    REFERENCES devices (id) ON DELETE CASCADE,
+        desired             TEXT    NOT NULL DEFAULT '{}',
+        desired_version     INTEGER NOT NULL DEFAULT 0,
+        desired_updated_at  INTEGER,
+        reported            TEXT    NOT NULL DEFAULT '{}',
+        reported_version    INTEGER NOT NULL DEFAULT 0,
+        reported_updated_at INTEGER
+     ) STRICT;",
 ];
 
 /// The schema version this build writes, stored in `PRAGMA user_version`.
@@ -71,7 +120,7 @@ pub struct SqliteRegistry {
     /// of a device's missing key, so that authentication does the same work
     /// whether or not the device and its keys exist.
     dummy_sealed: Vec<u8>,
-    changes: broadcast::Sender<String>,
+    changes: broadcast::Sender<Change>,
 }
 
 impl std::fmt::Debug for SqliteRegistry {
@@ -107,7 +156,8 @@ impl SqliteRegistry {
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let has_sealed_keys: bool = tx.query_row(
             "SELECT EXISTS (SELECT 1 FROM devices
-                            WHERE primary_key IS NOT NULL OR secondary_key IS NOT NULL)",
+                            WHERE primary_key IS NOT NULL OR secondary_key IS NOT NULL)
+                 OR EXISTS (SELECT 1 FROM enrollment_groups)",
             [],
             |row| row.get(0),
         )?;
@@ -140,6 +190,11 @@ impl SqliteRegistry {
         // Device creation and key rotation hand out a key exactly once; FULL
         // makes sure a key the caller has seen survives a power cut.
         conn.pragma_update(None, "synchronous", "FULL")?;
+        // A device's certificates, connection state and twin go with it, and
+        // a removed group lets go of its devices (see migration 3). SQLite
+        // enforces foreign keys only when asked to, per connection, and the
+        // pragma is a no-op inside a transaction: so here, before migrating.
+        conn.pragma_update(None, "foreign_keys", true)?;
         migrate(&mut conn)?;
         Ok(conn)
     }
@@ -165,8 +220,8 @@ impl SqliteRegistry {
     }
 
     /// Tells [`Registry::changes`] receivers; having none is fine.
-    fn announce(&self, id: &str) {
-        let _ = self.changes.send(id.to_string());
+    fn announce(&self, change: Change) {
+        let _ = self.changes.send(change);
     }
 
     /// Makes a key and seals it for `id`'s `slot`: (plain, sealed).
@@ -199,12 +254,167 @@ impl SqliteRegistry {
     ) -> Result<(Vec<u8>, bool)> {
         match sealed {
             Some(sealed) => Ok((self.open_key(id, slot, sealed)?, true)),
-            None => {
-                let dummy = self.master.open("", KeySlot::Primary, &self.dummy_sealed);
-                Ok((dummy.unwrap_or_default(), false))
-            }
+            None => Ok((self.dummy_key(), false)),
         }
     }
+
+    fn dummy_key(&self) -> Vec<u8> {
+        self.master
+            .open("", KeySlot::Primary, &self.dummy_sealed)
+            .unwrap_or_default()
+    }
+
+    /// Makes a key and seals it for group `name`'s `slot`: (plain, sealed).
+    fn new_group_key(&self, name: &str, slot: KeySlot) -> Result<([u8; token::KEY_LEN], Vec<u8>)> {
+        let key = token::generate_key(&self.rng)?;
+        let sealed = self
+            .master
+            .seal(&self.rng, &group_sealing_id(name), slot, &key)?;
+        Ok((key, sealed))
+    }
+
+    /// [`Self::key_or_dummy`] for a group's key.
+    fn group_key_or_dummy(
+        &self,
+        name: &str,
+        slot: KeySlot,
+        sealed: Option<&[u8]>,
+    ) -> Result<(Vec<u8>, bool)> {
+        let Some(sealed) = sealed else {
+            return Ok((self.dummy_key(), false));
+        };
+        let key = self
+            .master
+            .open(&group_sealing_id(name), slot, sealed)
+            .ok_or_else(|| {
+                Error::Internal(format!(
+                    "enrollment group '{name}': its stored {} key does not open with this \
+                     registry's master key (was the key file replaced, or the row copied from \
+                     another registry?)",
+                    slot_name(slot)
+                ))
+            })?;
+        Ok((key, true))
+    }
+
+    /// Whether `signature` is one of the device's keys' over `id` and
+    /// `expires_at`, with the same work whether or not the device, or a
+    /// key, exists.
+    fn signed_by_device(
+        &self,
+        id: &str,
+        row: Option<&Credentials>,
+        expires_at: i64,
+        signature: &[u8],
+    ) -> Result<bool> {
+        let primary = row.and_then(|r| r.primary.as_deref());
+        let secondary = row.and_then(|r| r.secondary.as_deref());
+        let (primary, has_primary) = self.key_or_dummy(id, KeySlot::Primary, primary)?;
+        let (secondary, has_secondary) = self.key_or_dummy(id, KeySlot::Secondary, secondary)?;
+        let by_primary = token::verify(id, &primary, expires_at, signature);
+        let by_secondary = token::verify(id, &secondary, expires_at, signature);
+        Ok((by_primary & has_primary) | (by_secondary & has_secondary))
+    }
+
+    /// The device keys group `name` derives for `id`, and whether the token
+    /// is signed by one of them; the same work for an unknown group.
+    fn signed_by_group(
+        &self,
+        name: &str,
+        id: &str,
+        row: Option<&GroupCredentials>,
+        expires_at: i64,
+        signature: &[u8],
+    ) -> Result<(DerivedKeys, bool)> {
+        let primary = row.map(|r| &r.primary[..]);
+        let secondary = row.map(|r| &r.secondary[..]);
+        let (primary, has_primary) = self.group_key_or_dummy(name, KeySlot::Primary, primary)?;
+        let (secondary, has_secondary) =
+            self.group_key_or_dummy(name, KeySlot::Secondary, secondary)?;
+        let keys = DerivedKeys {
+            primary: derive_device_key(&primary, id),
+            secondary: derive_device_key(&secondary, id),
+        };
+        let by_primary = token::verify(id, &keys.primary, expires_at, signature);
+        let by_secondary = token::verify(id, &keys.secondary, expires_at, signature);
+        Ok((
+            keys,
+            (by_primary & has_primary) | (by_secondary & has_secondary),
+        ))
+    }
+
+    /// The rest of [`Registry::enroll`] for a device the registry knows,
+    /// `verified` if the token is signed by its own keys: enrolled by
+    /// `group`, it is checked as [`Registry::authenticate`] checks it.
+    fn enroll_known(
+        &self,
+        group: &str,
+        id: &str,
+        row: Option<Credentials>,
+        verified: bool,
+        expires_at: i64,
+        now_ms: i64,
+    ) -> Result<Device> {
+        let row = match row {
+            Some(row) if verified && row.enrollment_group.as_deref() == Some(group) => row,
+            _ => return Err(refused_token(id)),
+        };
+        admit(row.device.decode()?, Some(expires_at), now_ms)
+    }
+}
+
+/// The keys an enrollment group derives for a device.
+struct DerivedKeys {
+    primary: [u8; token::KEY_LEN],
+    secondary: [u8; token::KEY_LEN],
+}
+
+/// The id a group's keys are sealed for. Group names follow the device id
+/// rules, which leave out '/', so this never names a device.
+fn group_sealing_id(name: &str) -> String {
+    format!("group/{name}")
+}
+
+/// The one reason authentication by token gives for everything that fails
+/// before a signature verifies.
+fn refused_token(id: &str) -> Error {
+    Error::Unauthorized(format!(
+        "device '{}': unknown device, or a token not signed by its keys",
+        shown_id(id)
+    ))
+}
+
+/// The same for a certificate.
+fn refused_certificate(id: &str) -> Error {
+    Error::Unauthorized(format!(
+        "device '{}': unknown device, or a certificate not registered to it",
+        shown_id(id)
+    ))
+}
+
+/// What is left to check once a device proved who it is: that it is
+/// enabled, and that its token (if it used one) has not expired.
+fn admit(device: Device, token_expires_at: Option<i64>, now_ms: i64) -> Result<Device> {
+    if device.status == DeviceStatus::Disabled {
+        return Err(Error::Unauthorized(format!(
+            "device '{}' is disabled",
+            device.id
+        )));
+    }
+    if let Some(expires_at) = token_expires_at {
+        check_token_expiry(&device.id, expires_at, now_ms)?;
+    }
+    Ok(device)
+}
+
+fn check_token_expiry(id: &str, expires_at: i64, now_ms: i64) -> Result<()> {
+    if now_ms >= expires_at.saturating_mul(1000) {
+        return Err(Error::Unauthorized(format!(
+            "the token of device '{id}' expired at {}",
+            rfc3339(expires_at)
+        )));
+    }
+    Ok(())
 }
 
 /// Brings the schema from whatever `user_version` says up to
@@ -289,6 +499,282 @@ struct Credentials {
     legacy_digest: Vec<u8>,
     primary: Option<Vec<u8>>,
     secondary: Option<Vec<u8>>,
+    /// The group that enrolled it, if one did.
+    enrollment_group: Option<String>,
+}
+
+fn read_credentials(conn: &Connection, id: &str) -> Result<Option<Credentials>> {
+    let row = conn
+        .query_row(
+            &format!(
+                "SELECT {DEVICE_COLUMNS}, token_sha256, primary_key, secondary_key,
+                        enrollment_group
+                 FROM devices WHERE id = ?1"
+            ),
+            [id],
+            |row| {
+                Ok(Credentials {
+                    device: RawDevice::from_row(row)?,
+                    legacy_digest: row.get(6)?,
+                    primary: row.get(7)?,
+                    secondary: row.get(8)?,
+                    enrollment_group: row.get(9)?,
+                })
+            },
+        )
+        .optional()?;
+    Ok(row)
+}
+
+fn device_exists(conn: &Connection, id: &str) -> Result<bool> {
+    Ok(conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM devices WHERE id = ?1)",
+        [id],
+        |row| row.get(0),
+    )?)
+}
+
+const GROUP_COLUMNS: &str = "name, tags, status, created_at, updated_at";
+
+/// An `enrollment_groups` row as read, before its text columns are decoded.
+struct RawGroup {
+    name: String,
+    tags: String,
+    status: String,
+    created_at: i64,
+    updated_at: i64,
+}
+
+impl RawGroup {
+    /// Reads [`GROUP_COLUMNS`], which come first in every query.
+    fn from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Self> {
+        Ok(Self {
+            name: row.get(0)?,
+            tags: row.get(1)?,
+            status: row.get(2)?,
+            created_at: row.get(3)?,
+            updated_at: row.get(4)?,
+        })
+    }
+
+    fn decode(self) -> Result<EnrollmentGroup> {
+        let tags = serde_json::from_str(&self.tags).map_err(|e| {
+            Error::Internal(format!(
+                "enrollment group '{}': stored tags are not a JSON object of strings: {e}",
+                self.name
+            ))
+        })?;
+        let status = DeviceStatus::parse(&self.status).ok_or_else(|| {
+            Error::Internal(format!(
+                "enrollment group '{}': unknown stored status '{}'",
+                self.name, self.status
+            ))
+        })?;
+        Ok(EnrollmentGroup {
+            name: self.name,
+            tags,
+            status,
+            created_at: self.created_at,
+            updated_at: self.updated_at,
+        })
+    }
+}
+
+/// What enrollment reads of a group.
+struct GroupCredentials {
+    group: RawGroup,
+    primary: Vec<u8>,
+    secondary: Vec<u8>,
+}
+
+fn read_group(conn: &Connection, name: &str) -> Result<Option<EnrollmentGroup>> {
+    let raw = conn
+        .query_row(
+            &format!("SELECT {GROUP_COLUMNS} FROM enrollment_groups WHERE name = ?1"),
+            [name],
+            RawGroup::from_row,
+        )
+        .optional()?;
+    raw.map(RawGroup::decode).transpose()
+}
+
+fn read_group_credentials(conn: &Connection, name: &str) -> Result<Option<GroupCredentials>> {
+    let row = conn
+        .query_row(
+            &format!(
+                "SELECT {GROUP_COLUMNS}, primary_key, secondary_key
+                 FROM enrollment_groups WHERE name = ?1"
+            ),
+            [name],
+            |row| {
+                Ok(GroupCredentials {
+                    group: RawGroup::from_row(row)?,
+                    primary: row.get(5)?,
+                    secondary: row.get(6)?,
+                })
+            },
+        )
+        .optional()?;
+    Ok(row)
+}
+
+fn missing_group(name: &str) -> Error {
+    Error::Missing(format!("enrollment group '{name}' does not exist"))
+}
+
+const CERTIFICATE_COLUMNS: &str =
+    "thumbprint, device_id, status, not_after, created_at, updated_at";
+
+/// A `certificates` row as read, before its status is decoded.
+struct RawCertificate {
+    thumbprint: String,
+    device_id: String,
+    status: String,
+    not_after: i64,
+    created_at: i64,
+    updated_at: i64,
+}
+
+impl RawCertificate {
+    /// Reads [`CERTIFICATE_COLUMNS`].
+    fn from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Self> {
+        Ok(Self {
+            thumbprint: row.get(0)?,
+            device_id: row.get(1)?,
+            status: row.get(2)?,
+            not_after: row.get(3)?,
+            created_at: row.get(4)?,
+            updated_at: row.get(5)?,
+        })
+    }
+
+    fn decode(self) -> Result<Certificate> {
+        let status = CertificateStatus::parse(&self.status).ok_or_else(|| {
+            Error::Internal(format!(
+                "certificate {}: unknown stored status '{}'",
+                self.thumbprint, self.status
+            ))
+        })?;
+        Ok(Certificate {
+            thumbprint: self.thumbprint,
+            device_id: self.device_id,
+            status,
+            not_after: self.not_after,
+            created_at: self.created_at,
+            updated_at: self.updated_at,
+        })
+    }
+}
+
+fn certificate_taken(thumbprint: &str, owner: &str) -> Error {
+    Error::Conflict(format!(
+        "certificate {thumbprint} is registered already, to device '{owner}'"
+    ))
+}
+
+const CONNECTION_COLUMNS: &str = "device_id, connected, since, reason, last_seen, last_event_at";
+
+/// Reads [`CONNECTION_COLUMNS`].
+fn connection_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<(String, ConnectionState)> {
+    Ok((
+        row.get(0)?,
+        ConnectionState {
+            connected: row.get(1)?,
+            since: row.get(2)?,
+            reason: row.get(3)?,
+            last_seen: row.get(4)?,
+            last_event_at: row.get(5)?,
+        },
+    ))
+}
+
+const TWIN_COLUMNS: &str = "desired, desired_version, desired_updated_at, \
+                            reported, reported_version, reported_updated_at";
+
+/// A `twins` row as read, before its JSON is decoded.
+struct RawTwin {
+    desired: String,
+    desired_version: i64,
+    desired_updated_at: Option<i64>,
+    reported: String,
+    reported_version: i64,
+    reported_updated_at: Option<i64>,
+}
+
+impl RawTwin {
+    /// Reads [`TWIN_COLUMNS`], starting at column `at`.
+    fn from_row(row: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<Self> {
+        Ok(Self {
+            desired: row.get(at)?,
+            desired_version: row.get(at + 1)?,
+            desired_updated_at: row.get(at + 2)?,
+            reported: row.get(at + 3)?,
+            reported_version: row.get(at + 4)?,
+            reported_updated_at: row.get(at + 5)?,
+        })
+    }
+
+    fn decode(self, id: &str) -> Result<Twin> {
+        let object = |side: Side, text: &str| -> Result<crate::Properties> {
+            serde_json::from_str(text).map_err(|e| {
+                Error::Internal(format!(
+                    "device '{id}': stored {} properties are not a JSON object: {e}",
+                    side.as_str()
+                ))
+            })
+        };
+        Ok(Twin {
+            desired: object(Side::Desired, &self.desired)?,
+            desired_version: self.desired_version,
+            desired_updated_at: self.desired_updated_at,
+            reported: object(Side::Reported, &self.reported)?,
+            reported_version: self.reported_version,
+            reported_updated_at: self.reported_updated_at,
+        })
+    }
+}
+
+/// The device's twin (empty if it has none yet), or `None` for an unknown
+/// device.
+fn read_twin(conn: &Connection, id: &str) -> Result<Option<Twin>> {
+    let raw = conn
+        .query_row(
+            "SELECT COALESCE(t.desired, '{}'), COALESCE(t.desired_version, 0),
+                    t.desired_updated_at,
+                    COALESCE(t.reported, '{}'), COALESCE(t.reported_version, 0),
+                    t.reported_updated_at
+             FROM devices AS d LEFT JOIN twins AS t ON t.device_id = d.id
+             WHERE d.id = ?1",
+            [id],
+            |row| RawTwin::from_row(row, 0),
+        )
+        .optional()?;
+    raw.map(|raw| raw.decode(id)).transpose()
+}
+
+fn write_twin(conn: &Connection, id: &str, twin: &Twin) -> Result<()> {
+    conn.execute(
+        &format!(
+            "INSERT INTO twins (device_id, {TWIN_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+             ON CONFLICT (device_id) DO UPDATE SET
+                 desired = excluded.desired,
+                 desired_version = excluded.desired_version,
+                 desired_updated_at = excluded.desired_updated_at,
+                 reported = excluded.reported,
+                 reported_version = excluded.reported_version,
+                 reported_updated_at = excluded.reported_updated_at"
+        ),
+        params![
+            id,
+            to_json("desired properties", &twin.desired)?,
+            twin.desired_version,
+            twin.desired_updated_at,
+            to_json("reported properties", &twin.reported)?,
+            twin.reported_version,
+            twin.reported_updated_at,
+        ],
+    )?;
+    Ok(())
 }
 
 fn read_device(conn: &Connection, id: &str) -> Result<Option<Device>> {
@@ -318,6 +804,13 @@ fn is_primary_key_violation(e: &rusqlite::Error) -> bool {
     matches!(
         e.sqlite_error(),
         Some(err) if err.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY
+    )
+}
+
+fn is_foreign_key_violation(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error(),
+        Some(err) if err.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_FOREIGNKEY
     )
 }
 
@@ -377,6 +870,7 @@ impl Registry for SqliteRegistry {
             Err(e) if is_primary_key_violation(&e) => return Err(Error::AlreadyExists(id)),
             Err(e) => return Err(e.into()),
         }
+        self.announce(Change::Updated(id.clone()));
         let keys = DeviceKeys {
             primary: token::encode_key(&primary),
             secondary: token::encode_key(&secondary),
@@ -492,7 +986,7 @@ impl Registry for SqliteRegistry {
             tx.commit()?;
             device
         };
-        self.announce(id);
+        self.announce(Change::Access(id.to_string()));
         Ok(device)
     }
 
@@ -504,7 +998,7 @@ impl Registry for SqliteRegistry {
         if removed == 0 {
             return Err(Error::NotFound(id.to_string()));
         }
-        self.announce(id);
+        self.announce(Change::Access(id.to_string()));
         Ok(())
     }
 
@@ -528,7 +1022,7 @@ impl Registry for SqliteRegistry {
         if updated == 0 {
             return Err(Error::NotFound(id.to_string()));
         }
-        self.announce(id);
+        self.announce(Change::Access(id.to_string()));
         Ok(token::encode_key(&key))
     }
 
@@ -561,77 +1055,551 @@ impl Registry for SqliteRegistry {
     }
 
     async fn authenticate(&self, id: &str, token: &str, now_ms: i64) -> Result<Device> {
-        let refused = || {
-            Error::Unauthorized(format!(
-                "device '{}': unknown device, or a token not signed by its keys",
-                shown_id(id)
-            ))
-        };
         // Up to a verified signature, every failure looks the same. Ids and
         // tokens of the wrong form are refused straight away: that they are
         // malformed is no secret, it says nothing about which devices exist.
         if validate_device_id(id).is_err() || token.len() > token::MAX_TOKEN_LEN {
-            return Err(refused());
+            return Err(refused_token(id));
         }
         let parsed = if token.starts_with(TOKEN_PREFIX) {
             None
         } else {
-            Some(token::parse(token).map_err(|_| refused())?)
+            Some(token::parse(token).map_err(|_| refused_token(id))?)
         };
-        let row = self
-            .conn()
-            .query_row(
-                &format!(
-                    "SELECT {DEVICE_COLUMNS}, token_sha256, primary_key, secondary_key
-                     FROM devices WHERE id = ?1"
-                ),
-                [id],
-                |row| {
-                    Ok(Credentials {
-                        device: RawDevice::from_row(row)?,
-                        legacy_digest: row.get(6)?,
-                        primary: row.get(7)?,
-                        secondary: row.get(8)?,
-                    })
-                },
-            )
-            .optional()?;
+        let row = read_credentials(&self.conn(), id)?;
         // The same work whether or not the device, or a key, exists: every
         // check below runs, against dummies where something is missing.
         let verified = match &parsed {
             None => verify_token(token, row.as_ref().map(|r| &r.legacy_digest[..])),
             Some((expires_at, signature)) => {
-                let primary = row.as_ref().and_then(|r| r.primary.as_deref());
-                let secondary = row.as_ref().and_then(|r| r.secondary.as_deref());
-                let (primary, has_primary) = self.key_or_dummy(id, KeySlot::Primary, primary)?;
-                let (secondary, has_secondary) =
-                    self.key_or_dummy(id, KeySlot::Secondary, secondary)?;
-                let by_primary = token::verify(id, &primary, *expires_at, signature);
-                let by_secondary = token::verify(id, &secondary, *expires_at, signature);
-                (by_primary & has_primary) | (by_secondary & has_secondary)
+                self.signed_by_device(id, row.as_ref(), *expires_at, signature)?
             }
         };
         let row = match row {
             Some(row) if verified => row,
-            _ => return Err(refused()),
+            _ => return Err(refused_token(id)),
         };
-        let device = row.device.decode()?;
-        if device.status == DeviceStatus::Disabled {
-            return Err(Error::Unauthorized(format!("device '{id}' is disabled")));
-        }
-        if let Some((expires_at, _)) = parsed
-            && now_ms >= expires_at.saturating_mul(1000)
-        {
-            return Err(Error::Unauthorized(format!(
-                "the token of device '{id}' expired at {}",
-                rfc3339(expires_at)
-            )));
-        }
-        Ok(device)
+        admit(
+            row.device.decode()?,
+            parsed.map(|(expires_at, _)| expires_at),
+            now_ms,
+        )
     }
 
-    fn changes(&self) -> broadcast::Receiver<String> {
+    fn changes(&self) -> broadcast::Receiver<Change> {
         self.changes.subscribe()
+    }
+
+    async fn add_certificate(
+        &self,
+        id: &str,
+        thumbprint: &str,
+        not_after_ms: i64,
+        now_ms: i64,
+    ) -> Result<Certificate> {
+        validate_device_id(id)?;
+        validate_thumbprint(thumbprint)?;
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        if !device_exists(&tx, id)? {
+            return Err(Error::NotFound(id.to_string()));
+        }
+        let owner: Option<String> = tx
+            .query_row(
+                "SELECT device_id FROM certificates WHERE thumbprint = ?1",
+                [thumbprint],
+                |row| row.get(0),
+            )
+            .optional()?;
+        if let Some(owner) = owner {
+            return Err(certificate_taken(thumbprint, &owner));
+        }
+        tx.execute(
+            "INSERT INTO certificates (thumbprint, device_id, status, not_after, created_at,
+                                       updated_at)
+             VALUES (?1, ?2, 'active', ?3, ?4, ?4)",
+            params![thumbprint, id, not_after_ms, now_ms],
+        )?;
+        tx.commit()?;
+        Ok(Certificate {
+            thumbprint: thumbprint.to_string(),
+            device_id: id.to_string(),
+            status: CertificateStatus::Active,
+            not_after: not_after_ms,
+            created_at: now_ms,
+            updated_at: now_ms,
+        })
+    }
+
+    async fn list_certificates(&self, id: &str) -> Result<Vec<Certificate>> {
+        validate_device_id(id)?;
+        let raws = {
+            let conn = self.conn();
+            if !device_exists(&conn, id)? {
+                return Err(Error::NotFound(id.to_string()));
+            }
+            let mut stmt = conn.prepare_cached(&format!(
+                "SELECT {CERTIFICATE_COLUMNS} FROM certificates WHERE device_id = ?1
+                 ORDER BY created_at, thumbprint"
+            ))?;
+            let rows = stmt.query_map([id], RawCertificate::from_row)?;
+            rows.collect::<rusqlite::Result<Vec<_>>>()?
+        };
+        raws.into_iter().map(RawCertificate::decode).collect()
+    }
+
+    /// Revoking a revoked certificate again changes nothing (its
+    /// `updated_at` stays the time it was revoked).
+    async fn revoke_certificate(
+        &self,
+        id: &str,
+        thumbprint: &str,
+        now_ms: i64,
+    ) -> Result<Certificate> {
+        validate_device_id(id)?;
+        validate_thumbprint(thumbprint)?;
+        let raw = {
+            let conn = self.conn();
+            let raw = conn
+                .query_row(
+                    &format!(
+                        "UPDATE certificates
+                         SET status = 'revoked',
+                             updated_at = CASE status WHEN 'revoked' THEN updated_at ELSE ?3 END
+                         WHERE thumbprint = ?1 AND device_id = ?2
+                         RETURNING {CERTIFICATE_COLUMNS}"
+                    ),
+                    params![thumbprint, id, now_ms],
+                    RawCertificate::from_row,
+                )
+                .optional()?;
+            match raw {
+                Some(raw) => raw,
+                None if device_exists(&conn, id)? => {
+                    return Err(Error::Missing(format!(
+                        "device '{id}' has no certificate {thumbprint}"
+                    )));
+                }
+                None => return Err(Error::NotFound(id.to_string())),
+            }
+        };
+        self.announce(Change::Access(id.to_string()));
+        raw.decode()
+    }
+
+    async fn authenticate_certificate(
+        &self,
+        id: &str,
+        thumbprint: &str,
+        now_ms: i64,
+    ) -> Result<Device> {
+        if validate_device_id(id).is_err() || validate_thumbprint(thumbprint).is_err() {
+            return Err(refused_certificate(id));
+        }
+        let row = self
+            .conn()
+            .query_row(
+                "SELECT d.id, d.tags, d.metadata, d.status, d.created_at, d.updated_at,
+                        c.status, c.not_after
+                 FROM certificates AS c JOIN devices AS d ON d.id = c.device_id
+                 WHERE c.thumbprint = ?1 AND c.device_id = ?2",
+                params![thumbprint, id],
+                |row| {
+                    Ok((
+                        RawDevice::from_row(row)?,
+                        row.get::<_, String>(6)?,
+                        row.get::<_, i64>(7)?,
+                    ))
+                },
+            )
+            .optional()?;
+        let Some((device, status, not_after)) = row else {
+            return Err(refused_certificate(id));
+        };
+        // The thumbprint was validated above: 64 ASCII hex digits.
+        let short = &thumbprint[..16];
+        match CertificateStatus::parse(&status) {
+            Some(CertificateStatus::Active) => {}
+            Some(CertificateStatus::Revoked) => {
+                return Err(Error::Unauthorized(format!(
+                    "certificate {short}… of device '{id}' is revoked"
+                )));
+            }
+            None => {
+                return Err(Error::Internal(format!(
+                    "certificate {thumbprint}: unknown stored status '{status}'"
+                )));
+            }
+        }
+        if now_ms >= not_after {
+            return Err(Error::Unauthorized(format!(
+                "certificate {short}… of device '{id}' expired at {}",
+                rfc3339(not_after.div_euclid(1000))
+            )));
+        }
+        admit(device.decode()?, None, now_ms)
+    }
+
+    async fn create_group(
+        &self,
+        group: NewGroup,
+        now_ms: i64,
+    ) -> Result<(EnrollmentGroup, DeviceKeys)> {
+        let NewGroup { name, tags, status } = group;
+        validate_group_name(&name)?;
+        validate_tags(&tags)?;
+        let status = status.unwrap_or(DeviceStatus::Enabled);
+        let (primary, sealed_primary) = self.new_group_key(&name, KeySlot::Primary)?;
+        let (secondary, sealed_secondary) = self.new_group_key(&name, KeySlot::Secondary)?;
+        let inserted = self.conn().execute(
+            "INSERT INTO enrollment_groups (name, tags, status, primary_key, secondary_key,
+                                            created_at, updated_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)",
+            params![
+                name,
+                to_json("tags", &tags)?,
+                status.as_str(),
+                sealed_primary,
+                sealed_secondary,
+                now_ms,
+            ],
+        );
+        match inserted {
+            Ok(_) => {}
+            Err(e) if is_primary_key_violation(&e) => {
+                return Err(Error::Conflict(format!(
+                    "enrollment group '{name}' already exists"
+                )));
+            }
+            Err(e) => return Err(e.into()),
+        }
+        let keys = DeviceKeys {
+            primary: token::encode_key(&primary),
+            secondary: token::encode_key(&secondary),
+        };
+        let group = EnrollmentGroup {
+            name,
+            tags,
+            status,
+            created_at: now_ms,
+            updated_at: now_ms,
+        };
+        Ok((group, keys))
+    }
+
+    async fn get_group(&self, name: &str) -> Result<Option<EnrollmentGroup>> {
+        validate_group_name(name)?;
+        read_group(&self.conn(), name)
+    }
+
+    async fn list_groups(&self) -> Result<Vec<EnrollmentGroup>> {
+        let raws = {
+            let conn = self.conn();
+            let mut stmt = conn.prepare_cached(&format!(
+                "SELECT {GROUP_COLUMNS} FROM enrollment_groups ORDER BY name"
+            ))?;
+            let rows = stmt.query_map([], RawGroup::from_row)?;
+            rows.collect::<rusqlite::Result<Vec<_>>>()?
+        };
+        raws.into_iter().map(RawGroup::decode).collect()
+    }
+
+    async fn update_group(
+        &self,
+        name: &str,
+        patch: GroupPatch,
+        now_ms: i64,
+    ) -> Result<EnrollmentGroup> {
+        validate_group_name(name)?;
+        if let Some(tags) = &patch.tags {
+            validate_tags(tags)?;
+        }
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut group = read_group(&tx, name)?.ok_or_else(|| missing_group(name))?;
+        let GroupPatch { tags, status } = patch;
+        group.tags = tags.unwrap_or(group.tags);
+        group.status = status.unwrap_or(group.status);
+        group.updated_at = now_ms;
+        tx.execute(
+            "UPDATE enrollment_groups SET tags = ?2, status = ?3, updated_at = ?4 WHERE name = ?1",
+            params![
+                name,
+                to_json("tags", &group.tags)?,
+                group.status.as_str(),
+                now_ms
+            ],
+        )?;
+        tx.commit()?;
+        Ok(group)
+    }
+
+    /// The devices it enrolled stop being its members (so a new group of
+    /// the same name does not take them over): they are devices like any
+    /// other, which authenticate with their own keys.
+    async fn remove_group(&self, name: &str) -> Result<()> {
+        validate_group_name(name)?;
+        let removed = self
+            .conn()
+            .execute("DELETE FROM enrollment_groups WHERE name = ?1", [name])?;
+        if removed == 0 {
+            return Err(missing_group(name));
+        }
+        Ok(())
+    }
+
+    async fn rotate_group_key(&self, name: &str, slot: KeySlot, now_ms: i64) -> Result<String> {
+        validate_group_name(name)?;
+        let (key, sealed) = self.new_group_key(name, slot)?;
+        let sql = match slot {
+            KeySlot::Primary => {
+                "UPDATE enrollment_groups SET primary_key = ?2, updated_at = ?3 WHERE name = ?1"
+            }
+            KeySlot::Secondary => {
+                "UPDATE enrollment_groups SET secondary_key = ?2, updated_at = ?3 WHERE name = ?1"
+            }
+        };
+        let updated = self.conn().execute(sql, params![name, sealed, now_ms])?;
+        if updated == 0 {
+            return Err(missing_group(name));
+        }
+        Ok(token::encode_key(&key))
+    }
+
+    /// A disabled group refuses devices it has not enrolled yet; the ones it
+    /// has keep working, through it too, as [`EnrollmentGroup::status`]
+    /// says.
+    async fn enroll(
+        &self,
+        group: &str,
+        id: &str,
+        token: &str,
+        now_ms: i64,
+    ) -> Result<(Device, bool)> {
+        // As in `authenticate`: up to a verified signature every failure
+        // gives the same reason, and ids, names and tokens of the wrong form
+        // are refused straight away.
+        if validate_device_id(id).is_err() || validate_group_name(group).is_err() {
+            return Err(refused_token(id));
+        }
+        let (expires_at, signature) = token::parse(token).map_err(|_| refused_token(id))?;
+        let (group_row, device_row) = {
+            let conn = self.conn();
+            (
+                read_group_credentials(&conn, group)?,
+                read_credentials(&conn, id)?,
+            )
+        };
+        // Both checks run whatever was found, so that the time taken tells
+        // neither whether the group exists nor whether the device does.
+        let (derived, by_group) =
+            self.signed_by_group(group, id, group_row.as_ref(), expires_at, &signature)?;
+        let by_device = self.signed_by_device(id, device_row.as_ref(), expires_at, &signature)?;
+        let group_row = match group_row {
+            Some(row) => row,
+            None => return Err(refused_token(id)),
+        };
+        if device_row.is_some() {
+            return self
+                .enroll_known(group, id, device_row, by_device, expires_at, now_ms)
+                .map(|device| (device, false));
+        }
+        if !by_group {
+            return Err(refused_token(id));
+        }
+        let enrolling = group_row.group.decode()?;
+        if enrolling.status == DeviceStatus::Disabled {
+            return Err(Error::Unauthorized(format!(
+                "enrollment group '{group}' is disabled"
+            )));
+        }
+        check_token_expiry(id, expires_at, now_ms)?;
+        let sealed_primary = self
+            .master
+            .seal(&self.rng, id, KeySlot::Primary, &derived.primary)?;
+        let sealed_secondary =
+            self.master
+                .seal(&self.rng, id, KeySlot::Secondary, &derived.secondary)?;
+        let inserted = self.conn().execute(
+            "INSERT INTO devices (id, tags, metadata, status, token_sha256, created_at,
+                                  updated_at, primary_key, secondary_key, enrollment_group)
+             VALUES (?1, ?2, '{}', 'enabled', X'', ?3, ?3, ?4, ?5, ?6)",
+            params![
+                id,
+                to_json("tags", &enrolling.tags)?,
+                now_ms,
+                sealed_primary,
+                sealed_secondary,
+                group,
+            ],
+        );
+        match inserted {
+            Ok(_) => {}
+            // Another connection enrolled the device since it was looked
+            // up (two first connects at once): it is a known device now,
+            // with the same derived keys.
+            Err(e) if is_primary_key_violation(&e) => {
+                let row = read_credentials(&self.conn(), id)?;
+                let verified = self.signed_by_device(id, row.as_ref(), expires_at, &signature)?;
+                return self
+                    .enroll_known(group, id, row, verified, expires_at, now_ms)
+                    .map(|device| (device, false));
+            }
+            // The group was removed since it was looked up.
+            Err(e) if is_foreign_key_violation(&e) => return Err(refused_token(id)),
+            Err(e) => return Err(e.into()),
+        }
+        self.announce(Change::Updated(id.to_string()));
+        let device = Device {
+            id: id.to_string(),
+            tags: enrolling.tags,
+            metadata: serde_json::Map::new(),
+            status: DeviceStatus::Enabled,
+            created_at: now_ms,
+            updated_at: now_ms,
+        };
+        Ok((device, true))
+    }
+
+    async fn record_connection(&self, id: &str, state: &ConnectionState) -> Result<()> {
+        validate_device_id(id)?;
+        let ConnectionState {
+            connected,
+            since,
+            reason,
+            last_seen,
+            last_event_at,
+        } = state;
+        // The WHERE leaves out a device that is gone (and also tells the
+        // parser that ON starts the upsert, not a join).
+        let written = self.conn().execute(
+            "INSERT INTO connections (device_id, connected, since, reason, last_seen,
+                                      last_event_at)
+             SELECT ?1, ?2, ?3, ?4, ?5, ?6 WHERE EXISTS (SELECT 1 FROM devices WHERE id = ?1)
+             ON CONFLICT (device_id) DO UPDATE SET
+                 connected = excluded.connected, since = excluded.since,
+                 reason = excluded.reason, last_seen = excluded.last_seen,
+                 last_event_at = excluded.last_event_at",
+            params![id, connected, since, reason, last_seen, last_event_at],
+        )?;
+        if written > 0 {
+            self.announce(Change::Updated(id.to_string()));
+        }
+        Ok(())
+    }
+
+    async fn connection_state(&self, id: &str) -> Result<Option<ConnectionState>> {
+        validate_device_id(id)?;
+        let state = self
+            .conn()
+            .query_row(
+                &format!("SELECT {CONNECTION_COLUMNS} FROM connections WHERE device_id = ?1"),
+                [id],
+                connection_from_row,
+            )
+            .optional()?;
+        Ok(state.map(|(_, state)| state))
+    }
+
+    async fn connection_states(&self) -> Result<BTreeMap<String, ConnectionState>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(&format!(
+            "SELECT {CONNECTION_COLUMNS} FROM connections ORDER BY device_id"
+        ))?;
+        let rows = stmt.query_map([], connection_from_row)?;
+        Ok(rows.collect::<rusqlite::Result<BTreeMap<_, _>>>()?)
+    }
+
+    async fn disconnect_all(&self, reason: &str, now_ms: i64) -> Result<usize> {
+        let ids = {
+            let conn = self.conn();
+            let mut stmt = conn.prepare_cached(
+                "UPDATE connections SET connected = 0, since = ?1, reason = ?2
+                 WHERE connected = 1
+                 RETURNING device_id",
+            )?;
+            let rows = stmt.query_map(params![now_ms, reason], |row| row.get::<_, String>(0))?;
+            rows.collect::<rusqlite::Result<Vec<_>>>()?
+        };
+        for id in &ids {
+            self.announce(Change::Updated(id.clone()));
+        }
+        Ok(ids.len())
+    }
+
+    async fn get_twin(&self, id: &str) -> Result<Twin> {
+        validate_device_id(id)?;
+        read_twin(&self.conn(), id)?.ok_or_else(|| Error::NotFound(id.to_string()))
+    }
+
+    /// An update that leaves the side as it was (a patch setting what is
+    /// set already) is no change: the version stays, nothing is announced.
+    async fn update_properties(
+        &self,
+        id: &str,
+        side: Side,
+        update: PropertiesUpdate,
+        now_ms: i64,
+    ) -> Result<Twin> {
+        validate_device_id(id)?;
+        let (twin, changed) = {
+            let mut conn = self.conn();
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let mut twin = read_twin(&tx, id)?.ok_or_else(|| Error::NotFound(id.to_string()))?;
+            let (properties, version, updated_at) = match side {
+                Side::Desired => (
+                    &mut twin.desired,
+                    &mut twin.desired_version,
+                    &mut twin.desired_updated_at,
+                ),
+                Side::Reported => (
+                    &mut twin.reported,
+                    &mut twin.reported_version,
+                    &mut twin.reported_updated_at,
+                ),
+            };
+            let next = update.apply(id, side, *version, properties)?;
+            let changed = next != *properties;
+            if changed {
+                *properties = next;
+                *version = version.checked_add(1).ok_or_else(|| {
+                    Error::Internal(format!(
+                        "device '{id}': the {} properties' version cannot go higher",
+                        side.as_str()
+                    ))
+                })?;
+                *updated_at = Some(now_ms);
+                write_twin(&tx, id, &twin)?;
+                tx.commit()?;
+            }
+            (twin, changed)
+        };
+        if changed {
+            self.announce(match side {
+                Side::Desired => Change::Desired(id.to_string(), twin.desired_version),
+                Side::Reported => Change::Updated(id.to_string()),
+            });
+        }
+        Ok(twin)
+    }
+
+    async fn all_twins(&self) -> Result<BTreeMap<String, Twin>> {
+        let raws = {
+            let conn = self.conn();
+            let mut stmt = conn.prepare_cached(&format!(
+                "SELECT device_id, {TWIN_COLUMNS} FROM twins ORDER BY device_id"
+            ))?;
+            let rows = stmt.query_map([], |row| {
+                Ok((row.get::<_, String>(0)?, RawTwin::from_row(row, 1)?))
+            })?;
+            rows.collect::<rusqlite::Result<Vec<_>>>()?
+        };
+        raws.into_iter()
+            .map(|(id, raw)| {
+                let twin = raw.decode(&id)?;
+                Ok((id, twin))
+            })
+            .collect()
     }
 }
 

@@ -74,6 +74,15 @@ impl QueryEngine {
         self
     }
 
+    /// Whether a query statement reads the `devices` table.
+    pub fn reads_devices(&self, statement: &DfStatement) -> bool {
+        self.devices.is_some()
+            && new_session()
+                .state()
+                .resolve_table_references(statement)
+                .is_ok_and(|tables| tables.iter().any(|t| t.table() == "devices"))
+    }
+
     /// Plans and runs one query statement.
     pub async fn run(&self, statement: DfStatement) -> Result<QueryResult> {
         let ctx = new_session();

@@ -223,6 +223,35 @@ impl Server {
         }
     }
 
+    /// Calls the HTTP API with the admin token: `method path` with an
+    /// optional JSON body. Returns the status and the JSON answer (`Null`
+    /// when empty). Plain HTTP/1.1 over std, so that the harness needs no
+    /// HTTP client.
+    pub fn api(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> (u16, serde_json::Value) {
+        let addr = self.http_addr().expect("the server wrote its HTTP address");
+        let token = std::fs::read_to_string(self.data_dir.join("admin.token"))
+            .expect("the server wrote its admin token");
+        http_json(&addr, method, path, Some(token.trim()), body)
+    }
+
+    /// Like [`Server::api`], expecting `status`; returns the JSON answer.
+    pub fn api_expect(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&serde_json::Value>,
+        status: u16,
+    ) -> serde_json::Value {
+        let (got, answer) = self.api(method, path, body);
+        assert_eq!(got, status, "{method} {path}: {answer}");
+        answer
+    }
+
     /// Stops the server with SIGTERM and waits for it to exit cleanly.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -328,6 +357,107 @@ pub fn unix_now() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0)
+}
+
+/// One HTTP/1.1 request with a JSON body and a JSON answer; returns the
+/// status and the answer (`Null` when empty).
+pub fn http_json(
+    addr: &str,
+    method: &str,
+    path: &str,
+    bearer: Option<&str>,
+    body: Option<&serde_json::Value>,
+) -> (u16, serde_json::Value) {
+    use std::io::{Read, Write};
+    let body = body.map(|b| serde_json::to_vec(b).expect("JSON encodes"));
+    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    if let Some(token) = bearer {
+        request.push_str(&format!("Authorization: Bearer {token}\r\n"));
+    }
+    if let Some(b) = &body {
+        request.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            b.len()
+        ));
+    } else {
+        request.push_str("Content-Length: 0\r\n");
+    }
+    request.push_str("\r\n");
+    let mut stream = std::net::TcpStream::connect(addr)
+        .unwrap_or_else(|e| panic!("connecting to the API at {addr}: {e}"));
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+    stream
+        .write_all(request.as_bytes())
+        .expect("send the request");
+    if let Some(b) = &body {
+        stream.write_all(b).expect("send the body");
+    }
+    let mut response = Vec::new();
+    stream
+        .read_to_end(&mut response)
+        .expect("read the response");
+    let split = response
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or_else(|| panic!("no HTTP head in {}", String::from_utf8_lossy(&response)));
+    let head = String::from_utf8_lossy(&response[..split]).to_string();
+    let mut payload = response[split + 4..].to_vec();
+    let status: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {head}"));
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        payload = dechunk(&payload);
+    }
+    let answer = if payload.is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::from_slice(&payload).unwrap_or_else(|e| {
+            panic!(
+                "{method} {path}: not JSON ({e}): {}",
+                String::from_utf8_lossy(&payload)
+            )
+        })
+    };
+    (status, answer)
+}
+
+/// The body of a chunked HTTP/1.1 message.
+fn dechunk(mut data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let Some(end) = data.windows(2).position(|w| w == b"\r\n") else {
+            return out;
+        };
+        let size_text = String::from_utf8_lossy(&data[..end]);
+        let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
+            .unwrap_or(0);
+        if size == 0 {
+            return out;
+        }
+        let start = end + 2;
+        let stop = (start + size).min(data.len());
+        out.extend_from_slice(&data[start..stop]);
+        data = data.get(stop + 2..).unwrap_or_default();
+    }
+}
+
+/// A device key derived from an enrollment group's key the way
+/// `docs/protocol.md` (section 4.3) says a device derives it:
+/// HMAC-SHA256(group key, device id), standard base64 like every key.
+/// Written from the document, not from the server's code.
+pub fn derive_device_key(group_key_base64: &str, device_id: &str) -> String {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::STANDARD;
+    let group_key = STANDARD
+        .decode(group_key_base64)
+        .expect("a group key is standard base64");
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &group_key);
+    STANDARD.encode(ring::hmac::sign(&key, device_id.as_bytes()).as_ref())
 }
 
 /// True when `GET /health` answers 200.

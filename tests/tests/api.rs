@@ -1,6 +1,7 @@
-//! The device management API over real HTTP, and the `tributary device`
-//! commands that drive it: every endpoint, its error codes, pagination,
-//! bulk import, and the SQL `devices` table kept current.
+//! The management API over real HTTP, and the `tributary` commands that
+//! drive it: every endpoint, its error codes, pagination, bulk import, the
+//! SQL `devices` table kept current, twins, certificates, enrollment groups,
+//! commands, the admin token and the OpenAPI document.
 
 use std::collections::BTreeSet;
 
@@ -18,10 +19,11 @@ struct Http {
     token: String,
 }
 
-/// An answer: status code and JSON body (`Null` when empty).
+/// An answer: status code, headers and JSON body (`Null` when empty).
 #[derive(Debug)]
 struct Answer {
     status: u16,
+    headers: reqwest::header::HeaderMap,
     body: Value,
 }
 
@@ -76,7 +78,23 @@ impl Http {
         content_type: Option<&str>,
         body: Vec<u8>,
     ) -> Answer {
+        self.send_with(method, path, token, content_type, &[], body)
+    }
+
+    /// Like [`Http::send`], with extra headers.
+    fn send_with(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        content_type: Option<&str>,
+        headers: &[(&str, &str)],
+        body: Vec<u8>,
+    ) -> Answer {
         let mut request = self.client.request(method, format!("{}{path}", self.base));
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
         if let Some(t) = token {
             request = request.bearer_auth(t);
         }
@@ -86,6 +104,7 @@ impl Http {
         self.runtime.block_on(async {
             let response = request.body(body).send().await.unwrap();
             let status = response.status().as_u16();
+            let headers = response.headers().clone();
             let bytes = response.bytes().await.unwrap();
             let body = if bytes.is_empty() {
                 Value::Null
@@ -94,7 +113,11 @@ impl Http {
                     panic!("not JSON ({e}): {}", String::from_utf8_lossy(&bytes))
                 })
             };
-            Answer { status, body }
+            Answer {
+                status,
+                headers,
+                body,
+            }
         })
     }
 
@@ -190,33 +213,109 @@ fn rows(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         .collect()
 }
 
+/// A path of the OpenAPI document with its parameters filled in.
+fn sample_path(template: &str) -> String {
+    template
+        .split('/')
+        .map(|segment| match segment {
+            "{id}" => "d1",
+            "{name}" => "g1",
+            "{slot}" => "primary",
+            "{thumbprint}" => "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
+            s if s.starts_with('{') => panic!("no sample value for {s} in {template}"),
+            s => s,
+        })
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+/// Every (method, path, needs the admin token) in the OpenAPI document.
+fn documented_routes(doc: &Value) -> Vec<(Method, String, bool)> {
+    let mut routes = Vec::new();
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, operation) in item.as_object().unwrap() {
+            let method = Method::from_bytes(method.to_ascii_uppercase().as_bytes()).unwrap();
+            let security = operation["security"]
+                .as_array()
+                .unwrap_or_else(|| panic!("{method} {path} does not say its security"));
+            routes.push((method, path.clone(), !security.is_empty()));
+        }
+    }
+    routes
+}
+
 #[test]
 fn every_api_route_needs_the_admin_token() {
     let server = Server::start();
     let http = Http::new(&server);
-    let routes = [
-        (Method::GET, "/api/v1/devices"),
-        (Method::POST, "/api/v1/devices"),
-        (Method::GET, "/api/v1/devices/d1"),
-        (Method::PATCH, "/api/v1/devices/d1"),
-        (Method::DELETE, "/api/v1/devices/d1"),
-        (Method::POST, "/api/v1/devices/d1/disable"),
-        (Method::POST, "/api/v1/devices/d1/enable"),
-        (Method::POST, "/api/v1/devices/d1/keys/primary/rotate"),
-        (Method::POST, "/api/v1/devices/d1/token"),
-        (Method::POST, "/api/v1/devices/import"),
-        (Method::POST, "/api/v1/sql"),
-    ];
-    for (method, path) in routes {
+    // The OpenAPI document needs no token, and lists every route: the
+    // routes to try come from it, so that new ones are covered as they come.
+    let doc = http
+        .send(Method::GET, "/api/v1/openapi.json", None, None, Vec::new())
+        .expect(200);
+    assert_eq!(doc["openapi"], "3.1.0");
+    assert_eq!(
+        doc["components"]["securitySchemes"]["admin_token"]["scheme"],
+        "bearer"
+    );
+    let routes = documented_routes(&doc);
+    for (method, path) in [
+        ("GET", "/api/v1/devices/{id}/twin"),
+        ("PATCH", "/api/v1/devices/{id}/twin/desired"),
+        ("PUT", "/api/v1/devices/{id}/twin/desired"),
+        ("POST", "/api/v1/devices/{id}/certificates"),
+        ("GET", "/api/v1/devices/{id}/certificates"),
+        (
+            "POST",
+            "/api/v1/devices/{id}/certificates/{thumbprint}/revoke",
+        ),
+        ("POST", "/api/v1/devices/{id}/commands"),
+        ("POST", "/api/v1/enrollment-groups"),
+        ("DELETE", "/api/v1/enrollment-groups/{name}"),
+        (
+            "POST",
+            "/api/v1/enrollment-groups/{name}/keys/{slot}/rotate",
+        ),
+        ("POST", "/api/v1/admin/token/rotate"),
+        ("POST", "/api/v1/sql"),
+        ("POST", "/api/v1/devices/import"),
+    ] {
+        assert!(
+            routes
+                .iter()
+                .any(|(m, p, admin)| m.as_str() == method && p == path && *admin),
+            "{method} {path} is not in the document as an admin route"
+        );
+    }
+    let mut admin_routes = 0;
+    for (method, template, admin) in &routes {
+        let path = sample_path(template);
+        if !admin {
+            let answer = http.send(method.clone(), &path, None, None, Vec::new());
+            assert_eq!(answer.status, 200, "{method} {path}: {:?}", answer.body);
+            continue;
+        }
+        admin_routes += 1;
+        // A 401 (not 404 or 405) also shows the route exists: the token is
+        // checked only on requests that match a route.
         for token in [None, Some("not-the-admin-token")] {
-            let answer = http.send(method.clone(), path, token, None, Vec::new());
-            answer.expect_error(401, "unauthorized");
+            let answer = http.send(method.clone(), &path, token, None, Vec::new());
+            assert_eq!(
+                (answer.status, answer.code()),
+                (401, "unauthorized"),
+                "{method} {path}: {:?}",
+                answer.body
+            );
         }
     }
-    // Nothing was created by the refused requests.
+    assert!(admin_routes >= 25, "only {admin_routes} admin routes");
+    // Nothing was created by the refused requests, and the token still works.
     assert!(http.all_ids().is_empty());
     let health = http.send(Method::GET, "/health", None, None, Vec::new());
     assert_eq!(health.expect(200)["status"], "ok");
+    // An unknown route is a JSON 404 with or without a token.
+    http.send(Method::GET, "/api/v1/nothing", None, None, Vec::new())
+        .expect_error(404, "not_found");
 }
 
 #[test]
@@ -876,4 +975,728 @@ fn device_commands_drive_the_api() {
     server.cli(&["device", "remove", "cli-1"]).ok();
     let again = server.cli(&["device", "remove", "cli-1"]);
     assert!(!again.success && again.stderr.contains("does not exist"));
+}
+
+/// The SHA-256 of a PEM certificate's DER, in hex: a thumbprint computed
+/// here, independently of the server.
+fn pem_thumbprint(pem: &str) -> String {
+    use base64::Engine as _;
+    let body: String = pem
+        .lines()
+        .skip_while(|l| !l.starts_with("-----BEGIN CERTIFICATE-----"))
+        .skip(1)
+        .take_while(|l| !l.starts_with("-----END"))
+        .collect();
+    let der = base64::engine::general_purpose::STANDARD
+        .decode(body)
+        .unwrap();
+    let digest = ring::digest::digest(&ring::digest::SHA256, &der);
+    digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn mode(path: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+#[test]
+fn admin_token_rotation_takes_effect_at_once() {
+    let server = Server::start();
+    let mut http = Http::new(&server);
+    let old = http.token.clone();
+    http.post("/api/v1/devices", json!({"id": "d1"}))
+        .expect(201);
+
+    let rotated = http
+        .post("/api/v1/admin/token/rotate", json!({}))
+        .expect(200);
+    let new = rotated["token"].as_str().unwrap().to_string();
+    assert!(new.starts_with("trb_admin_") && new != old, "{rotated}");
+    // The old token stops working at once; the file holds the new one, private.
+    http.get("/api/v1/devices")
+        .expect_error(401, "unauthorized");
+    let file = server.data_dir.join("admin.token");
+    assert_eq!(std::fs::read_to_string(&file).unwrap().trim(), new);
+    assert_eq!(mode(&file), 0o600);
+    http.token = new.clone();
+    assert_eq!(http.all_ids(), ["d1"]);
+
+    // The CLI reads the new token from the data directory.
+    server.cli(&["device", "get", "d1"]).ok();
+    let run = server.cli(&["admin", "rotate-token", "--json"]).ok();
+    let v: Value = serde_json::from_str(run.stdout.trim()).unwrap();
+    let newer = v["token"].as_str().unwrap();
+    assert_ne!(newer, new);
+    http.get("/api/v1/devices")
+        .expect_error(401, "unauthorized");
+    assert_eq!(std::fs::read_to_string(&file).unwrap().trim(), newer);
+    let run = server.cli(&["admin", "rotate-token"]).ok();
+    assert!(
+        run.stdout.contains("new admin token: trb_admin_"),
+        "{}",
+        run.stdout
+    );
+    server.cli(&["device", "list"]).ok();
+    // A stale token given on the command line gets one clear line.
+    let refused = server.cli(&["device", "list", "--token", newer]);
+    assert!(!refused.success);
+    assert_eq!(refused.stderr.lines().count(), 1, "{}", refused.stderr);
+    assert!(refused.stderr.contains("not valid"), "{}", refused.stderr);
+}
+
+#[test]
+fn twins_over_http_and_the_cli() {
+    let server = Server::start();
+    let http = Http::new(&server);
+    http.post("/api/v1/devices", json!({"id": "t1"}))
+        .expect(201);
+
+    let answer = http.get("/api/v1/devices/t1/twin");
+    assert_eq!(answer.headers["etag"], "\"0\"");
+    let twin = answer.expect(200);
+    assert_eq!(
+        twin,
+        json!({"device_id": "t1", "desired": {}, "desired_version": 0,
+               "desired_updated_at": null, "reported": {}, "reported_version": 0,
+               "reported_updated_at": null})
+    );
+    http.get("/api/v1/devices/ghost/twin")
+        .expect_error(404, "not_found");
+
+    // A merge patch, then a conditional one.
+    let twin = http
+        .patch(
+            "/api/v1/devices/t1/twin/desired",
+            json!({"interval_s": 30, "mode": {"eco": true, "level": 2}}),
+        )
+        .expect(200);
+    assert_eq!(twin["desired_version"], 1);
+    assert!(twin["desired_updated_at"].as_i64().unwrap() > 0);
+    let patch = |if_match: &str, body: Value| {
+        http.send_with(
+            Method::PATCH,
+            "/api/v1/devices/t1/twin/desired",
+            Some(&http.token),
+            Some("application/merge-patch+json"),
+            &[("If-Match", if_match)],
+            serde_json::to_vec(&body).unwrap(),
+        )
+    };
+    let answer = patch("\"1\"", json!({"mode": {"level": null}, "x": [1, 2]}));
+    assert_eq!(answer.headers["etag"], "\"2\"");
+    let twin = answer.expect(200);
+    assert_eq!(
+        twin["desired"],
+        json!({"interval_s": 30, "mode": {"eco": true}, "x": [1, 2]})
+    );
+    // A stale version is refused and changes nothing.
+    patch("\"1\"", json!({"interval_s": 1})).expect_error(412, "version_mismatch");
+    patch("W/\"2\"", json!({"interval_s": 5})).expect(200);
+    patch("*", json!({"interval_s": 6})).expect(200);
+    patch("soon", json!({})).expect_error(400, "invalid_request");
+    let twin = http.get("/api/v1/devices/t1/twin").expect(200);
+    assert_eq!(
+        (
+            twin["desired_version"].clone(),
+            twin["desired"]["interval_s"].clone()
+        ),
+        (json!(4), json!(6))
+    );
+
+    // PUT replaces the whole side.
+    let put = |if_match: Option<&str>, body: Vec<u8>| {
+        let headers: Vec<(&str, &str)> = if_match.map(|v| ("If-Match", v)).into_iter().collect();
+        http.send_with(
+            Method::PUT,
+            "/api/v1/devices/t1/twin/desired",
+            Some(&http.token),
+            Some("application/json"),
+            &headers,
+            body,
+        )
+    };
+    let twin = put(Some("4"), br#"{"only": "this"}"#.to_vec()).expect(200);
+    assert_eq!(twin["desired"], json!({"only": "this"}));
+    assert_eq!(twin["desired_version"], 5);
+    put(Some("4"), b"{}".to_vec()).expect_error(412, "version_mismatch");
+    put(None, b"[1]".to_vec()).expect_error(400, "invalid_request");
+    put(None, b"{\"a\": ".to_vec()).expect_error(400, "invalid_request");
+    http.patch("/api/v1/devices/ghost/twin/desired", json!({"a": 1}))
+        .expect_error(404, "not_found");
+
+    // Sizes: 300 KB fits; over 1 MiB of properties is refused by the
+    // registry's rule (422), over 2 MiB of body before it is read (413).
+    let big = |n: usize| serde_json::to_vec(&json!({"blob": "x".repeat(n)})).unwrap();
+    let twin = put(None, big(300 * 1024)).expect(200);
+    assert_eq!(twin["desired"]["blob"].as_str().unwrap().len(), 300 * 1024);
+    put(None, big(1536 * 1024)).expect_error(422, "invalid_properties");
+    put(None, big(3 << 20)).expect_error(413, "too_large");
+    let mut deep = json!(1);
+    for _ in 0..40 {
+        deep = json!({ "d": deep });
+    }
+    http.patch("/api/v1/devices/t1/twin/desired", deep)
+        .expect_error(422, "invalid_properties");
+    let version = http.get("/api/v1/devices/t1/twin").expect(200)["desired_version"].clone();
+    assert_eq!(version, 6);
+
+    // The CLI: show, patch, replace, conditional, from a file.
+    let run = server.cli(&["device", "twin", "t1"]).ok();
+    assert!(run.stdout.contains("desired (version 6"), "{}", run.stdout);
+    let run = server
+        .cli(&["device", "desired", "t1", "{\"interval_s\": 10}", "--json"])
+        .ok();
+    let v: Value = serde_json::from_str(run.stdout.trim()).unwrap();
+    assert_eq!(v["desired_version"], 7);
+    assert_eq!(v["desired"]["interval_s"], 10);
+    assert!(v["desired"]["blob"].is_string());
+    let refused = server.cli(&["device", "desired", "t1", "{\"a\": 1}", "--if-version", "3"]);
+    assert!(!refused.success);
+    assert_eq!(refused.stderr.lines().count(), 1, "{}", refused.stderr);
+    assert!(
+        refused.stderr.contains("version 7, not 3"),
+        "{}",
+        refused.stderr
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("desired.json");
+    std::fs::write(&file, big(300 * 1024)).unwrap();
+    let arg = format!("@{}", file.display());
+    let run = server
+        .cli(&[
+            "device",
+            "desired",
+            "t1",
+            &arg,
+            "--replace",
+            "--if-version",
+            "7",
+            "--json",
+        ])
+        .ok();
+    let v: Value = serde_json::from_str(run.stdout.trim()).unwrap();
+    assert_eq!(v["desired_version"], 8);
+    assert!(v["desired"].get("interval_s").is_none());
+    let run = server
+        .cli_with_stdin(
+            &["device", "desired", "t1", "-", "--json"],
+            Some("{\"k\": 1}"),
+        )
+        .ok();
+    let v: Value = serde_json::from_str(run.stdout.trim()).unwrap();
+    assert_eq!(v["desired"]["k"], 1);
+    let refused = server.cli(&["device", "desired", "t1", "[1]"]);
+    assert!(!refused.success && refused.stderr.contains("JSON object"));
+}
+
+#[test]
+fn certificates_over_http_and_the_cli() {
+    let server = Server::start();
+    server.cli(&["sql", STREAM]).ok();
+    let http = Http::new(&server);
+    http.post("/api/v1/devices", json!({"id": "c1"}))
+        .expect(201);
+    http.post("/api/v1/devices", json!({"id": "c2"}))
+        .expect(201);
+
+    // Issued by the development CA: certificate and key, shown once.
+    let issued = http
+        .post(
+            "/api/v1/devices/c1/certificates",
+            json!({"issue": true, "valid_days": 30}),
+        )
+        .expect(201);
+    let print = issued["thumbprint"].as_str().unwrap().to_string();
+    assert_eq!(print, pem_thumbprint(issued["cert_pem"].as_str().unwrap()));
+    assert!(issued["key_pem"].as_str().unwrap().contains("PRIVATE KEY"));
+    assert_eq!(issued["device_id"], "c1");
+    assert_eq!(issued["status"], "active");
+    let days = (issued["not_after"].as_i64().unwrap() / 1000 - now_s()) as f64 / 86_400.0;
+    assert!((29.0..=31.0).contains(&days), "{days} days");
+
+    // Registered from PEM: the server's own certificate will do (it chains
+    // to the same CA); notAfter is read from it (2099-12-31).
+    let pem = std::fs::read_to_string(server.data_dir.join("tls/server.pem")).unwrap();
+    let registered = http
+        .post(
+            "/api/v1/devices/c2/certificates",
+            json!({"certificate_pem": pem}),
+        )
+        .expect(201);
+    assert_eq!(registered["thumbprint"], pem_thumbprint(&pem));
+    assert_eq!(registered["not_after"], 4_102_358_400_000_i64);
+    assert!(registered.get("key_pem").is_none() && registered.get("cert_pem").is_none());
+    // Once only, to any device.
+    for device in ["c1", "c2"] {
+        http.post(
+            &format!("/api/v1/devices/{device}/certificates"),
+            json!({"certificate_pem": pem}),
+        )
+        .expect_error(409, "conflict");
+    }
+
+    // Refusals.
+    http.post("/api/v1/devices/ghost/certificates", json!({"issue": true}))
+        .expect_error(404, "not_found");
+    for body in [
+        json!({}),
+        json!({"issue": false}),
+        json!({"issue": true, "certificate_pem": pem}),
+        json!({"certificate_pem": pem, "valid_days": 3}),
+        json!({"issue": "yes"}),
+        json!({"issue": true, "colour": "red"}),
+    ] {
+        http.post("/api/v1/devices/c1/certificates", body.clone())
+            .expect_error(400, "invalid_request");
+    }
+    for days in [0, 3651] {
+        http.post(
+            "/api/v1/devices/c1/certificates",
+            json!({"issue": true, "valid_days": days}),
+        )
+        .expect_error(422, "invalid_parameter");
+    }
+    for bad in [
+        "not a certificate",
+        "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+    ] {
+        http.post(
+            "/api/v1/devices/c1/certificates",
+            json!({"certificate_pem": bad}),
+        )
+        .expect_error(422, "invalid_certificate");
+    }
+
+    // List, revoke (any case, with colons), list again.
+    let list = http.get("/api/v1/devices/c1/certificates").expect(200);
+    assert_eq!(list["certificates"].as_array().unwrap().len(), 1);
+    assert_eq!(list["certificates"][0]["thumbprint"], print.as_str());
+    http.get("/api/v1/devices/ghost/certificates")
+        .expect_error(404, "not_found");
+    let colons: Vec<String> = print
+        .to_ascii_uppercase()
+        .as_bytes()
+        .chunks(2)
+        .map(|c| String::from_utf8(c.to_vec()).unwrap())
+        .collect();
+    let revoked = http
+        .post(
+            &format!(
+                "/api/v1/devices/c1/certificates/{}/revoke",
+                colons.join(":")
+            ),
+            json!({}),
+        )
+        .expect(200);
+    assert_eq!(revoked["status"], "revoked");
+    let list = http.get("/api/v1/devices/c1/certificates").expect(200);
+    assert_eq!(list["certificates"][0]["status"], "revoked");
+    // c2's certificate is not c1's to revoke.
+    http.post(
+        &format!(
+            "/api/v1/devices/c1/certificates/{}/revoke",
+            pem_thumbprint(&pem)
+        ),
+        json!({}),
+    )
+    .expect_error(404, "not_found");
+    http.post("/api/v1/devices/c1/certificates/xyz/revoke", json!({}))
+        .expect_error(404, "not_found");
+    http.post(
+        &format!("/api/v1/devices/ghost/certificates/{print}/revoke"),
+        json!({}),
+    )
+    .expect_error(404, "not_found");
+
+    // The CLI: a device with a certificate at once, files written privately.
+    let out = tempfile::tempdir().unwrap();
+    let out_dir = out.path().to_str().unwrap();
+    let run = server
+        .cli(&[
+            "device",
+            "add",
+            "c3",
+            "--cert",
+            "--cert-out",
+            out_dir,
+            "--json",
+        ])
+        .ok();
+    let v: Value = serde_json::from_str(run.stdout.trim()).unwrap();
+    assert!(v["token"].is_string());
+    let thumb = v["certificate"]["thumbprint"].as_str().unwrap().to_string();
+    let (crt, key) = (out.path().join("c3.crt"), out.path().join("c3.key"));
+    assert_eq!(
+        pem_thumbprint(&std::fs::read_to_string(&crt).unwrap()),
+        thumb
+    );
+    assert!(
+        std::fs::read_to_string(&key)
+            .unwrap()
+            .contains("PRIVATE KEY")
+    );
+    assert_eq!(mode(&key), 0o600);
+    assert_eq!(v["certificate"]["key_path"], key.display().to_string());
+    assert!(v["certificate"].get("key_pem").is_none());
+    // The files are never overwritten: refused before the device is made.
+    std::fs::rename(&crt, out.path().join("c4.crt")).unwrap();
+    let refused = server.cli(&["device", "add", "c4", "--cert", "--cert-out", out_dir]);
+    assert!(!refused.success);
+    assert!(
+        refused.stderr.contains("exists already"),
+        "{}",
+        refused.stderr
+    );
+    http.get("/api/v1/devices/c4")
+        .expect_error(404, "not_found");
+    let refused = server.cli(&["device", "cert", "c3", "issue", "--out", out_dir]);
+    assert!(
+        refused.stderr.contains("c3.key exists already"),
+        "{}",
+        refused.stderr
+    );
+
+    let run = server
+        .cli(&[
+            "device",
+            "cert",
+            "c3",
+            "issue",
+            "--days",
+            "7",
+            "--out",
+            &format!("{out_dir}/more"),
+        ])
+        .ok();
+    assert!(run.stdout.contains("thumbprint:"), "{}", run.stdout);
+    assert!(out.path().join("more/c3.key").exists());
+    let run = server.cli(&["device", "cert", "c3", "list", "--json"]).ok();
+    let list: Vec<Value> = serde_json::from_str(run.stdout.trim()).unwrap();
+    assert_eq!(list.len(), 2);
+    let run = server.cli(&["device", "cert", "c3", "list"]).ok();
+    assert!(run.stdout.contains("THUMBPRINT"), "{}", run.stdout);
+    assert!(run.stdout.contains(&thumb), "{}", run.stdout);
+    let run = server.cli(&["device", "cert", "c3", "revoke", &thumb]).ok();
+    assert!(run.stdout.contains("revoked"), "{}", run.stdout);
+    let run = server.cli(&["device", "cert", "c3", "list", "--json"]).ok();
+    let list: Vec<Value> = serde_json::from_str(run.stdout.trim()).unwrap();
+    assert_eq!(list[0]["status"], "revoked");
+    assert_eq!(list[1]["status"], "active");
+    // The device connects with the active certificate and no token; the
+    // revoked one is refused. (c3's first certificate was moved to c4.crt.)
+    let send_with = |crt: &std::path::Path, key: &std::path::Path| {
+        server.cli_with_stdin(
+            &[
+                "send",
+                "--device",
+                "c3",
+                "--cert",
+                crt.to_str().unwrap(),
+                "--key",
+                key.to_str().unwrap(),
+            ],
+            Some("{\"temp\": 21}\n"),
+        )
+    };
+    let more = out.path().join("more");
+    send_with(&more.join("c3.crt"), &more.join("c3.key")).ok();
+    let refused = send_with(&out.path().join("c4.crt"), &key);
+    assert!(!refused.success, "{refused:?}");
+    let ca = server.data_dir.join("tls/ca.pem");
+    let run = server
+        .cli(&[
+            "device",
+            "cert",
+            "c3",
+            "register",
+            ca.to_str().unwrap(),
+            "--json",
+        ])
+        .ok();
+    let v: Value = serde_json::from_str(run.stdout.trim()).unwrap();
+    assert_eq!(v["status"], "active");
+    let missing = server.cli(&["device", "cert", "ghost", "list"]);
+    assert!(!missing.success);
+    assert_eq!(missing.stderr.lines().count(), 1, "{}", missing.stderr);
+}
+
+#[test]
+fn enrollment_groups_over_http_and_the_cli() {
+    let server = Server::start();
+    let http = Http::new(&server);
+
+    let created = http
+        .post(
+            "/api/v1/enrollment-groups",
+            json!({"name": "factory-7", "tags": {"site": "north"}}),
+        )
+        .expect(201);
+    assert_eq!(created["name"], "factory-7");
+    assert_eq!(created["status"], "enabled");
+    assert_eq!(created["tags"], json!({"site": "north"}));
+    let primary = created["primary_key"].as_str().unwrap().to_string();
+    assert!(created["secondary_key"].is_string() && !primary.is_empty());
+
+    http.post("/api/v1/enrollment-groups", json!({"name": "factory-7"}))
+        .expect_error(409, "already_exists");
+    for bad in [
+        json!({"name": "bad name"}),
+        json!({"name": "g2", "tags": {"a b": "c"}}),
+        json!({"name": "g2", "status": "paused"}),
+    ] {
+        http.post("/api/v1/enrollment-groups", bad)
+            .expect_error(422, "invalid_group");
+    }
+    for bad in [
+        json!({}),
+        json!({"name": "g2", "colour": "red"}),
+        json!({"name": 7}),
+    ] {
+        http.post("/api/v1/enrollment-groups", bad)
+            .expect_error(400, "invalid_request");
+    }
+    http.post(
+        "/api/v1/enrollment-groups",
+        json!({"name": "b-group", "status": "disabled"}),
+    )
+    .expect(201);
+
+    // Read: list ordered by name, one by name, never the keys again.
+    let list = http.get("/api/v1/enrollment-groups").expect(200);
+    let names: Vec<&str> = list["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["b-group", "factory-7"]);
+    let got = http.get("/api/v1/enrollment-groups/factory-7").expect(200);
+    assert!(got.get("primary_key").is_none());
+    assert_eq!(got["tags"]["site"], "north");
+    http.get("/api/v1/enrollment-groups/ghost")
+        .expect_error(404, "not_found");
+    http.get("/api/v1/enrollment-groups/no%20such")
+        .expect_error(404, "not_found");
+
+    // Update.
+    let patched = http
+        .patch(
+            "/api/v1/enrollment-groups/factory-7",
+            json!({"tags": {"site": "south"}, "status": "disabled"}),
+        )
+        .expect(200);
+    assert_eq!(patched["tags"], json!({"site": "south"}));
+    assert_eq!(patched["status"], "disabled");
+    http.patch("/api/v1/enrollment-groups/ghost", json!({"tags": {}}))
+        .expect_error(404, "not_found");
+    http.patch(
+        "/api/v1/enrollment-groups/factory-7",
+        json!({"status": "x"}),
+    )
+    .expect_error(422, "invalid_group");
+    http.patch("/api/v1/enrollment-groups/factory-7", json!({"name": "x"}))
+        .expect_error(400, "invalid_request");
+
+    // Keys.
+    let rotated = http
+        .post(
+            "/api/v1/enrollment-groups/factory-7/keys/primary/rotate",
+            json!({}),
+        )
+        .expect(200);
+    assert_eq!(rotated["slot"], "primary");
+    assert_ne!(rotated["key"].as_str().unwrap(), primary);
+    http.post(
+        "/api/v1/enrollment-groups/factory-7/keys/third/rotate",
+        json!({}),
+    )
+    .expect_error(404, "not_found");
+    http.post(
+        "/api/v1/enrollment-groups/ghost/keys/primary/rotate",
+        json!({}),
+    )
+    .expect_error(404, "not_found");
+
+    // Delete.
+    assert_eq!(http.delete("/api/v1/enrollment-groups/b-group").status, 204);
+    http.delete("/api/v1/enrollment-groups/b-group")
+        .expect_error(404, "not_found");
+
+    // The CLI.
+    let run = server
+        .cli(&["group", "add", "line-2", "--tag", "line=2", "--json"])
+        .ok();
+    let v: Value = serde_json::from_str(run.stdout.trim()).unwrap();
+    assert_eq!(v["tags"], json!({"line": "2"}));
+    assert!(v["primary_key"].is_string());
+    let run = server.cli(&["group", "add", "line-3", "--disabled"]).ok();
+    assert!(run.stdout.contains("primary key:"), "{}", run.stdout);
+    let refused = server.cli(&["group", "add", "line-3"]);
+    assert!(!refused.success);
+    assert_eq!(refused.stderr.lines().count(), 1, "{}", refused.stderr);
+    assert!(
+        refused.stderr.contains("already exists"),
+        "{}",
+        refused.stderr
+    );
+    let run = server.cli(&["group", "list", "--json"]).ok();
+    let groups: Vec<Value> = serde_json::from_str(run.stdout.trim()).unwrap();
+    assert_eq!(groups.len(), 3);
+    let run = server.cli(&["group", "list"]).ok();
+    assert!(run.stdout.contains("line=2"), "{}", run.stdout);
+    let run = server.cli(&["group", "get", "line-3", "--json"]).ok();
+    let v: Value = serde_json::from_str(run.stdout.trim()).unwrap();
+    assert_eq!(v["status"], "disabled");
+    let run = server
+        .cli(&[
+            "group", "update", "line-3", "--status", "enabled", "--tag", "a=b", "--json",
+        ])
+        .ok();
+    let v: Value = serde_json::from_str(run.stdout.trim()).unwrap();
+    assert_eq!(
+        (v["status"].clone(), v["tags"].clone()),
+        (json!("enabled"), json!({"a": "b"}))
+    );
+    assert!(!server.cli(&["group", "update", "line-3"]).success);
+    let run = server
+        .cli(&[
+            "group",
+            "rotate-key",
+            "line-3",
+            "--key",
+            "secondary",
+            "--json",
+        ])
+        .ok();
+    let v: Value = serde_json::from_str(run.stdout.trim()).unwrap();
+    assert_eq!(v["slot"], "secondary");
+    server.cli(&["group", "remove", "line-3"]).ok();
+    let missing = server.cli(&["group", "get", "line-3"]);
+    assert!(!missing.success && missing.stderr.contains("does not exist"));
+}
+
+#[test]
+fn commands_are_queued_and_delivered() {
+    let server = Server::start();
+    let http = Http::new(&server);
+    let token = server.add_device("m1");
+
+    let queued = http
+        .post(
+            "/api/v1/devices/m1/commands",
+            json!({"name": "reboot", "payload": {"delay_s": 5}}),
+        )
+        .expect(201);
+    let id = queued["id"].as_str().unwrap().to_string();
+    assert_eq!(queued["status"], "queued");
+    assert_eq!(queued["device_id"], "m1");
+    assert_eq!(queued["payload"], json!({"delay_s": 5}));
+    let ttl = queued["expires_at"].as_i64().unwrap() - queued["created_at"].as_i64().unwrap();
+    assert_eq!(ttl, 3_600_000);
+    let bare = http
+        .post("/api/v1/devices/m1/commands", json!({"name": "ping"}))
+        .expect(201);
+    assert_eq!(bare["payload"], Value::Null);
+
+    http.post("/api/v1/devices/ghost/commands", json!({"name": "x"}))
+        .expect_error(404, "not_found");
+    http.post("/api/v1/devices/m1/commands", json!({"name": ""}))
+        .expect_error(422, "invalid_command");
+    http.post(
+        "/api/v1/devices/m1/commands",
+        json!({"name": "x", "payload": "v".repeat(70_000)}),
+    )
+    .expect_error(422, "invalid_command");
+    http.post("/api/v1/devices/m1/commands", json!({"payload": 1}))
+        .expect_error(400, "invalid_request");
+    http.post(
+        "/api/v1/devices/m1/commands",
+        json!({"name": "x", "ttl_s": 5}),
+    )
+    .expect_error(400, "invalid_request");
+
+    // The CLI queues one too, and the device gets all three in order.
+    let run = server
+        .cli(&[
+            "command",
+            "send",
+            "m1",
+            "set_mode",
+            "{\"mode\": \"eco\"}",
+            "--json",
+        ])
+        .ok();
+    let v: Value = serde_json::from_str(run.stdout.trim()).unwrap();
+    assert_eq!(v["name"], "set_mode");
+    let run = server.cli(&["command", "send", "m1", "beep"]).ok();
+    assert!(run.stdout.contains("queued for m1"), "{}", run.stdout);
+    let refused = server.cli(&["command", "send", "m1", "x", "not json"]);
+    assert!(!refused.success);
+    assert_eq!(refused.stderr.lines().count(), 1, "{}", refused.stderr);
+    let refused = server.cli(&["command", "send", "ghost", "x"]);
+    assert!(!refused.success && refused.stderr.contains("does not exist"));
+
+    let listener = server.spawn_cli(&[
+        "listen", "--device", "m1", "--token", &token, "--count", "4",
+    ]);
+    let out = crate::e2e::wait_output(listener, std::time::Duration::from_secs(30));
+    let got: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let names: Vec<&str> = got.iter().map(|c| c["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["reboot", "ping", "set_mode", "beep"]);
+    assert_eq!(got[0]["id"], id.as_str());
+    assert_eq!(got[0]["payload"], json!({"delay_s": 5}));
+    assert_eq!(got[2]["payload"], json!({"mode": "eco"}));
+}
+
+#[test]
+fn devices_show_their_connection() {
+    let server = Server::start();
+    server.cli(&["sql", STREAM]).ok();
+    let http = Http::new(&server);
+    let token = server.add_device("s1");
+    let device = http.get("/api/v1/devices/s1").expect(200);
+    assert_eq!(device["connected"], false);
+    assert_eq!(device["connection"], Value::Null);
+
+    // Connected now: live state. (The listener leaves cleanly after one
+    // command; a killed one would count as connected until the idle timeout.)
+    let listener = server.spawn_cli(&[
+        "listen", "--device", "s1", "--token", &token, "--count", "1",
+    ]);
+    let live = tributary_tests::eventually(std::time::Duration::from_secs(20), || {
+        let d = http.get("/api/v1/devices/s1").expect(200);
+        (d["connected"] == true).then_some(d)
+    });
+    assert_eq!(live["connection"]["connected"], true, "{live}");
+    assert_eq!(live["connection"]["reason"], Value::Null, "{live}");
+    assert!(live["connection"]["since"].as_i64().unwrap() > 0);
+    http.post("/api/v1/devices/s1/commands", json!({"name": "bye"}))
+        .expect(201);
+    crate::e2e::wait_output(listener, std::time::Duration::from_secs(30));
+
+    // Events move last_event_at; once disconnected, the stored state says why.
+    server
+        .cli_with_stdin(
+            &["send", "--device", "s1", "--token", &token],
+            Some("{\"temp\": 20, \"ts\": 1764237600000}\n"),
+        )
+        .ok();
+    let stored = tributary_tests::eventually(std::time::Duration::from_secs(20), || {
+        let d = http.get("/api/v1/devices/s1").expect(200);
+        let c = &d["connection"];
+        (c["connected"] == false && c["last_event_at"].is_i64()).then_some(d)
+    });
+    let c = &stored["connection"];
+    assert_eq!(stored["connected"], false);
+    assert_eq!(c["last_event_at"], 1_764_237_600_000_i64, "{stored}");
+    assert!(c["reason"].is_string(), "{stored}");
+    assert!(c["last_seen"].as_i64().unwrap() >= c["since"].as_i64().unwrap() - 60_000);
+    // The list shows the same.
+    let page = http.get("/api/v1/devices").expect(200);
+    assert_eq!(page["devices"][0]["connection"], stored["connection"]);
+    let run = server.cli(&["device", "get", "s1"]).ok();
+    assert!(run.stdout.contains("last event:"), "{}", run.stdout);
 }

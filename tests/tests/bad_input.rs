@@ -207,6 +207,8 @@ fn reject_frames_carry_code_event_and_field() {
             token: token.clone(),
             commands: true,
             idempotent: false,
+            identity: None,
+            group: None,
         };
         let client = Client::connect(options.clone()).await.unwrap();
         let outcome = client

@@ -101,6 +101,8 @@ async fn send_all(
             token: token.clone(),
             commands: false,
             idempotent: true,
+            identity: None,
+            group: None,
         };
         // A killed server does not answer: give up on it quickly, as a
         // device would, instead of waiting for QUIC's idle timeout.
@@ -430,6 +432,8 @@ fn a_full_log_asks_devices_to_retry_and_loses_nothing() {
             token,
             commands: false,
             idempotent: true,
+            identity: None,
+            group: None,
         }))
         .unwrap();
     let frame = |n: u64| -> String {

@@ -10,4 +10,5 @@ mod e2e;
 mod golden;
 mod restart;
 mod security;
+mod twin;
 mod windows;

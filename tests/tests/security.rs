@@ -1,15 +1,21 @@
-//! Device credentials at the gateway (docs/security.md): who may connect,
-//! for how long, and what happens to a live session when its device's
-//! credentials change. Every refusal says why and stores nothing.
+//! Device credentials at the gateway (docs/security.md, docs/protocol.md
+//! section 4): who may connect (tokens, client certificates, enrollment
+//! groups), for how long (expiry, renewal on the live session), and what
+//! happens to a live session when its device's credentials change. Every
+//! refusal says why and stores nothing.
 
 use std::time::{Duration, Instant};
 
+use serde_json::json;
 use tributary_ingest::Error as IngestError;
-use tributary_ingest::client::{Client, ClientOptions, Outcome};
+use tributary_ingest::client::{Client, ClientIdentity, ClientOptions, Outcome};
 use tributary_ingest::protocol::{
-    self, Encoding, ErrorCode, Events, Frame, FrameDecoder, Hello, RejectCode,
+    self, Encoding, ErrorCode, Events, Frame, FrameDecoder, Hello, RefusedCode, RejectCode,
 };
-use tributary_tests::{DeviceCredentials, Server, random_key, sign_token, unix_now};
+use tributary_ingest::tls::{TlsFiles, issue_device_certificate};
+use tributary_tests::{
+    DeviceCredentials, Server, derive_device_key, random_key, sign_token, unix_now,
+};
 
 use crate::e2e::{STREAM, count};
 
@@ -48,6 +54,8 @@ fn options(server: &Server, device: &str, token: &str) -> ClientOptions {
         token: token.into(),
         commands: true,
         idempotent: false,
+        identity: None,
+        group: None,
     }
 }
 
@@ -88,6 +96,8 @@ async fn refused(server: &Server, device: &str, token: &str) -> String {
         token: token.into(),
         commands: false,
         idempotent: false,
+        group: None,
+        twin: false,
     })
     .encode_to_vec();
     Frame::Events(Events {
@@ -477,4 +487,362 @@ fn tokens_follow_the_documented_derivation() {
             .close()
             .await;
     });
+}
+
+// ----- Client certificates ----------------------------------------------
+
+/// Has the server's development CA issue a certificate for `device` and
+/// register it, through the API; returns it and its thumbprint.
+fn issue_certificate(server: &Server, device: &str) -> (ClientIdentity, String) {
+    let issued = server.api_expect(
+        "POST",
+        &format!("/api/v1/devices/{device}/certificates"),
+        Some(&json!({"issue": true, "valid_days": 30})),
+        201,
+    );
+    let field = |k: &str| {
+        issued[k]
+            .as_str()
+            .unwrap_or_else(|| panic!("no {k} in {issued}"))
+            .to_string()
+    };
+    (
+        ClientIdentity::from_pem(field("cert_pem"), field("key_pem")),
+        field("thumbprint"),
+    )
+}
+
+/// A device that authenticates with its certificate: an empty token.
+fn certificate_options(server: &Server, device: &str, identity: ClientIdentity) -> ClientOptions {
+    options(server, device, "").with_certificate(identity)
+}
+
+async fn refused_with(options: ClientOptions) -> String {
+    match Client::connect(options).await {
+        Err(IngestError::Server { code, message }) => {
+            assert_eq!(code, ErrorCode::Unauthorized, "{message}");
+            message
+        }
+        Err(other) => panic!("unexpected error {other}"),
+        Ok(_) => panic!("let in"),
+    }
+}
+
+#[test]
+fn a_registered_certificate_authenticates_its_device() {
+    let (server, _) = setup(&["d1", "d2"]);
+    let (identity, _) = issue_certificate(&server, "d1");
+    runtime().block_on(async {
+        let client = Client::connect(certificate_options(&server, "d1", identity.clone()))
+            .await
+            .unwrap_or_else(|e| panic!("d1's certificate was refused: {e}"));
+        assert_eq!(client.welcome().device_id, "d1");
+        send_ok(&client, r#"{"temp": 1}"#).await;
+        client.close().await;
+
+        // It is d1's, not d2's: the answer names no cause.
+        let message = refused_with(certificate_options(&server, "d2", identity.clone())).await;
+        assert_generic(&message, "d2");
+        assert!(message.contains("certificate"), "{message}");
+        // An empty token needs a certificate.
+        let message = refused_with(options(&server, "d1", "")).await;
+        assert!(message.contains("client certificate"), "{message}");
+        // A token still works beside it, and is what counts.
+        let mut both = certificate_options(&server, "d1", identity);
+        both.token = sign_token("d1", &random_key(), in_an_hour());
+        assert_generic(&refused_with(both).await, "d1");
+    });
+    let rows = server.sql_json("SELECT device_id, temp FROM telemetry");
+    assert_eq!(rows, vec![json!({"device_id": "d1", "temp": 1.0})]);
+}
+
+/// A CA of its own in `dir` (`ca.pem`, `ca.key`), named `name`, as
+/// [`TlsFiles`] for [`issue_device_certificate`].
+fn make_ca(dir: &std::path::Path, name: &str) -> TlsFiles {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, name);
+    params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::DigitalSignature,
+    ];
+    let cert = params.self_signed(&key).unwrap();
+    std::fs::create_dir_all(dir).unwrap();
+    let files = TlsFiles::in_dir(dir);
+    std::fs::write(&files.ca_cert, cert.pem()).unwrap();
+    std::fs::write(&files.ca_key, key.serialize_pem()).unwrap();
+    files
+}
+
+#[test]
+fn a_certificate_from_an_untrusted_ca_fails_the_handshake() {
+    let (server, _) = setup(&["d1"]);
+    let elsewhere = tempfile::tempdir().unwrap();
+    // A CA of someone else's, and the development CA of another Tributary
+    // installation (the same name as this server's, another key).
+    let stranger = make_ca(&elsewhere.path().join("stranger"), "Someone else's CA");
+    let twin_dir = elsewhere.path().join("other-tributary");
+    let namesake = TlsFiles::in_dir(&twin_dir);
+    namesake.ensure().unwrap();
+    for (ca, alert) in [(stranger, "unknown_ca"), (namesake, "decrypt_error")] {
+        let foreign = issue_device_certificate(&ca, "d1", 30).unwrap();
+        // Registered to d1 even: what refuses it is TLS, before any HELLO.
+        server.api_expect(
+            "POST",
+            "/api/v1/devices/d1/certificates",
+            Some(&json!({"certificate_pem": foreign.cert_pem})),
+            201,
+        );
+        let identity = ClientIdentity::from_pem(foreign.cert_pem, foreign.key_pem);
+        runtime().block_on(async {
+            match Client::connect(certificate_options(&server, "d1", identity)).await {
+                Err(e @ IngestError::CertificateRefused { .. }) => {
+                    let text = e.to_string();
+                    assert!(
+                        text.contains("the server refused the client certificate"),
+                        "{text}"
+                    );
+                    assert!(text.contains(alert), "{text}");
+                }
+                Err(other) => panic!("not a certificate refusal: {other:?}"),
+                Ok(_) => panic!("a certificate from an untrusted CA was let in"),
+            }
+        });
+    }
+    assert_eq!(count(&server, "telemetry"), 0);
+}
+
+#[test]
+fn revoking_a_certificate_drops_its_live_session() {
+    let (server, _) = setup(&["d1"]);
+    let (identity, thumbprint) = issue_certificate(&server, "d1");
+    let (other, _) = issue_certificate(&server, "d1");
+    runtime().block_on(async {
+        let client = Client::connect(certificate_options(&server, "d1", identity.clone()))
+            .await
+            .unwrap();
+        let bystander = Client::connect(certificate_options(&server, "d1", other))
+            .await
+            .unwrap();
+        send_ok(&client, r#"{"temp": 1}"#).await;
+        tokio::task::block_in_place(|| {
+            server.api_expect(
+                "POST",
+                &format!("/api/v1/devices/d1/certificates/{thumbprint}/revoke"),
+                None,
+                200,
+            )
+        });
+        let since = Instant::now();
+        let message = closed_within_bound(&client, since).await;
+        assert!(message.contains("revoked"), "{message}");
+        assert!(
+            client
+                .send("telemetry", &b"{\"temp\": 2}"[..])
+                .await
+                .is_err()
+        );
+        // For good; the device's other certificate is not touched.
+        let message = refused_with(certificate_options(&server, "d1", identity)).await;
+        assert!(message.contains("revoked"), "{message}");
+        send_ok(&bystander, r#"{"temp": 3}"#).await;
+        bystander.close().await;
+    });
+    assert_eq!(count(&server, "telemetry"), 2);
+}
+
+// ----- Renewing the token on a live session --------------------------------
+
+/// Waits until the wall clock is past `secs` (seconds since the epoch).
+async fn wait_past(secs: i64) {
+    while unix_now() <= secs {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[test]
+fn a_renewed_session_outlives_its_first_token() {
+    let (server, creds) = setup(&["d1"]);
+    let d1 = &creds[0];
+    runtime().block_on(async {
+        let first_expiry = unix_now() + 3;
+        let client = connect(&server, "d1", &d1.primary_token(first_expiry)).await;
+        send_ok(&client, r#"{"temp": 1}"#).await;
+
+        // Refused renewals say why and leave the session as it was.
+        let forged = sign_token("d1", &random_key(), in_an_hour());
+        let stale = d1.primary_token(unix_now() - 60);
+        for (token, why) in [(forged, "not signed"), (stale, "expired")] {
+            match client.renew(&token).await {
+                Err(IngestError::Refused { code, message }) => {
+                    assert_eq!(code, RefusedCode::Unauthorized, "{message}");
+                    assert!(message.contains(why), "{message}");
+                    assert!(
+                        message.contains("goes on with its current token"),
+                        "{message}"
+                    );
+                }
+                other => panic!("renewal with a bad token: {other:?}"),
+            }
+        }
+        send_ok(&client, r#"{"temp": 2}"#).await;
+
+        // A good one: signed with the secondary key, for an hour.
+        let later = in_an_hour();
+        let renewed = client.renew(&d1.secondary_token(later)).await.unwrap();
+        assert_eq!(renewed, Some(later as u64));
+        wait_past(first_expiry + 1).await;
+        // The same connection, past the first token's expiry.
+        send_ok(&client, r#"{"temp": 3}"#).await;
+
+        // Registry changes now apply to the new token: rotating the primary
+        // key (which signed the first) leaves the session...
+        cli(&server, &["device", "rotate-key", "d1", "--key", "primary"]);
+        let ended = tokio::time::timeout(Duration::from_secs(2), client.closed()).await;
+        assert!(ended.is_err(), "closed: {:?}", ended.map(|e| e.to_string()));
+        send_ok(&client, r#"{"temp": 4}"#).await;
+        // ...rotating the secondary (which signed the second) ends it.
+        cli(
+            &server,
+            &["device", "rotate-key", "d1", "--key", "secondary"],
+        );
+        let message = closed_within_bound(&client, Instant::now()).await;
+        assert!(message.contains("rotated"), "{message}");
+    });
+    assert_eq!(count(&server, "telemetry"), 4);
+}
+
+#[test]
+fn a_refused_renewal_keeps_the_old_expiry() {
+    let (server, creds) = setup(&["d1", "d2"]);
+    let (d1, d2) = (&creds[0], &creds[1]);
+    runtime().block_on(async {
+        let expires_at = unix_now() + 3;
+        let client = connect(&server, "d1", &d1.primary_token(expires_at)).await;
+        // Another device's token does not renew this session.
+        match client.renew(&d2.primary_token(in_an_hour())).await {
+            Err(IngestError::Refused { code, message }) => {
+                assert_eq!(code, RefusedCode::Unauthorized);
+                assert_generic(&message, "d1");
+            }
+            other => panic!("renewal with d2's token: {other:?}"),
+        }
+        send_ok(&client, r#"{"temp": 1}"#).await;
+        let ended = tokio::time::timeout(Duration::from_secs(10), client.closed())
+            .await
+            .expect("the session outlived its token");
+        let now_ms = unix_now() * 1000;
+        assert!(
+            now_ms >= expires_at * 1000,
+            "closed before the token expired"
+        );
+        let IngestError::Server { code, message } = ended else {
+            panic!("no reason from the server: {ended}")
+        };
+        assert_eq!(code, ErrorCode::Unauthorized);
+        assert!(message.contains("token expired at"), "{message}");
+    });
+    assert_eq!(count(&server, "telemetry"), 1);
+}
+
+#[test]
+fn a_certificate_session_has_no_token_to_renew() {
+    let (server, creds) = setup(&["d1"]);
+    let (identity, _) = issue_certificate(&server, "d1");
+    runtime().block_on(async {
+        let client = Client::connect(certificate_options(&server, "d1", identity))
+            .await
+            .unwrap();
+        match client.renew(&creds[0].primary_token(in_an_hour())).await {
+            Err(IngestError::Refused { code, message }) => {
+                assert_eq!(code, RefusedCode::InvalidRequest);
+                assert!(message.contains("certificate"), "{message}");
+            }
+            other => panic!("renewal on a certificate session: {other:?}"),
+        }
+        send_ok(&client, r#"{"temp": 1}"#).await;
+        client.close().await;
+    });
+}
+
+// ----- Enrollment groups ---------------------------------------------------
+
+#[test]
+fn a_group_enrolls_a_device_it_has_never_seen() {
+    let (server, _) = setup(&[]);
+    let group = server.api_expect(
+        "POST",
+        "/api/v1/enrollment-groups",
+        Some(&json!({"name": "factory-7", "tags": {"site": "north", "line": "3"}})),
+        201,
+    );
+    let group_key = group["primary_key"].as_str().unwrap().to_string();
+    let secondary = group["secondary_key"].as_str().unwrap().to_string();
+    // The device's key, derived in the test from docs/protocol.md 4.3.
+    let token = sign_token("g-1", &derive_device_key(&group_key, "g-1"), in_an_hour());
+    let (status, _) = server.api("GET", "/api/v1/devices/g-1", None);
+    assert_eq!(status, 404);
+    runtime().block_on(async {
+        // A key not derived from the group's, a group that does not exist:
+        // the same answer, and nothing created.
+        let wrong = sign_token(
+            "g-2",
+            &derive_device_key(&random_key(), "g-2"),
+            in_an_hour(),
+        );
+        let message = refused_with(options(&server, "g-2", &wrong).with_group("factory-7")).await;
+        assert_generic(&message, "g-2");
+        let lost = sign_token("g-2", &derive_device_key(&group_key, "g-2"), in_an_hour());
+        let unknown = refused_with(options(&server, "g-2", &lost).with_group("factory-8")).await;
+        assert_eq!(unknown, message);
+
+        let client = Client::connect(options(&server, "g-1", &token).with_group("factory-7"))
+            .await
+            .unwrap_or_else(|e| panic!("g-1 was not enrolled: {e}"));
+        assert_eq!(client.welcome().device_id, "g-1");
+        send_ok(&client, r#"{"temp": 1}"#).await;
+        client.close().await;
+
+        // From now on it is a device like any other, with both derived keys.
+        let own = sign_token("g-1", &derive_device_key(&secondary, "g-1"), in_an_hour());
+        let again = connect(&server, "g-1", &own).await;
+        send_ok(&again, r#"{"temp": 2}"#).await;
+        again.close().await;
+    });
+    let device = server.api_expect("GET", "/api/v1/devices/g-1", None, 200);
+    assert_eq!(
+        device["tags"],
+        json!({"site": "north", "line": "3"}),
+        "{device}"
+    );
+    let (status, _) = server.api("GET", "/api/v1/devices/g-2", None);
+    assert_eq!(status, 404, "a refused enrollment created g-2");
+    let rows = server.sql_json("SELECT device_id, temp FROM telemetry ORDER BY temp");
+    assert_eq!(
+        rows,
+        vec![
+            json!({"device_id": "g-1", "temp": 1.0}),
+            json!({"device_id": "g-1", "temp": 2.0}),
+        ]
+    );
+}
+
+/// The derivation the group test relies on reproduces the published test
+/// vector (docs/security.md), computed with its own HMAC.
+#[test]
+fn group_keys_follow_the_documented_derivation() {
+    use base64::Engine as _;
+    let group_key: Vec<u8> = (0u8..32).collect();
+    let group_key = base64::engine::general_purpose::STANDARD.encode(group_key);
+    let expected = "n5hp4ukLeAS7SxeF5FRQVLr8H+gphAmzs4FeKjULmFc=";
+    assert_eq!(derive_device_key(&group_key, "sensor-1"), expected);
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/security.md"))
+        .unwrap();
+    assert!(
+        doc.contains(expected),
+        "docs/security.md lost the group key test vector"
+    );
 }

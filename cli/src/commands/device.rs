@@ -1,5 +1,6 @@
 //! `tributary device add | list | get | update | disable | enable | remove |
-//! rotate-key | token | import`: the device registry through the HTTP API.
+//! rotate-key | token | import | twin | desired | cert`: the device registry
+//! through the HTTP API.
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -27,7 +28,18 @@ pub enum DeviceCommand {
         /// Register the device disabled: it may not connect until enabled.
         #[arg(long)]
         disabled: bool,
-        /// Print the device, its keys and token as one JSON object.
+        /// Also issue an X.509 certificate from the server's development CA
+        /// and write <ID>.crt and <ID>.key (mode 0600).
+        #[arg(long)]
+        cert: bool,
+        /// Where --cert writes the files (default: the current directory).
+        #[arg(long, value_name = "DIR", requires = "cert")]
+        cert_out: Option<PathBuf>,
+        /// How long the certificate lasts, in days (default 365, at most 3650).
+        #[arg(long, value_name = "DAYS", requires = "cert", value_parser = clap::value_parser!(u32).range(1..=3650))]
+        cert_days: Option<u32>,
+        /// Print the device, its keys and token (and the certificate's
+        /// thumbprint and files) as one JSON object.
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -138,6 +150,86 @@ pub enum DeviceCommand {
         #[command(flatten)]
         api: ApiArgs,
     },
+    /// Show a device's twin: its desired and reported properties.
+    Twin {
+        id: String,
+        /// Print the twin as one line of JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Change a device's desired properties: a JSON merge patch (a key set
+    /// to null is removed), or with --replace the whole object.
+    Desired {
+        id: String,
+        /// A JSON object; @FILE reads it from a file, - from stdin.
+        properties: String,
+        /// Replace the desired properties with this object instead of merging it in.
+        #[arg(long)]
+        replace: bool,
+        /// Change them only if they are at this version now (see `device twin`).
+        #[arg(long, value_name = "N")]
+        if_version: Option<i64>,
+        /// Print the twin as one line of JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Manage a device's X.509 certificates: issue, register, list, revoke.
+    Cert {
+        id: String,
+        #[command(subcommand)]
+        action: CertAction,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CertAction {
+    /// Issue a certificate from the server's development CA and write
+    /// <ID>.crt and <ID>.key (mode 0600); the key is not kept anywhere else.
+    Issue {
+        /// How long the certificate lasts, in days (default 365, at most 3650).
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=3650))]
+        days: Option<u32>,
+        /// Where to write the files (default: the current directory).
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+        /// Print the certificate's thumbprint, expiry and file paths as JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Register a certificate made elsewhere (a PEM file); it must chain to
+    /// a CA the server trusts to be of use.
+    Register {
+        file: PathBuf,
+        /// Print the registered certificate as JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// List the device's certificates, oldest first.
+    List {
+        /// Print them as a JSON array.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Revoke a certificate: the device can no longer connect with it.
+    Revoke {
+        /// The certificate's thumbprint (SHA-256 of its DER, hex), as `cert list` shows it.
+        thumbprint: String,
+        /// Print the revoked certificate as JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -152,6 +244,16 @@ pub enum KeySlot {
     Secondary,
 }
 
+impl KeySlot {
+    /// As the API's paths name it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeySlot::Primary => "primary",
+            KeySlot::Secondary => "secondary",
+        }
+    }
+}
+
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ImportFormat {
     /// A header line `id,tags,metadata,status`; tags as k=v;k2=v2, metadata a JSON object.
@@ -160,7 +262,7 @@ pub enum ImportFormat {
     Jsonl,
 }
 
-fn parse_tag(text: &str) -> Result<(String, String), String> {
+pub(crate) fn parse_tag(text: &str) -> Result<(String, String), String> {
     match text.split_once('=') {
         Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
         _ => Err(format!("'{text}' is not a tag; write key=value")),
@@ -198,7 +300,7 @@ fn parse_expiry(text: &str) -> Result<i64, String> {
     Ok(ms / 1000)
 }
 
-fn tag_map(tags: Vec<(String, String)>) -> Map<String, Value> {
+pub(crate) fn tag_map(tags: Vec<(String, String)>) -> Map<String, Value> {
     tags.into_iter()
         .map(|(k, v)| (k, Value::String(v)))
         .collect()
@@ -211,10 +313,19 @@ pub async fn run(command: DeviceCommand) -> Result<ExitCode> {
             tags,
             metadata,
             disabled,
+            cert,
+            cert_out,
+            cert_days,
             json,
             api,
         } => {
             let api = Api::resolve(&api)?;
+            // Refuse before anything is created if the files are in the way.
+            let cert_files = if cert {
+                Some(CertFiles::new(cert_out.as_deref(), path_id(&id)?)?)
+            } else {
+                None
+            };
             let mut body = json!({"id": id, "tags": tag_map(tags)});
             if let Some(m) = metadata {
                 body["metadata"] = Value::Object(m);
@@ -227,7 +338,25 @@ pub async fn run(command: DeviceCommand) -> Result<ExitCode> {
             if created.get("token").and_then(Value::as_str).is_none() {
                 bail!("the server's answer has no token");
             }
+            let certificate = match &cert_files {
+                Some(files) => Some(
+                    issue_certificate(&api, &id, cert_days, files)
+                        .await
+                        .with_context(|| {
+                            format!(
+                                "device {id} was created (its keys are lost unless you \
+                                 rerun with --json; `tributary device rotate-key` makes new \
+                                 ones), but no certificate was issued"
+                            )
+                        })?,
+                ),
+                None => None,
+            };
             if json {
+                let mut created = created;
+                if let Some(c) = &certificate {
+                    created["certificate"] = c.clone();
+                }
                 println!("{created}");
             } else {
                 println!(
@@ -244,6 +373,9 @@ pub async fn run(command: DeviceCommand) -> Result<ExitCode> {
                     "The keys and the token are shown only once: store them now. The device \
                      connects with --device {id} --token <token>."
                 );
+                if let Some(c) = &certificate {
+                    print_issued(c);
+                }
             }
         }
         DeviceCommand::List {
@@ -318,10 +450,7 @@ pub async fn run(command: DeviceCommand) -> Result<ExitCode> {
         }
         DeviceCommand::RotateKey { id, key, json, api } => {
             let api = Api::resolve(&api)?;
-            let slot = match key {
-                KeySlot::Primary => "primary",
-                KeySlot::Secondary => "secondary",
-            };
+            let slot = key.as_str();
             let rotated = api
                 .post(
                     &format!("/devices/{}/keys/{slot}/rotate", path_id(&id)?),
@@ -375,13 +504,323 @@ pub async fn run(command: DeviceCommand) -> Result<ExitCode> {
             json,
             api,
         } => return import(&file, format, json, &api).await,
+        DeviceCommand::Twin { id, json, api } => {
+            let api = Api::resolve(&api)?;
+            let twin = api.get(&format!("/devices/{}/twin", path_id(&id)?)).await?;
+            print_twin(&twin, json)?;
+        }
+        DeviceCommand::Desired {
+            id,
+            properties,
+            replace,
+            if_version,
+            json,
+            api,
+        } => {
+            let properties = read_object(&properties)?;
+            let api = Api::resolve(&api)?;
+            let headers: Vec<(&str, String)> = if_version
+                .map(|v| ("If-Match", format!("\"{v}\"")))
+                .into_iter()
+                .collect();
+            let method = if replace {
+                reqwest::Method::PUT
+            } else {
+                reqwest::Method::PATCH
+            };
+            let twin = api
+                .send_json(
+                    method,
+                    &format!("/devices/{}/twin/desired", path_id(&id)?),
+                    &Value::Object(properties),
+                    &headers,
+                )
+                .await?;
+            print_twin(&twin, json)?;
+        }
+        DeviceCommand::Cert { id, action } => cert(&id, action).await?,
     }
     Ok(ExitCode::SUCCESS)
 }
 
+/// A JSON object from an argument: inline, `@FILE`, or `-` for stdin (a
+/// command-line argument stops at 128 KiB; properties may be bigger).
+fn read_object(text: &str) -> Result<Map<String, Value>> {
+    let (source, owned);
+    if text == "-" {
+        let mut buf = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut buf)
+            .context("reading the properties from stdin")?;
+        (source, owned) = ("stdin".to_string(), buf);
+    } else if let Some(path) = text.strip_prefix('@') {
+        let buf = std::fs::read_to_string(path).with_context(|| format!("cannot read {path}"))?;
+        (source, owned) = (path.to_string(), buf);
+    } else {
+        (source, owned) = ("the argument".to_string(), text.to_string());
+    }
+    match serde_json::from_str(&owned) {
+        Ok(Value::Object(map)) => Ok(map),
+        Ok(_) => {
+            bail!("the properties in {source} must be a JSON object, like '{{\"interval_s\": 30}}'")
+        }
+        Err(e) => bail!("the properties in {source} are not JSON: {e}"),
+    }
+}
+
+fn print_twin(twin: &Value, json: bool) -> Result<()> {
+    if json {
+        println!("{twin}");
+        return Ok(());
+    }
+    let side = |name: &str| -> Result<()> {
+        let version = twin
+            .get(format!("{name}_version"))
+            .and_then(Value::as_i64)
+            .unwrap_or(0);
+        let updated = twin
+            .get(format!("{name}_updated_at"))
+            .and_then(Value::as_i64)
+            .map(|t| format!(", changed {}", time_text(t)))
+            .unwrap_or_default();
+        println!("{name} (version {version}{updated}):");
+        let properties = twin.get(name).cloned().unwrap_or(json!({}));
+        println!("{}", serde_json::to_string_pretty(&properties)?);
+        Ok(())
+    };
+    side("desired")?;
+    side("reported")
+}
+
+/// Where an issued certificate and its key are written: `<id>.crt` and
+/// `<id>.key` in a folder.
+struct CertFiles {
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+impl CertFiles {
+    /// The files in `dir` (default: the current directory), which must not
+    /// exist yet: a private key is never overwritten.
+    fn new(dir: Option<&Path>, id: &str) -> Result<CertFiles> {
+        let dir = dir.unwrap_or(Path::new("."));
+        let files = CertFiles {
+            cert: dir.join(format!("{id}.crt")),
+            key: dir.join(format!("{id}.key")),
+        };
+        for path in [&files.cert, &files.key] {
+            if path.exists() {
+                bail!(
+                    "{} exists already; move it away or write elsewhere with --cert-out / --out",
+                    path.display()
+                );
+            }
+        }
+        Ok(files)
+    }
+
+    /// Writes the certificate (0644) and key (0600), neither over an existing file.
+    fn write(&self, cert_pem: &str, key_pem: &str) -> Result<()> {
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        if let Some(dir) = self.cert.parent() {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+        }
+        for (path, bytes, mode) in [(&self.key, key_pem, 0o600), (&self.cert, cert_pem, 0o644)] {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(mode)
+                .open(path)
+                .and_then(|mut f| f.write_all(bytes.as_bytes()).and_then(|()| f.sync_all()))
+                .with_context(|| format!("cannot write {}", path.display()))?;
+        }
+        Ok(())
+    }
+}
+
+/// Issues a certificate for `id` and writes it and its key to `files`;
+/// returns what `--json` shows of it (no key: that is in the file).
+async fn issue_certificate(
+    api: &Api,
+    id: &str,
+    days: Option<u32>,
+    files: &CertFiles,
+) -> Result<Value> {
+    let mut body = json!({"issue": true});
+    if let Some(d) = days {
+        body["valid_days"] = json!(d);
+    }
+    let mut issued = api
+        .post(&format!("/devices/{}/certificates", path_id(id)?), &body)
+        .await?;
+    let pem = |k: &str| {
+        issued
+            .get(k)
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .ok_or_else(|| anyhow!("the server's answer has no {k}"))
+    };
+    let (cert_pem, key_pem) = (pem("cert_pem")?, pem("key_pem")?);
+    let thumbprint = issued
+        .get("thumbprint")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
+    files.write(&cert_pem, &key_pem).with_context(|| {
+        format!(
+            "certificate {thumbprint} was issued but not saved; revoke it with \
+             `tributary device cert {id} revoke {thumbprint}` and issue another"
+        )
+    })?;
+    if let Some(o) = issued.as_object_mut() {
+        o.remove("cert_pem");
+        o.remove("key_pem");
+        o.insert("cert_path".into(), json!(files.cert.display().to_string()));
+        o.insert("key_path".into(), json!(files.key.display().to_string()));
+    }
+    Ok(issued)
+}
+
+fn print_issued(c: &Value) {
+    let s = |k: &str| c.get(k).and_then(Value::as_str).unwrap_or("");
+    println!("certificate: {}", s("cert_path"));
+    println!(
+        "key:         {} (the only copy: keep it safe)",
+        s("key_path")
+    );
+    println!("thumbprint:  {}", s("thumbprint"));
+    if let Some(t) = c.get("not_after").and_then(Value::as_i64) {
+        println!("expires:     {}", time_text(t));
+    }
+}
+
+async fn cert(id: &str, action: CertAction) -> Result<()> {
+    let path = format!("/devices/{}/certificates", path_id(id)?);
+    match action {
+        CertAction::Issue {
+            days,
+            out,
+            json,
+            api,
+        } => {
+            let files = CertFiles::new(out.as_deref(), id)?;
+            let api = Api::resolve(&api)?;
+            let issued = issue_certificate(&api, id, days, &files).await?;
+            if json {
+                println!("{issued}");
+            } else {
+                println!("certificate issued for {id}");
+                print_issued(&issued);
+            }
+        }
+        CertAction::Register { file, json, api } => {
+            let pem = std::fs::read_to_string(&file)
+                .with_context(|| format!("cannot read {}", file.display()))?;
+            let api = Api::resolve(&api)?;
+            let added = api.post(&path, &json!({ "certificate_pem": pem })).await?;
+            if json {
+                println!("{added}");
+            } else {
+                let s = |k: &str| added.get(k).and_then(Value::as_str).unwrap_or("");
+                println!("certificate {} registered to {id}", s("thumbprint"));
+                if let Some(t) = added.get("not_after").and_then(Value::as_i64) {
+                    println!("expires: {}", time_text(t));
+                }
+            }
+        }
+        CertAction::List { json, api } => {
+            let api = Api::resolve(&api)?;
+            let list = api.get(&path).await?;
+            let certificates = list
+                .get("certificates")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default();
+            if json {
+                println!("{}", Value::Array(certificates));
+            } else if certificates.is_empty() {
+                println!(
+                    "{id} has no certificates (issue one with `tributary device cert {id} issue`)"
+                );
+            } else {
+                let rows: Vec<Vec<String>> = certificates
+                    .iter()
+                    .map(|c| {
+                        let s =
+                            |k: &str| c.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+                        let t = |k: &str| {
+                            c.get(k)
+                                .and_then(Value::as_i64)
+                                .map(time_text)
+                                .unwrap_or_default()
+                        };
+                        vec![
+                            s("thumbprint"),
+                            s("status"),
+                            t("not_after"),
+                            t("created_at"),
+                        ]
+                    })
+                    .collect();
+                print_columns(&["THUMBPRINT", "STATUS", "EXPIRES", "ADDED"], &rows);
+            }
+        }
+        CertAction::Revoke {
+            thumbprint,
+            json,
+            api,
+        } => {
+            if thumbprint.is_empty()
+                || !thumbprint
+                    .chars()
+                    .all(|c| c.is_ascii_hexdigit() || c == ':')
+            {
+                bail!(
+                    "'{thumbprint}' is not a thumbprint; `tributary device cert {id} list` shows them"
+                );
+            }
+            let api = Api::resolve(&api)?;
+            let revoked = api
+                .post(&format!("{path}/{thumbprint}/revoke"), &json!({}))
+                .await?;
+            if json {
+                println!("{revoked}");
+            } else {
+                println!("certificate {thumbprint} of {id} revoked");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Prints rows under headers, in columns as wide as their widest cell.
+pub(crate) fn print_columns(headers: &[&str], rows: &[Vec<String>]) {
+    let widths: Vec<usize> = (0..headers.len())
+        .map(|i| {
+            rows.iter()
+                .map(|r| r.get(i).map_or(0, String::len))
+                .chain([headers[i].len()])
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let line = |cells: Vec<&str>| {
+        let mut out = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            out.push_str(&format!("{c:<width$}  ", width = widths[i]));
+        }
+        out.trim_end().to_string()
+    };
+    println!("{}", line(headers.to_vec()));
+    for r in rows {
+        println!("{}", line(r.iter().map(String::as_str).collect()));
+    }
+}
+
 /// A device id as a URL path segment. Valid ids need no escaping; anything
 /// else is refused here rather than sent to some other path.
-fn path_id(id: &str) -> Result<&str> {
+pub(crate) fn path_id(id: &str) -> Result<&str> {
     if id.is_empty() || id.contains(['/', '?', '#', '%']) || id == "." || id == ".." {
         bail!("'{id}' is not a device id; ids are letters, digits, '.', '_', '-' and ':'");
     }
@@ -515,13 +954,13 @@ async fn import(
 }
 
 /// Milliseconds since the epoch as RFC 3339 UTC.
-fn time_text(ms: i64) -> String {
+pub(crate) fn time_text(ms: i64) -> String {
     chrono::DateTime::from_timestamp_millis(ms)
         .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
         .unwrap_or_else(|| ms.to_string())
 }
 
-fn tags_text(device: &Value) -> String {
+pub(crate) fn tags_text(device: &Value) -> String {
     device
         .get("tags")
         .and_then(Value::as_object)
@@ -545,6 +984,21 @@ fn print_device(device: &Value, json: bool) {
     println!("id:        {}", s("id"));
     println!("status:    {}", s("status"));
     println!("connected: {}", if connected { "yes" } else { "no" });
+    if let Some(c) = device.get("connection").filter(|c| c.is_object()) {
+        let t = |k: &str| c.get(k).and_then(Value::as_i64).map(time_text);
+        if let Some(since) = t("since") {
+            println!("since:     {since}");
+        }
+        if let Some(reason) = c.get("reason").and_then(Value::as_str) {
+            println!("reason:    {reason}");
+        }
+        if let Some(seen) = t("last_seen") {
+            println!("last seen: {seen}");
+        }
+        if let Some(event) = t("last_event_at") {
+            println!("last event: {event}");
+        }
+    }
     println!("tags:      {}", tags_text(device));
     let metadata = device.get("metadata").cloned().unwrap_or(json!({}));
     println!("metadata:  {metadata}");
@@ -557,40 +1011,27 @@ fn print_device(device: &Value, json: bool) {
 }
 
 fn print_table(devices: &[Value]) {
-    let rows: Vec<[String; 4]> = devices
+    let rows: Vec<Vec<String>> = devices
         .iter()
         .map(|d| {
             let s = |k: &str| d.get(k).and_then(Value::as_str).unwrap_or("").to_string();
             let connected = d.get("connected").and_then(Value::as_bool).unwrap_or(false);
-            [
+            let last_seen = d
+                .get("connection")
+                .and_then(|c| c.get("last_seen"))
+                .and_then(Value::as_i64)
+                .map(time_text)
+                .unwrap_or_else(|| "-".to_string());
+            vec![
                 s("id"),
                 s("status"),
                 if connected { "yes" } else { "no" }.to_string(),
+                last_seen,
                 tags_text(d),
             ]
         })
         .collect();
-    let headers = ["ID", "STATUS", "CONNECTED", "TAGS"];
-    let widths: Vec<usize> = (0..4)
-        .map(|i| {
-            rows.iter()
-                .map(|r| r[i].len())
-                .chain([headers[i].len()])
-                .max()
-                .unwrap_or(0)
-        })
-        .collect();
-    let line = |cells: [&str; 4]| {
-        let mut out = String::new();
-        for (i, c) in cells.iter().enumerate() {
-            out.push_str(&format!("{c:<width$}  ", width = widths[i]));
-        }
-        out.trim_end().to_string()
-    };
-    println!("{}", line(headers));
-    for r in &rows {
-        println!("{}", line([&r[0], &r[1], &r[2], &r[3]]));
-    }
+    print_columns(&["ID", "STATUS", "CONNECTED", "LAST SEEN", "TAGS"], &rows);
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use async_trait::async_trait;
-use tokio::sync::watch;
+use tokio::sync::{broadcast, watch};
 use tributary_engine::catalog::Catalog;
 use tributary_engine::commands::CommandQueue;
 use tributary_engine::event::now_millis;
@@ -195,6 +195,8 @@ pub async fn serve(args: ServeArgs) -> Result<std::process::ExitCode> {
         failed: Default::default(),
         devices_reload: Default::default(),
         devices,
+        registry: registry.clone(),
+        gateway: Default::default(),
     });
     sql.refresh_devices(&registry).await?;
     sql.resume().await?;
@@ -209,6 +211,7 @@ pub async fn serve(args: ServeArgs) -> Result<std::process::ExitCode> {
         },
     )?;
     let quic_addr = gateway.local_addr()?;
+    let _ = sql.gateway.set(gateway.handle());
     let listener = tokio::net::TcpListener::bind(args.http_listen)
         .await
         .with_context(|| format!("cannot listen on TCP {}", args.http_listen))?;
@@ -220,7 +223,8 @@ pub async fn serve(args: ServeArgs) -> Result<std::process::ExitCode> {
         registry,
         commands: commands.clone(),
         gateway: gateway.handle(),
-        admin_token: Arc::new(admin_token),
+        admin_token: Arc::new(http::AdminToken::new(dir.clone(), admin_token)),
+        tls: tls.clone(),
     });
     let gateway_task = tokio::spawn(gateway.run(shutdown_rx.clone()));
     let mut http_shutdown = shutdown_rx.clone();
@@ -232,6 +236,7 @@ pub async fn serve(args: ServeArgs) -> Result<std::process::ExitCode> {
             .await
     });
     let expiry = tokio::spawn(expire_commands(commands.clone(), shutdown_rx.clone()));
+    let devices_task = tokio::spawn(follow_registry(sql.clone(), shutdown_rx.clone()));
 
     dir.write_server_info(&ServerInfo {
         quic: quic_addr,
@@ -251,6 +256,7 @@ pub async fn serve(args: ServeArgs) -> Result<std::process::ExitCode> {
     let _ = gateway_task.await;
     let _ = http_task.await;
     let _ = expiry.await;
+    let _ = devices_task.await;
     rules.shutdown().await;
     sinks.shutdown().await;
     dir.clear_server_info();
@@ -277,6 +283,31 @@ async fn wait_for_signal() {
     #[cfg(not(unix))]
     {
         let _ = ctrl_c.await;
+    }
+}
+
+/// Keeps the SQL `devices` table current for rules: reloads it after the
+/// registry announces a change (connections, properties, enrollments,
+/// access), gathering what comes in quick succession into one reload.
+/// (Queries reload it themselves, so they also see last-seen times move.)
+async fn follow_registry(sql: Arc<sql::SqlService>, mut shutdown: watch::Receiver<bool>) {
+    /// How long to gather changes before reloading.
+    const GATHER: Duration = Duration::from_millis(100);
+    let mut changes = sql.registry.changes();
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            change = changes.recv() => match change {
+                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Err(broadcast::error::RecvError::Closed) => return,
+            },
+        }
+        tokio::time::sleep(GATHER).await;
+        // What came in while waiting is covered by this reload.
+        while let Ok(_) | Err(broadcast::error::TryRecvError::Lagged(_)) = changes.try_recv() {}
+        if let Err(e) = sql.refresh_devices(&sql.registry).await {
+            tracing::error!(error = %e, "could not reload the devices table");
+        }
     }
 }
 

@@ -11,6 +11,7 @@ use tributary_engine::devices::{DeviceRow, DeviceTable};
 use tributary_engine::event::{SYSTEM_COLUMNS, StreamDef, now_millis};
 use tributary_engine::log::SharedEventStream;
 use tributary_engine::rule::{Handover, RuleRuntime};
+use tributary_ingest::gateway::GatewayHandle;
 use tributary_registry::{DeviceStatus, SharedRegistry};
 use tributary_sinks::parquet::ParquetSinks;
 use tributary_sql::query::{QueryEngine, QueryResult};
@@ -32,6 +33,11 @@ pub struct SqlService {
     pub failed: std::sync::Mutex<std::collections::HashMap<String, String>>,
     /// One reload of the devices table at a time (see `refresh_devices`).
     pub devices_reload: tokio::sync::Mutex<()>,
+    /// Where the devices table comes from.
+    pub registry: SharedRegistry,
+    /// The gateway, once it is listening: the live connection state of
+    /// connected devices (their last-seen time moves with every frame).
+    pub gateway: std::sync::OnceLock<GatewayHandle>,
 }
 
 impl SqlService {
@@ -75,20 +81,34 @@ impl SqlService {
         // before it was applied: two concurrent reloads could otherwise
         // apply out of order and leave an older snapshot in place.
         let _one_at_a_time = self.devices_reload.lock().await;
-        let rows: Vec<DeviceRow> = registry
-            .all_devices()
-            .await?
+        let devices = registry.all_devices().await?;
+        let mut states = registry.connection_states().await?;
+        if let Some(gateway) = self.gateway.get() {
+            // Connected devices: the gateway's copy is the current one.
+            states.extend(gateway.live_states());
+        }
+        let mut twins = registry.all_twins().await?;
+        let rows: Vec<DeviceRow> = devices
             .into_iter()
-            .map(|d| DeviceRow {
-                id: d.id,
-                tags: d.tags,
-                status: match d.status {
-                    DeviceStatus::Enabled => "enabled".into(),
-                    DeviceStatus::Disabled => "disabled".into(),
-                },
-                metadata: serde_json::Value::Object(d.metadata).to_string(),
-                created_at: d.created_at,
-                updated_at: d.updated_at,
+            .map(|d| {
+                let state = states.remove(&d.id);
+                let twin = twins.remove(&d.id).unwrap_or_default();
+                DeviceRow {
+                    tags: d.tags,
+                    status: match d.status {
+                        DeviceStatus::Enabled => "enabled".into(),
+                        DeviceStatus::Disabled => "disabled".into(),
+                    },
+                    metadata: serde_json::Value::Object(d.metadata).to_string(),
+                    created_at: d.created_at,
+                    updated_at: d.updated_at,
+                    connected: state.as_ref().is_some_and(|s| s.connected),
+                    last_seen: state.as_ref().and_then(|s| s.last_seen),
+                    last_event_at: state.as_ref().and_then(|s| s.last_event_at),
+                    properties: serde_json::Value::Object(twin.reported).to_string(),
+                    desired: serde_json::Value::Object(twin.desired).to_string(),
+                    id: d.id,
+                }
             })
             .collect();
         self.devices.replace(&rows)?;
@@ -205,7 +225,16 @@ impl SqlService {
                         })?;
                 Ok(describe(&def))
             }
-            Statement::Query(statement) => self.queries.run(*statement).await,
+            Statement::Query(statement) => {
+                // A query sees the devices as they are now, last-seen times
+                // included.
+                if self.queries.reads_devices(&statement)
+                    && let Err(e) = self.refresh_devices(&self.registry).await
+                {
+                    tracing::warn!(error = %e, "could not reload the devices table; querying the last copy");
+                }
+                self.queries.run(*statement).await
+            }
         }
     }
 

@@ -196,3 +196,56 @@ impl fmt::Display for RejectCode {
         f.write_str(self.as_str())
     }
 }
+
+/// Why a RENEW or REPORT was refused (the REFUSED frame's `code`). The
+/// session goes on as it was before the request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RefusedCode {
+    /// RENEW: the new token was not accepted (the session keeps its old
+    /// one); REPORT: the device's credentials no longer hold.
+    Unauthorized,
+    /// The request does not apply to this session (say, RENEW on a session
+    /// authenticated by its client certificate).
+    InvalidRequest,
+    /// REPORT: the reported properties would be too large or nested too
+    /// deeply.
+    InvalidProperties,
+    /// The server could not carry out the request now; send it again later.
+    Unavailable,
+    /// A code this build does not know, from a newer server. Never sent.
+    #[serde(other)]
+    Unknown,
+}
+
+impl RefusedCode {
+    /// Every code a server may send.
+    pub const ALL: [RefusedCode; 4] = [
+        RefusedCode::Unauthorized,
+        RefusedCode::InvalidRequest,
+        RefusedCode::InvalidProperties,
+        RefusedCode::Unavailable,
+    ];
+
+    /// The code as written on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefusedCode::Unauthorized => "unauthorized",
+            RefusedCode::InvalidRequest => "invalid_request",
+            RefusedCode::InvalidProperties => "invalid_properties",
+            RefusedCode::Unavailable => "unavailable",
+            RefusedCode::Unknown => "unknown",
+        }
+    }
+
+    /// Whether sending the same request again later may succeed.
+    pub fn is_retryable(self) -> bool {
+        self == RefusedCode::Unavailable
+    }
+}
+
+impl fmt::Display for RefusedCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}

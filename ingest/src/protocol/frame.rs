@@ -6,7 +6,7 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use super::error::{ErrorCode, ProtocolError, RejectCode};
+use super::error::{ErrorCode, ProtocolError, RefusedCode, RejectCode};
 use super::{LENGTH_PREFIX_BYTES, SUPPORTED_VERSIONS};
 
 /// The type byte that follows a frame's length.
@@ -22,7 +22,13 @@ pub enum FrameType {
     CommandAck = 0x07,
     Ping = 0x08,
     Pong = 0x09,
+    Renew = 0x0A,
+    Renewed = 0x0B,
+    Desired = 0x0C,
+    Report = 0x0D,
+    Reported = 0x0E,
     Error = 0x0F,
+    Refused = 0x10,
 }
 
 impl FrameType {
@@ -38,7 +44,13 @@ impl FrameType {
             0x07 => FrameType::CommandAck,
             0x08 => FrameType::Ping,
             0x09 => FrameType::Pong,
+            0x0A => FrameType::Renew,
+            0x0B => FrameType::Renewed,
+            0x0C => FrameType::Desired,
+            0x0D => FrameType::Report,
+            0x0E => FrameType::Reported,
             0x0F => FrameType::Error,
+            0x10 => FrameType::Refused,
             _ => return None,
         })
     }
@@ -59,7 +71,13 @@ impl FrameType {
             FrameType::CommandAck => "COMMAND_ACK",
             FrameType::Ping => "PING",
             FrameType::Pong => "PONG",
+            FrameType::Renew => "RENEW",
+            FrameType::Renewed => "RENEWED",
+            FrameType::Desired => "DESIRED",
+            FrameType::Report => "REPORT",
+            FrameType::Reported => "REPORTED",
             FrameType::Error => "ERROR",
+            FrameType::Refused => "REFUSED",
         }
     }
 
@@ -73,6 +91,8 @@ impl FrameType {
                 | FrameType::CommandAck
                 | FrameType::Ping
                 | FrameType::Pong
+                | FrameType::Renew
+                | FrameType::Report
         )
     }
 
@@ -87,6 +107,10 @@ impl FrameType {
                 | FrameType::Ping
                 | FrameType::Pong
                 | FrameType::Error
+                | FrameType::Renewed
+                | FrameType::Desired
+                | FrameType::Reported
+                | FrameType::Refused
         )
     }
 }
@@ -105,7 +129,13 @@ pub enum Frame {
     Ping(u64),
     /// Answer to [`Frame::Ping`], echoing its nonce.
     Pong(u64),
+    Renew(Renew),
+    Renewed(Renewed),
+    Desired(Desired),
+    Report(Report),
+    Reported(Reported),
     Error(ErrorBody),
+    Refused(Refused),
 }
 
 /// HELLO (client → server), the first frame of every session.
@@ -124,6 +154,17 @@ pub struct Hello {
     /// server then stores a resent frame once (protocol.md, section 7).
     #[serde(default, skip_serializing_if = "is_false")]
     pub idempotent: bool,
+    /// The enrollment group the device belongs to: the server enrolls a
+    /// device it does not know yet with the group's tags, its token signed
+    /// with a key derived from the group's (protocol.md, section 4.3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    /// Whether the client understands DESIRED frames (default false): only
+    /// then does the server send the device's desired properties. Clients
+    /// written before twins would take the unknown frame type for a
+    /// protocol error.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub twin: bool,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -147,6 +188,8 @@ impl fmt::Debug for Hello {
             .field("token", &"<redacted>")
             .field("commands", &self.commands)
             .field("idempotent", &self.idempotent)
+            .field("group", &self.group)
+            .field("twin", &self.twin)
             .finish()
     }
 }
@@ -260,6 +303,82 @@ pub struct CommandAck {
     pub id: String,
 }
 
+/// RENEW (client → server): a new token for the session's device, to go on
+/// past the expiry of the one it authenticated with.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Renew {
+    pub token: String,
+}
+
+/// Frames end up in logs; the token must not.
+impl fmt::Debug for Renew {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Renew")
+            .field("token", &"<redacted>")
+            .finish()
+    }
+}
+
+/// RENEWED (server → client): the session runs on the RENEW's token now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Renewed {
+    /// When the new token expires, seconds since the Unix epoch; `None`
+    /// (JSON null) for a legacy token, which does not expire.
+    pub expires_at: Option<u64>,
+}
+
+/// DESIRED (server → client): the device's desired properties, whole.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Desired {
+    /// Goes up by one with every change; a client applies only a version
+    /// newer than the last one it applied.
+    pub version: u64,
+    pub properties: serde_json::Map<String, serde_json::Value>,
+}
+
+/// REPORT (client → server): a change to the device's reported properties.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    /// Chosen by the client; the answer carries it.
+    pub id: u64,
+    /// A JSON merge patch (RFC 7386), or with `replace` the whole object.
+    pub patch: serde_json::Map<String, serde_json::Value>,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub replace: bool,
+}
+
+/// REPORTED (server → client): the REPORT `id` is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reported {
+    pub id: u64,
+    /// The reported properties' version after the change.
+    pub version: u64,
+}
+
+/// REFUSED (server → client): a RENEW or REPORT was not carried out. Not
+/// fatal: the session goes on as before the request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refused {
+    /// The frame type refused.
+    pub request: RefusedRequest,
+    /// The REPORT's `id`; `None` (JSON null) for RENEW.
+    pub id: Option<u64>,
+    pub code: RefusedCode,
+    pub message: String,
+}
+
+/// Which request a REFUSED answers, by its frame name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum RefusedRequest {
+    #[serde(rename = "RENEW")]
+    Renew,
+    #[serde(rename = "REPORT")]
+    Report,
+    /// A request this build does not know, from a newer server. Never sent.
+    #[serde(other)]
+    Unknown,
+}
+
 /// ERROR (server → client): a fatal error; the connection closes after it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorBody {
@@ -299,7 +418,13 @@ impl Frame {
             Frame::CommandAck(_) => FrameType::CommandAck,
             Frame::Ping(_) => FrameType::Ping,
             Frame::Pong(_) => FrameType::Pong,
+            Frame::Renew(_) => FrameType::Renew,
+            Frame::Renewed(_) => FrameType::Renewed,
+            Frame::Desired(_) => FrameType::Desired,
+            Frame::Report(_) => FrameType::Report,
+            Frame::Reported(_) => FrameType::Reported,
             Frame::Error(_) => FrameType::Error,
+            Frame::Refused(_) => FrameType::Refused,
         }
     }
 
@@ -346,7 +471,13 @@ impl Frame {
             Frame::Command(body) => write_json(out, body),
             Frame::CommandAck(body) => write_json(out, body),
             Frame::Ping(nonce) | Frame::Pong(nonce) => out.extend_from_slice(&nonce.to_be_bytes()),
+            Frame::Renew(body) => write_json(out, body),
+            Frame::Renewed(body) => write_json(out, body),
+            Frame::Desired(body) => write_json(out, body),
+            Frame::Report(body) => write_json(out, body),
+            Frame::Reported(body) => write_json(out, body),
             Frame::Error(body) => write_json(out, body),
+            Frame::Refused(body) => write_json(out, body),
         }
         let len = out.len() - start - LENGTH_PREFIX_BYTES;
         let len = u32::try_from(len).unwrap_or(u32::MAX);
@@ -400,7 +531,13 @@ impl Frame {
             FrameType::CommandAck => Frame::CommandAck(read_json(&body, &at)?),
             FrameType::Ping => Frame::Ping(u64::from_be_bytes(fixed::<8>(&body, &at)?)),
             FrameType::Pong => Frame::Pong(u64::from_be_bytes(fixed::<8>(&body, &at)?)),
+            FrameType::Renew => Frame::Renew(read_json(&body, &at)?),
+            FrameType::Renewed => Frame::Renewed(read_json(&body, &at)?),
+            FrameType::Desired => Frame::Desired(read_json(&body, &at)?),
+            FrameType::Report => Frame::Report(read_json(&body, &at)?),
+            FrameType::Reported => Frame::Reported(read_json(&body, &at)?),
             FrameType::Error => Frame::Error(read_json(&body, &at)?),
+            FrameType::Refused => Frame::Refused(read_json(&body, &at)?),
         })
     }
 }

@@ -20,7 +20,8 @@
 //! Errors come in two kinds, mirroring the specification:
 //! [`ProtocolError`] (with an [`ErrorCode`]) is fatal and ends the connection
 //! with an ERROR frame and a QUIC close code; [`RejectCode`] names why one
-//! EVENTS frame was refused while the connection stays open.
+//! EVENTS frame was refused, and [`RefusedCode`] why a RENEW or REPORT was,
+//! while the connection stays open.
 //!
 //! The full specification, test vectors included, is in [`spec`].
 
@@ -34,9 +35,10 @@ mod tests;
 use std::time::Duration;
 
 pub use decoder::FrameDecoder;
-pub use error::{CLOSE_NORMAL, ErrorCode, ProtocolError, RejectCode};
+pub use error::{CLOSE_NORMAL, ErrorCode, ProtocolError, RefusedCode, RejectCode};
 pub use frame::{
-    Ack, Command, CommandAck, Encoding, ErrorBody, Events, Frame, FrameType, Hello, Reject, Welcome,
+    Ack, Command, CommandAck, Desired, Encoding, ErrorBody, Events, Frame, FrameType, Hello,
+    Refused, RefusedRequest, Reject, Renew, Renewed, Report, Reported, Welcome,
 };
 
 /// ALPN protocol identifier negotiated in the TLS handshake.

@@ -47,6 +47,32 @@ fn documented_frames() -> Vec<(&'static str, Frame)> {
                 token: "s3cr3t".into(),
                 commands: true,
                 idempotent: false,
+                group: None,
+                twin: false,
+            }),
+        ),
+        (
+            "hello_group",
+            Frame::Hello(Hello {
+                version: 1,
+                device_id: "sensor-9".into(),
+                token: "s3cr3t".into(),
+                commands: true,
+                idempotent: false,
+                group: Some("factory-7".into()),
+                twin: true,
+            }),
+        ),
+        (
+            "hello_certificate",
+            Frame::Hello(Hello {
+                version: 1,
+                device_id: "sensor-1".into(),
+                token: String::new(),
+                commands: true,
+                idempotent: false,
+                group: None,
+                twin: true,
             }),
         ),
         (
@@ -87,10 +113,56 @@ fn documented_frames() -> Vec<(&'static str, Frame)> {
         ("ping", Frame::Ping(0x0102_0304_0506_0708)),
         ("pong", Frame::Pong(0x0102_0304_0506_0708)),
         (
+            "renew",
+            Frame::Renew(Renew {
+                token: "s3cr3t-2".into(),
+            }),
+        ),
+        (
+            "renewed",
+            Frame::Renewed(Renewed {
+                expires_at: Some(1_767_229_200),
+            }),
+        ),
+        (
+            "desired",
+            Frame::Desired(Desired {
+                version: 3,
+                properties: object(json!({"interval_s": 30})),
+            }),
+        ),
+        (
+            "report",
+            Frame::Report(Report {
+                id: 7,
+                patch: object(json!({"firmware": "1.4.2"})),
+                replace: false,
+            }),
+        ),
+        ("reported", Frame::Reported(Reported { id: 7, version: 12 })),
+        (
             "error",
             Frame::Error(ErrorBody::from(ProtocolError::unsupported_version(2))),
         ),
+        (
+            "refused",
+            Frame::Refused(Refused {
+                request: RefusedRequest::Renew,
+                id: None,
+                code: RefusedCode::Unauthorized,
+                message: "the token of device 'sensor-1' expired at 2026-01-01T00:00:00Z; the \
+                          session goes on with its current token"
+                    .into(),
+            }),
+        ),
     ]
+}
+
+fn object(value: serde_json::Value) -> serde_json::Map<String, serde_json::Value> {
+    match value {
+        serde_json::Value::Object(map) => map,
+        other => panic!("not an object: {other}"),
+    }
 }
 
 struct Vector {
@@ -161,7 +233,7 @@ fn spec_vectors_decode_and_encode_byte_exact() {
     // Every frame type has a documented vector.
     let types: std::collections::HashSet<_> =
         expected.iter().map(|(_, f)| f.frame_type()).collect();
-    assert_eq!(types.len(), 10);
+    assert_eq!(types.len(), 16);
 }
 
 #[test]
@@ -211,6 +283,22 @@ fn all_frames() -> Vec<Frame> {
         }),
         Frame::Ping(0),
         Frame::Pong(u64::MAX),
+        Frame::Renewed(Renewed { expires_at: None }),
+        Frame::Report(Report {
+            id: u64::MAX,
+            patch: object(json!({"a": {"b": null}, "c": [1, 2]})),
+            replace: true,
+        }),
+        Frame::Desired(Desired {
+            version: 1,
+            properties: serde_json::Map::new(),
+        }),
+        Frame::Refused(Refused {
+            request: RefusedRequest::Report,
+            id: Some(0),
+            code: RefusedCode::InvalidProperties,
+            message: "too big".into(),
+        }),
     ]);
     frames
 }
@@ -286,11 +374,11 @@ fn unknown_type_is_refused_before_the_body_arrives() {
     let mut ok = Vec::new();
     Frame::Ping(1).encode(&mut ok);
     decoder.push(&ok);
-    decoder.push(&[0, 0, 1, 0, 0x0A]);
+    decoder.push(&[0, 0, 1, 0, 0x7F]);
     assert_eq!(decoder.next_frame(), Ok(Some(Frame::Ping(1))));
     let err = decoder.next_frame().unwrap_err();
     assert_eq!(err.code, ErrorCode::ProtocolError);
-    assert!(err.message.contains("0x0a"), "{err}");
+    assert!(err.message.contains("0x7f"), "{err}");
     assert!(err.message.contains("byte offset 17"), "{err}");
 }
 
@@ -463,8 +551,14 @@ fn hello_of_another_version_is_unsupported_not_malformed() {
         token: "s3cr3t".into(),
         commands: true,
         idempotent: false,
+        group: Some("g".into()),
+        twin: true,
     };
     assert!(!format!("{:?}", Frame::Hello(hello)).contains("s3cr3t"));
+    let renew = Frame::Renew(Renew {
+        token: "s3cr3t".into(),
+    });
+    assert!(!format!("{renew:?}").contains("s3cr3t"));
 
     // A well-formed HELLO of another version decodes; the session refuses it.
     let frame = decode_one(&frame_bytes(
@@ -523,6 +617,16 @@ fn codes_and_directions() {
             "{code} documented with its close code"
         );
     }
+    for code in RefusedCode::ALL {
+        assert_eq!(serde_json::to_value(code).unwrap(), json!(code.as_str()));
+        assert!(
+            SPEC.contains(&format!("| `{}` | RENEW |", code.as_str()))
+                || SPEC.contains(&format!("| `{}` | REPORT |", code.as_str()))
+                || SPEC.contains(&format!("| `{}` | both |", code.as_str())),
+            "REFUSED code {code} documented"
+        );
+        assert_eq!(code.is_retryable(), code == RefusedCode::Unavailable);
+    }
 
     for byte in 0..=255u8 {
         if let Some(ty) = FrameType::from_u8(byte) {
@@ -533,6 +637,17 @@ fn codes_and_directions() {
     }
     assert!(FrameType::Events.sent_by_client() && !FrameType::Events.sent_by_server());
     assert!(FrameType::Ping.sent_by_client() && FrameType::Ping.sent_by_server());
+    for ty in [FrameType::Renew, FrameType::Report] {
+        assert!(ty.sent_by_client() && !ty.sent_by_server(), "{}", ty.name());
+    }
+    for ty in [
+        FrameType::Renewed,
+        FrameType::Desired,
+        FrameType::Reported,
+        FrameType::Refused,
+    ] {
+        assert!(ty.sent_by_server() && !ty.sent_by_client(), "{}", ty.name());
+    }
     assert_eq!(Encoding::from_u8(1), Encoding::Json);
     assert_eq!(Encoding::from_u8(2), Encoding::Unknown(2));
 }
@@ -608,4 +723,65 @@ fn garbage_never_panics() {
         };
         drain(&bytes, &mut rng, 256);
     }
+}
+
+#[test]
+fn malformed_twin_and_renewal_frames_are_protocol_errors() {
+    let check = |ty: u8, body: &[u8], needle: &str| {
+        let err = decode_one(&frame_bytes(ty, body)).unwrap_err();
+        assert_eq!(err.code, ErrorCode::ProtocolError, "{err}");
+        assert!(err.message.contains(needle), "{needle:?} not in {err}");
+    };
+    check(
+        0x0A,
+        br#"{}"#,
+        "RENEW frame at byte offset 0: invalid JSON body",
+    );
+    check(0x0A, br#"{"token":7}"#, "RENEW");
+    check(0x0D, br#"{"id":1,"patch":[1]}"#, "REPORT frame");
+    check(0x0D, br#"{"id":-1,"patch":{}}"#, "REPORT frame");
+    check(0x0D, br#"{"patch":{}}"#, "id");
+    check(0x0D, br#"{"id":1,"patch":{},"replace":"yes"}"#, "REPORT");
+    check(0x0C, br#"{"version":1,"properties":null}"#, "DESIRED");
+    check(0x0E, br#"{"id":1}"#, "version");
+    check(0x0B, br#"{"expires_at":"soon"}"#, "RENEWED");
+    check(
+        0x10,
+        br#"{"request":"RENEW","id":null,"code":"unauthorized"}"#,
+        "message",
+    );
+    // Nested too deep for the JSON reader: an error, not a stack overflow.
+    let mut deep = br#"{"id":1,"patch":{"a":"#.to_vec();
+    deep.extend(std::iter::repeat_n(b'[', 100_000));
+    check(0x0D, &deep, "REPORT");
+
+    // A missing `replace` is false, a missing `expires_at` null; unknown
+    // requests and codes from a newer server still decode.
+    let report = decode_one(&frame_bytes(
+        0x0D,
+        br#"{"id":2,"patch":{"x":1},"more":true}"#,
+    ));
+    assert_eq!(
+        report,
+        Ok(Frame::Report(Report {
+            id: 2,
+            patch: object(json!({"x": 1})),
+            replace: false,
+        }))
+    );
+    assert_eq!(
+        decode_one(&frame_bytes(0x0B, b"{}")),
+        Ok(Frame::Renewed(Renewed { expires_at: None }))
+    );
+    let refused = decode_one(&frame_bytes(
+        0x10,
+        br#"{"request":"RESET","id":3,"code":"quota","message":"m"}"#,
+    ))
+    .unwrap();
+    let Frame::Refused(refused) = refused else {
+        panic!("{refused:?}")
+    };
+    assert_eq!(refused.request, RefusedRequest::Unknown);
+    assert_eq!(refused.code, RefusedCode::Unknown);
+    assert!(!refused.code.is_retryable());
 }

@@ -887,6 +887,11 @@ async fn legacy_tokens_authenticate_after_migration() {
         .await
         .unwrap();
     reg.authenticate("off", &off, NOW_MS).await.unwrap_err();
+
+    // What migration 3 added works for the old devices too.
+    assert_eq!(reg.get_twin("old").await.unwrap(), crate::Twin::default());
+    assert!(reg.list_certificates("old").await.unwrap().is_empty());
+    assert_eq!(reg.connection_state("old").await.unwrap(), None);
 }
 
 #[tokio::test]
@@ -895,7 +900,11 @@ async fn changes_announce_ids() {
     let mut rx = reg.changes();
     reg.create_device(new("a", &[]), 0).await.unwrap();
     reg.create_device(new("b", &[]), 0).await.unwrap();
-    assert_eq!(rx.try_recv(), Err(TryRecvError::Empty), "creating is quiet");
+    // Creating does not touch anyone's access; copies of the registry hear.
+    for want in ["a", "b"] {
+        assert_eq!(rx.recv().await.unwrap(), Change::Updated(want.into()));
+    }
+    assert_eq!(rx.try_recv(), Err(TryRecvError::Empty));
 
     let disable = DevicePatch {
         status: Some(DeviceStatus::Disabled),
@@ -905,7 +914,7 @@ async fn changes_announce_ids() {
     reg.rotate_key("b", KeySlot::Secondary, 2).await.unwrap();
     reg.remove_device("a").await.unwrap();
     for want in ["a", "b", "a"] {
-        assert_eq!(rx.recv().await.unwrap(), want);
+        assert_eq!(rx.recv().await.unwrap(), Change::Access(want.into()));
     }
     // Failed calls announce nothing; a late subscriber sees only what follows.
     reg.remove_device("a").await.unwrap_err();
@@ -915,8 +924,8 @@ async fn changes_announce_ids() {
     reg.update_device("b", DevicePatch::default(), 4)
         .await
         .unwrap();
-    assert_eq!(late.recv().await.unwrap(), "b");
-    assert_eq!(rx.recv().await.unwrap(), "b");
+    assert_eq!(late.recv().await.unwrap(), Change::Access("b".into()));
+    assert_eq!(rx.recv().await.unwrap(), Change::Access("b".into()));
 }
 
 #[tokio::test]
@@ -976,6 +985,7 @@ fn open_sets_pragmas_and_creates_parent_dirs() {
         .unwrap();
     assert_eq!(mode, "wal");
     assert_eq!(int("synchronous"), 2, "2 is FULL");
+    assert_eq!(int("foreign_keys"), 1);
     assert_eq!(int("user_version"), SCHEMA_VERSION);
 }
 
@@ -1011,4 +1021,189 @@ async fn usable_as_a_shared_trait_object() {
         .unwrap();
     let token = signed("x", &keys.primary, IN_AN_HOUR);
     reg.authenticate("x", &token, NOW_MS).await.unwrap();
+}
+
+#[tokio::test]
+async fn removing_a_device_leaves_no_rows_behind() {
+    let reg = SqliteRegistry::open_in_memory().unwrap();
+    reg.create_device(new("gone", &[]), 0).await.unwrap();
+    reg.create_device(new("stays", &[]), 0).await.unwrap();
+    for id in ["gone", "stays"] {
+        let thumbprint = crate::thumbprint(id.as_bytes());
+        reg.add_certificate(id, &thumbprint, NOW_MS + 1, 0)
+            .await
+            .unwrap();
+        let state = ConnectionState {
+            connected: true,
+            since: 1,
+            reason: None,
+            last_seen: Some(2),
+            last_event_at: None,
+        };
+        reg.record_connection(id, &state).await.unwrap();
+        let update = crate::PropertiesUpdate {
+            patch: meta(serde_json::json!({"fw": "1.0"})),
+            ..crate::PropertiesUpdate::default()
+        };
+        reg.update_properties(id, Side::Reported, update, 3)
+            .await
+            .unwrap();
+    }
+    reg.remove_device("gone").await.unwrap();
+    let conn = reg.conn();
+    for table in ["certificates", "connections", "twins"] {
+        let ids: Vec<String> = conn
+            .prepare(&format!("SELECT device_id FROM {table}"))
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        assert_eq!(ids, vec!["stays".to_string()], "{table}");
+    }
+}
+
+#[tokio::test]
+async fn group_keys_are_sealed_for_their_group() {
+    let reg = SqliteRegistry::open_in_memory().unwrap();
+    let (_, keys) = reg
+        .create_group(
+            NewGroup {
+                name: "line-1".into(),
+                ..NewGroup::default()
+            },
+            0,
+        )
+        .await
+        .unwrap();
+    let (sealed, plain_primary) = {
+        let conn = reg.conn();
+        let sealed: Vec<u8> = conn
+            .query_row(
+                "SELECT primary_key FROM enrollment_groups WHERE name = 'line-1'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        (sealed, token::decode_key(&keys.primary).unwrap())
+    };
+    assert_eq!(sealed.len(), 12 + 32 + 16);
+    assert!(!contains(&sealed, &plain_primary));
+    // Sealed for `group/line-1`: it opens for neither a device nor another
+    // group of the same name's slot.
+    assert_eq!(
+        reg.master
+            .open("group/line-1", KeySlot::Primary, &sealed)
+            .as_deref(),
+        Some(&plain_primary[..])
+    );
+    assert_eq!(reg.master.open("line-1", KeySlot::Primary, &sealed), None);
+    assert_eq!(
+        reg.master.open("group/line-1", KeySlot::Secondary, &sealed),
+        None
+    );
+
+    // A group key that does not open is a broken setup, not a bad token.
+    reg.conn()
+        .execute(
+            "UPDATE enrollment_groups SET primary_key = secondary_key WHERE name = 'line-1'",
+            [],
+        )
+        .unwrap();
+    let device_key = derive_device_key(&plain_primary, "d1");
+    let token = token::sign("d1", &device_key, IN_AN_HOUR);
+    let err = reg
+        .enroll("line-1", "d1", &token, NOW_MS)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Internal(_)), "{err:?}");
+    assert!(
+        err.to_string().contains("enrollment group 'line-1'"),
+        "{err}"
+    );
+    assert!(!err.to_string().contains(&keys.primary), "{err}");
+}
+
+#[tokio::test]
+async fn master_key_is_not_recreated_for_a_database_with_groups() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = db_path(&dir);
+    {
+        let reg = SqliteRegistry::open(&path).unwrap();
+        let group = NewGroup {
+            name: "g".into(),
+            ..NewGroup::default()
+        };
+        reg.create_group(group, 0).await.unwrap();
+    }
+    let key_path = SqliteRegistry::key_path(&path);
+    std::fs::remove_file(&key_path).unwrap();
+    let err = SqliteRegistry::open(&path).unwrap_err();
+    assert!(matches!(err, Error::MasterKey { .. }), "{err:?}");
+    assert!(!key_path.exists());
+}
+
+#[tokio::test]
+async fn enrollment_survives_reopening() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = db_path(&dir);
+    let group = NewGroup {
+        name: "g".into(),
+        tags: tags(&[("site", "north")]),
+        status: None,
+    };
+    let (_, keys) = {
+        let reg = SqliteRegistry::open(&path).unwrap();
+        reg.create_group(group, 0).await.unwrap()
+    };
+    let reg = SqliteRegistry::open(&path).unwrap();
+    let group_key = token::decode_key(&keys.secondary).unwrap();
+    let token = token::sign("d1", &derive_device_key(&group_key, "d1"), IN_AN_HOUR);
+    let (device, created) = reg.enroll("g", "d1", &token, NOW_MS).await.unwrap();
+    assert!(created);
+    assert_eq!(device.tags, tags(&[("site", "north")]));
+    drop(reg);
+    let reg = SqliteRegistry::open(&path).unwrap();
+    assert_eq!(
+        reg.enroll("g", "d1", &token, NOW_MS).await.unwrap(),
+        (device, false)
+    );
+}
+
+/// Two processes (here: two connections to one file) enrolling the same new
+/// devices at once: whichever inserts second falls back to the known-device
+/// path instead of failing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_enrollment_across_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = db_path(&dir);
+    let first = Arc::new(SqliteRegistry::open(&path).unwrap());
+    let group = NewGroup {
+        name: "g".into(),
+        ..NewGroup::default()
+    };
+    let (_, keys) = first.create_group(group, 0).await.unwrap();
+    let second = Arc::new(SqliteRegistry::open(&path).unwrap());
+    let group_key = token::decode_key(&keys.primary).unwrap();
+    let ids: Vec<String> = (0..40).map(|i| format!("d{i}")).collect();
+    let mut tasks = Vec::new();
+    for reg in [first.clone(), second.clone()] {
+        let ids = ids.clone();
+        let group_key = group_key.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut created = Vec::new();
+            for id in &ids {
+                let token = token::sign(id, &derive_device_key(&group_key, id), IN_AN_HOUR);
+                let (_, new) = reg.enroll("g", id, &token, NOW_MS).await.unwrap();
+                created.push(new);
+            }
+            created
+        }));
+    }
+    let a = tasks.remove(0).await.unwrap();
+    let b = tasks.remove(0).await.unwrap();
+    for (i, (a, b)) in a.iter().zip(&b).enumerate() {
+        assert!(a ^ b, "device d{i}: created by exactly one ({a}, {b})");
+    }
+    assert_eq!(second.all_devices().await.unwrap().len(), ids.len());
 }
