@@ -198,7 +198,7 @@ pub async fn serve(args: ServeArgs) -> Result<std::process::ExitCode> {
         registry: registry.clone(),
         gateway: Default::default(),
     });
-    sql.refresh_devices(&registry).await?;
+    sql.refresh_devices().await?;
     sql.resume().await?;
 
     let gateway = Gateway::bind(
@@ -305,7 +305,7 @@ async fn follow_registry(sql: Arc<sql::SqlService>, mut shutdown: watch::Receive
         tokio::time::sleep(GATHER).await;
         // What came in while waiting is covered by this reload.
         while let Ok(_) | Err(broadcast::error::TryRecvError::Lagged(_)) = changes.try_recv() {}
-        if let Err(e) = sql.refresh_devices(&sql.registry).await {
+        if let Err(e) = sql.refresh_devices().await {
             tracing::error!(error = %e, "could not reload the devices table");
         }
     }

@@ -76,7 +76,8 @@ impl SqlService {
     }
 
     /// Reloads the devices table from the registry (after it changed).
-    pub async fn refresh_devices(&self, registry: &SharedRegistry) -> anyhow::Result<()> {
+    pub async fn refresh_devices(&self) -> anyhow::Result<()> {
+        let registry = &self.registry;
         // One reload at a time, each reading the registry after the one
         // before it was applied: two concurrent reloads could otherwise
         // apply out of order and leave an older snapshot in place.
@@ -229,7 +230,7 @@ impl SqlService {
                 // A query sees the devices as they are now, last-seen times
                 // included.
                 if self.queries.reads_devices(&statement)
-                    && let Err(e) = self.refresh_devices(&self.registry).await
+                    && let Err(e) = self.refresh_devices().await
                 {
                     tracing::warn!(error = %e, "could not reload the devices table; querying the last copy");
                 }

@@ -532,7 +532,7 @@ pub fn to_json_rows(result: &QueryResult) -> Result<Vec<Value>, arrow::error::Ar
 
 /// Rules and queries see registry changes at once.
 async fn refresh_devices(state: &ApiState) {
-    if let Err(e) = state.sql.refresh_devices(&state.registry).await {
+    if let Err(e) = state.sql.refresh_devices().await {
         tracing::error!(error = %e, "could not reload the devices table");
     }
 }
