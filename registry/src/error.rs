@@ -62,7 +62,8 @@ pub enum Error {
          (up to {supported}); upgrade Tributary"
     )]
     SchemaTooNew {
-        /// The `user_version` found in the database.
+        /// The version found in the database (SQLite's `user_version`,
+        /// PostgreSQL's `schema_version` table).
         found: i64,
         /// The newest schema version this build knows.
         supported: i64,
@@ -79,6 +80,10 @@ pub enum Error {
     /// The database failed.
     #[error("registry storage error: {0}")]
     Storage(#[from] rusqlite::Error),
+    /// The PostgreSQL server failed, or could not be reached; the message
+    /// says which server and what went wrong (never a password).
+    #[error("registry database error (PostgreSQL): {0}")]
+    Postgres(String),
     /// The file system failed.
     #[error("registry I/O error at '{}': {source}", path.display())]
     Io {

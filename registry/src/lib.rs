@@ -6,8 +6,9 @@
 //! [`validate_metadata`]), device keys and the tokens made from them
 //! ([`token`]), and the [`Registry`] trait that the gateway (authentication)
 //! and the management API (provisioning) use through a [`SharedRegistry`].
-//! [`SqliteRegistry`] is the one-machine implementation; a PostgreSQL one is
-//! planned behind the same trait.
+//! [`SqliteRegistry`] keeps it in one file on the server's machine;
+//! [`PostgresRegistry`] in a PostgreSQL database. Both pass the same
+//! conformance tests.
 //!
 //! Every device has two random keys, a primary and a secondary, shown once
 //! when they are made ([`Registry::create_device`], [`Registry::rotate_key`])
@@ -50,6 +51,7 @@
 //! ```
 
 mod certificate;
+mod common;
 #[cfg(test)]
 mod conformance;
 mod credentials;
@@ -57,6 +59,7 @@ mod device;
 mod enrollment;
 mod error;
 mod master_key;
+mod postgres;
 mod presence;
 mod sqlite;
 pub mod token;
@@ -74,6 +77,7 @@ pub use enrollment::{
     EnrollmentGroup, GroupPatch, NewGroup, derive_device_key, validate_group_name,
 };
 pub use error::{Error, Result};
+pub use postgres::PostgresRegistry;
 pub use presence::ConnectionState;
 pub use sqlite::{SCHEMA_VERSION, SqliteRegistry};
 pub use twin::{

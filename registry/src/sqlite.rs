@@ -10,13 +10,18 @@ use rusqlite::types::Value;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params, params_from_iter};
 use tokio::sync::broadcast;
 
-use crate::credentials::{TOKEN_PREFIX, verify_token};
+use crate::common::{
+    Credentials, GroupCredentials, KeyVault, Presented, RawCertificate, RawDevice, RawGroup,
+    RawTwin, admit_certificate, apply_update, certificate_taken, check_page_limit,
+    check_token_expires_at, check_token_expiry, enroll_known, into_page, missing_group,
+    page_query_limit, refused_certificate, refused_token, to_json,
+};
 use crate::master_key::{self, MasterKey};
 use crate::{
     Certificate, CertificateStatus, Change, ConnectionState, Device, DeviceFilter, DeviceKeys,
-    DevicePage, DevicePatch, DeviceStatus, EnrollmentGroup, Error, GroupPatch, KeySlot, MAX_PAGE,
-    NewDevice, NewGroup, PropertiesUpdate, Registry, Result, Side, Twin, derive_device_key, token,
-    validate_device_id, validate_group_name, validate_metadata, validate_tags, validate_thumbprint,
+    DevicePage, DevicePatch, DeviceStatus, EnrollmentGroup, Error, GroupPatch, KeySlot, NewDevice,
+    NewGroup, PropertiesUpdate, Registry, Result, Side, Twin, token, validate_device_id,
+    validate_group_name, validate_metadata, validate_tags, validate_thumbprint,
 };
 
 /// Schema migrations, oldest first; migration `i` takes the database from
@@ -114,12 +119,7 @@ const DEVICE_COLUMNS: &str = "id, tags, metadata, status, created_at, updated_at
 /// queries are short point lookups, so this is cheaper than a thread hop.
 pub struct SqliteRegistry {
     conn: Mutex<Connection>,
-    rng: SystemRandom,
-    master: MasterKey,
-    /// A key sealed for no device (the empty id is invalid), opened in place
-    /// of a device's missing key, so that authentication does the same work
-    /// whether or not the device and its keys exist.
-    dummy_sealed: Vec<u8>,
+    keys: KeyVault,
     changes: broadcast::Sender<Change>,
 }
 
@@ -200,14 +200,10 @@ impl SqliteRegistry {
     }
 
     fn new(conn: Connection, master: MasterKey, rng: SystemRandom) -> Result<Self> {
-        let dummy_key = token::generate_key(&rng)?;
-        let dummy_sealed = master.seal(&rng, "", KeySlot::Primary, &dummy_key)?;
         let (changes, _) = broadcast::channel(CHANGES_CAPACITY);
         Ok(Self {
             conn: Mutex::new(conn),
-            rng,
-            master,
-            dummy_sealed,
+            keys: KeyVault::new(master, rng)?,
             changes,
         })
     }
@@ -223,198 +219,6 @@ impl SqliteRegistry {
     fn announce(&self, change: Change) {
         let _ = self.changes.send(change);
     }
-
-    /// Makes a key and seals it for `id`'s `slot`: (plain, sealed).
-    fn new_key(&self, id: &str, slot: KeySlot) -> Result<([u8; token::KEY_LEN], Vec<u8>)> {
-        let key = token::generate_key(&self.rng)?;
-        let sealed = self.master.seal(&self.rng, id, slot, &key)?;
-        Ok((key, sealed))
-    }
-
-    /// The key in a slot, opened. A sealed key that does not open is a
-    /// broken setup (another master key file, a row copied from elsewhere),
-    /// not a wrong token, so it is an error of its own.
-    fn open_key(&self, id: &str, slot: KeySlot, sealed: &[u8]) -> Result<Vec<u8>> {
-        self.master.open(id, slot, sealed).ok_or_else(|| {
-            Error::Internal(format!(
-                "device '{id}': its stored {} key does not open with this registry's master \
-                 key (was the key file replaced, or the row copied from another registry?)",
-                slot_name(slot)
-            ))
-        })
-    }
-
-    /// The key to check a signature against, and whether it is real: the
-    /// slot's key, or the dummy key (with the same work) when there is none.
-    fn key_or_dummy(
-        &self,
-        id: &str,
-        slot: KeySlot,
-        sealed: Option<&[u8]>,
-    ) -> Result<(Vec<u8>, bool)> {
-        match sealed {
-            Some(sealed) => Ok((self.open_key(id, slot, sealed)?, true)),
-            None => Ok((self.dummy_key(), false)),
-        }
-    }
-
-    fn dummy_key(&self) -> Vec<u8> {
-        self.master
-            .open("", KeySlot::Primary, &self.dummy_sealed)
-            .unwrap_or_default()
-    }
-
-    /// Makes a key and seals it for group `name`'s `slot`: (plain, sealed).
-    fn new_group_key(&self, name: &str, slot: KeySlot) -> Result<([u8; token::KEY_LEN], Vec<u8>)> {
-        let key = token::generate_key(&self.rng)?;
-        let sealed = self
-            .master
-            .seal(&self.rng, &group_sealing_id(name), slot, &key)?;
-        Ok((key, sealed))
-    }
-
-    /// [`Self::key_or_dummy`] for a group's key.
-    fn group_key_or_dummy(
-        &self,
-        name: &str,
-        slot: KeySlot,
-        sealed: Option<&[u8]>,
-    ) -> Result<(Vec<u8>, bool)> {
-        let Some(sealed) = sealed else {
-            return Ok((self.dummy_key(), false));
-        };
-        let key = self
-            .master
-            .open(&group_sealing_id(name), slot, sealed)
-            .ok_or_else(|| {
-                Error::Internal(format!(
-                    "enrollment group '{name}': its stored {} key does not open with this \
-                     registry's master key (was the key file replaced, or the row copied from \
-                     another registry?)",
-                    slot_name(slot)
-                ))
-            })?;
-        Ok((key, true))
-    }
-
-    /// Whether `signature` is one of the device's keys' over `id` and
-    /// `expires_at`, with the same work whether or not the device, or a
-    /// key, exists.
-    fn signed_by_device(
-        &self,
-        id: &str,
-        row: Option<&Credentials>,
-        expires_at: i64,
-        signature: &[u8],
-    ) -> Result<bool> {
-        let primary = row.and_then(|r| r.primary.as_deref());
-        let secondary = row.and_then(|r| r.secondary.as_deref());
-        let (primary, has_primary) = self.key_or_dummy(id, KeySlot::Primary, primary)?;
-        let (secondary, has_secondary) = self.key_or_dummy(id, KeySlot::Secondary, secondary)?;
-        let by_primary = token::verify(id, &primary, expires_at, signature);
-        let by_secondary = token::verify(id, &secondary, expires_at, signature);
-        Ok((by_primary & has_primary) | (by_secondary & has_secondary))
-    }
-
-    /// The device keys group `name` derives for `id`, and whether the token
-    /// is signed by one of them; the same work for an unknown group.
-    fn signed_by_group(
-        &self,
-        name: &str,
-        id: &str,
-        row: Option<&GroupCredentials>,
-        expires_at: i64,
-        signature: &[u8],
-    ) -> Result<(DerivedKeys, bool)> {
-        let primary = row.map(|r| &r.primary[..]);
-        let secondary = row.map(|r| &r.secondary[..]);
-        let (primary, has_primary) = self.group_key_or_dummy(name, KeySlot::Primary, primary)?;
-        let (secondary, has_secondary) =
-            self.group_key_or_dummy(name, KeySlot::Secondary, secondary)?;
-        let keys = DerivedKeys {
-            primary: derive_device_key(&primary, id),
-            secondary: derive_device_key(&secondary, id),
-        };
-        let by_primary = token::verify(id, &keys.primary, expires_at, signature);
-        let by_secondary = token::verify(id, &keys.secondary, expires_at, signature);
-        Ok((
-            keys,
-            (by_primary & has_primary) | (by_secondary & has_secondary),
-        ))
-    }
-
-    /// The rest of [`Registry::enroll`] for a device the registry knows,
-    /// `verified` if the token is signed by its own keys: enrolled by
-    /// `group`, it is checked as [`Registry::authenticate`] checks it.
-    fn enroll_known(
-        &self,
-        group: &str,
-        id: &str,
-        row: Option<Credentials>,
-        verified: bool,
-        expires_at: i64,
-        now_ms: i64,
-    ) -> Result<Device> {
-        let row = match row {
-            Some(row) if verified && row.enrollment_group.as_deref() == Some(group) => row,
-            _ => return Err(refused_token(id)),
-        };
-        admit(row.device.decode()?, Some(expires_at), now_ms)
-    }
-}
-
-/// The keys an enrollment group derives for a device.
-struct DerivedKeys {
-    primary: [u8; token::KEY_LEN],
-    secondary: [u8; token::KEY_LEN],
-}
-
-/// The id a group's keys are sealed for. Group names follow the device id
-/// rules, which leave out '/', so this never names a device.
-fn group_sealing_id(name: &str) -> String {
-    format!("group/{name}")
-}
-
-/// The one reason authentication by token gives for everything that fails
-/// before a signature verifies.
-fn refused_token(id: &str) -> Error {
-    Error::Unauthorized(format!(
-        "device '{}': unknown device, or a token not signed by its keys",
-        shown_id(id)
-    ))
-}
-
-/// The same for a certificate.
-fn refused_certificate(id: &str) -> Error {
-    Error::Unauthorized(format!(
-        "device '{}': unknown device, or a certificate not registered to it",
-        shown_id(id)
-    ))
-}
-
-/// What is left to check once a device proved who it is: that it is
-/// enabled, and that its token (if it used one) has not expired.
-fn admit(device: Device, token_expires_at: Option<i64>, now_ms: i64) -> Result<Device> {
-    if device.status == DeviceStatus::Disabled {
-        return Err(Error::Unauthorized(format!(
-            "device '{}' is disabled",
-            device.id
-        )));
-    }
-    if let Some(expires_at) = token_expires_at {
-        check_token_expiry(&device.id, expires_at, now_ms)?;
-    }
-    Ok(device)
-}
-
-fn check_token_expiry(id: &str, expires_at: i64, now_ms: i64) -> Result<()> {
-    if now_ms >= expires_at.saturating_mul(1000) {
-        return Err(Error::Unauthorized(format!(
-            "the token of device '{id}' expired at {}",
-            rfc3339(expires_at)
-        )));
-    }
-    Ok(())
 }
 
 /// Brings the schema from whatever `user_version` says up to
@@ -440,16 +244,6 @@ fn migrate(conn: &mut Connection) -> Result<()> {
     Ok(())
 }
 
-/// A `devices` row as read, before its text columns are decoded.
-struct RawDevice {
-    id: String,
-    tags: String,
-    metadata: String,
-    status: String,
-    created_at: i64,
-    updated_at: i64,
-}
-
 impl RawDevice {
     /// Reads [`DEVICE_COLUMNS`], which come first in every query.
     fn from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Self> {
@@ -462,45 +256,6 @@ impl RawDevice {
             updated_at: row.get(5)?,
         })
     }
-
-    fn decode(self) -> Result<Device> {
-        let tags: BTreeMap<String, String> = serde_json::from_str(&self.tags).map_err(|e| {
-            Error::Internal(format!(
-                "device '{}': stored tags are not a JSON object of strings: {e}",
-                self.id
-            ))
-        })?;
-        let metadata = serde_json::from_str(&self.metadata).map_err(|e| {
-            Error::Internal(format!(
-                "device '{}': stored metadata is not a JSON object: {e}",
-                self.id
-            ))
-        })?;
-        let status = DeviceStatus::parse(&self.status).ok_or_else(|| {
-            Error::Internal(format!(
-                "device '{}': unknown stored status '{}'",
-                self.id, self.status
-            ))
-        })?;
-        Ok(Device {
-            id: self.id,
-            tags,
-            metadata,
-            status,
-            created_at: self.created_at,
-            updated_at: self.updated_at,
-        })
-    }
-}
-
-/// What authentication reads of a device.
-struct Credentials {
-    device: RawDevice,
-    legacy_digest: Vec<u8>,
-    primary: Option<Vec<u8>>,
-    secondary: Option<Vec<u8>>,
-    /// The group that enrolled it, if one did.
-    enrollment_group: Option<String>,
 }
 
 fn read_credentials(conn: &Connection, id: &str) -> Result<Option<Credentials>> {
@@ -536,15 +291,6 @@ fn device_exists(conn: &Connection, id: &str) -> Result<bool> {
 
 const GROUP_COLUMNS: &str = "name, tags, status, created_at, updated_at";
 
-/// An `enrollment_groups` row as read, before its text columns are decoded.
-struct RawGroup {
-    name: String,
-    tags: String,
-    status: String,
-    created_at: i64,
-    updated_at: i64,
-}
-
 impl RawGroup {
     /// Reads [`GROUP_COLUMNS`], which come first in every query.
     fn from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Self> {
@@ -556,35 +302,6 @@ impl RawGroup {
             updated_at: row.get(4)?,
         })
     }
-
-    fn decode(self) -> Result<EnrollmentGroup> {
-        let tags = serde_json::from_str(&self.tags).map_err(|e| {
-            Error::Internal(format!(
-                "enrollment group '{}': stored tags are not a JSON object of strings: {e}",
-                self.name
-            ))
-        })?;
-        let status = DeviceStatus::parse(&self.status).ok_or_else(|| {
-            Error::Internal(format!(
-                "enrollment group '{}': unknown stored status '{}'",
-                self.name, self.status
-            ))
-        })?;
-        Ok(EnrollmentGroup {
-            name: self.name,
-            tags,
-            status,
-            created_at: self.created_at,
-            updated_at: self.updated_at,
-        })
-    }
-}
-
-/// What enrollment reads of a group.
-struct GroupCredentials {
-    group: RawGroup,
-    primary: Vec<u8>,
-    secondary: Vec<u8>,
 }
 
 fn read_group(conn: &Connection, name: &str) -> Result<Option<EnrollmentGroup>> {
@@ -618,22 +335,8 @@ fn read_group_credentials(conn: &Connection, name: &str) -> Result<Option<GroupC
     Ok(row)
 }
 
-fn missing_group(name: &str) -> Error {
-    Error::Missing(format!("enrollment group '{name}' does not exist"))
-}
-
 const CERTIFICATE_COLUMNS: &str =
     "thumbprint, device_id, status, not_after, created_at, updated_at";
-
-/// A `certificates` row as read, before its status is decoded.
-struct RawCertificate {
-    thumbprint: String,
-    device_id: String,
-    status: String,
-    not_after: i64,
-    created_at: i64,
-    updated_at: i64,
-}
 
 impl RawCertificate {
     /// Reads [`CERTIFICATE_COLUMNS`].
@@ -647,29 +350,6 @@ impl RawCertificate {
             updated_at: row.get(5)?,
         })
     }
-
-    fn decode(self) -> Result<Certificate> {
-        let status = CertificateStatus::parse(&self.status).ok_or_else(|| {
-            Error::Internal(format!(
-                "certificate {}: unknown stored status '{}'",
-                self.thumbprint, self.status
-            ))
-        })?;
-        Ok(Certificate {
-            thumbprint: self.thumbprint,
-            device_id: self.device_id,
-            status,
-            not_after: self.not_after,
-            created_at: self.created_at,
-            updated_at: self.updated_at,
-        })
-    }
-}
-
-fn certificate_taken(thumbprint: &str, owner: &str) -> Error {
-    Error::Conflict(format!(
-        "certificate {thumbprint} is registered already, to device '{owner}'"
-    ))
 }
 
 const CONNECTION_COLUMNS: &str = "device_id, connected, since, reason, last_seen, last_event_at";
@@ -691,16 +371,6 @@ fn connection_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<(String, Con
 const TWIN_COLUMNS: &str = "desired, desired_version, desired_updated_at, \
                             reported, reported_version, reported_updated_at";
 
-/// A `twins` row as read, before its JSON is decoded.
-struct RawTwin {
-    desired: String,
-    desired_version: i64,
-    desired_updated_at: Option<i64>,
-    reported: String,
-    reported_version: i64,
-    reported_updated_at: Option<i64>,
-}
-
 impl RawTwin {
     /// Reads [`TWIN_COLUMNS`], starting at column `at`.
     fn from_row(row: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<Self> {
@@ -711,25 +381,6 @@ impl RawTwin {
             reported: row.get(at + 3)?,
             reported_version: row.get(at + 4)?,
             reported_updated_at: row.get(at + 5)?,
-        })
-    }
-
-    fn decode(self, id: &str) -> Result<Twin> {
-        let object = |side: Side, text: &str| -> Result<crate::Properties> {
-            serde_json::from_str(text).map_err(|e| {
-                Error::Internal(format!(
-                    "device '{id}': stored {} properties are not a JSON object: {e}",
-                    side.as_str()
-                ))
-            })
-        };
-        Ok(Twin {
-            desired: object(Side::Desired, &self.desired)?,
-            desired_version: self.desired_version,
-            desired_updated_at: self.desired_updated_at,
-            reported: object(Side::Reported, &self.reported)?,
-            reported_version: self.reported_version,
-            reported_updated_at: self.reported_updated_at,
         })
     }
 }
@@ -788,18 +439,6 @@ fn read_device(conn: &Connection, id: &str) -> Result<Option<Device>> {
     raw.map(RawDevice::decode).transpose()
 }
 
-fn to_json(what: &str, value: &impl serde::Serialize) -> Result<String> {
-    serde_json::to_string(value)
-        .map_err(|e| Error::Internal(format!("cannot encode {what} as JSON: {e}")))
-}
-
-fn slot_name(slot: KeySlot) -> &'static str {
-    match slot {
-        KeySlot::Primary => "primary",
-        KeySlot::Secondary => "secondary",
-    }
-}
-
 fn is_primary_key_violation(e: &rusqlite::Error) -> bool {
     matches!(
         e.sqlite_error(),
@@ -811,28 +450,6 @@ fn is_foreign_key_violation(e: &rusqlite::Error) -> bool {
     matches!(
         e.sqlite_error(),
         Some(err) if err.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_FOREIGNKEY
-    )
-}
-
-/// A device id as it may be shown back to whoever sent it: control
-/// characters escaped, cut to the longest valid id.
-fn shown_id(id: &str) -> String {
-    let mut out: String = id
-        .chars()
-        .take(crate::MAX_DEVICE_ID_LEN)
-        .flat_map(char::escape_debug)
-        .collect();
-    if id.chars().nth(crate::MAX_DEVICE_ID_LEN).is_some() {
-        out.push_str("...");
-    }
-    out
-}
-
-/// Seconds since the Unix epoch as RFC 3339 (UTC), for people.
-fn rfc3339(seconds: i64) -> String {
-    chrono::DateTime::from_timestamp(seconds, 0).map_or_else(
-        || format!("{seconds} seconds after the Unix epoch"),
-        |t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
     )
 }
 
@@ -849,8 +466,8 @@ impl Registry for SqliteRegistry {
         validate_tags(&tags)?;
         validate_metadata(&metadata)?;
         let status = status.unwrap_or(DeviceStatus::Enabled);
-        let (primary, sealed_primary) = self.new_key(&id, KeySlot::Primary)?;
-        let (secondary, sealed_secondary) = self.new_key(&id, KeySlot::Secondary)?;
+        let (primary, sealed_primary) = self.keys.new_key(&id, KeySlot::Primary)?;
+        let (secondary, sealed_secondary) = self.keys.new_key(&id, KeySlot::Secondary)?;
         let inserted = self.conn().execute(
             "INSERT INTO devices (id, tags, metadata, status, token_sha256, created_at,
                                   updated_at, primary_key, secondary_key)
@@ -892,12 +509,7 @@ impl Registry for SqliteRegistry {
     }
 
     async fn list_devices(&self, filter: &DeviceFilter) -> Result<DevicePage> {
-        if !(1..=MAX_PAGE).contains(&filter.limit) {
-            return Err(Error::InvalidRequest(format!(
-                "a page holds 1 to {MAX_PAGE} devices; {} were asked for",
-                filter.limit
-            )));
-        }
+        check_page_limit(filter.limit)?;
         validate_tags(&filter.tags)?;
         let mut sql = format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE TRUE");
         let mut args: Vec<Value> = Vec::new();
@@ -918,26 +530,18 @@ impl Registry for SqliteRegistry {
         }
         // One more than asked for tells whether there is a next page.
         sql.push_str(" ORDER BY id LIMIT ?");
-        args.push(Value::Integer(i64::try_from(filter.limit + 1).map_err(
-            |_| Error::Internal("page limit does not fit in i64".into()),
-        )?));
+        args.push(Value::Integer(page_query_limit(filter.limit)?));
         let raws = {
             let conn = self.conn();
             let mut stmt = conn.prepare_cached(&sql)?;
             let rows = stmt.query_map(params_from_iter(args), RawDevice::from_row)?;
             rows.collect::<rusqlite::Result<Vec<_>>>()?
         };
-        let mut devices = raws
+        let devices = raws
             .into_iter()
             .map(RawDevice::decode)
             .collect::<Result<Vec<_>>>()?;
-        let next = if devices.len() > filter.limit {
-            devices.truncate(filter.limit);
-            devices.last().map(|d| d.id.clone())
-        } else {
-            None
-        };
-        Ok(DevicePage { devices, next })
+        Ok(into_page(devices, filter.limit))
     }
 
     async fn all_devices(&self) -> Result<Vec<Device>> {
@@ -1008,7 +612,7 @@ impl Registry for SqliteRegistry {
     /// the secondary key, switch the device to it, then rotate the primary.
     async fn rotate_key(&self, id: &str, slot: KeySlot, now_ms: i64) -> Result<String> {
         validate_device_id(id)?;
-        let (key, sealed) = self.new_key(id, slot)?;
+        let (key, sealed) = self.keys.new_key(id, slot)?;
         let sql = match slot {
             KeySlot::Primary => {
                 "UPDATE devices SET primary_key = ?2, token_sha256 = X'', updated_at = ?3
@@ -1028,12 +632,7 @@ impl Registry for SqliteRegistry {
 
     async fn issue_token(&self, id: &str, expires_at: i64) -> Result<String> {
         validate_device_id(id)?;
-        if expires_at < 0 {
-            return Err(Error::InvalidRequest(format!(
-                "a token expires at a time in seconds since the Unix epoch, from 0 on; \
-                 {expires_at} is before it"
-            )));
-        }
+        check_token_expires_at(expires_at)?;
         let sealed: Option<Option<Vec<u8>>> = self
             .conn()
             .query_row(
@@ -1050,40 +649,14 @@ impl Registry for SqliteRegistry {
                      still uses its legacy token; rotate its primary key first"
                 ))
             })?;
-        let key = self.open_key(id, KeySlot::Primary, &sealed)?;
+        let key = self.keys.open_key(id, KeySlot::Primary, &sealed)?;
         Ok(token::sign(id, &key, expires_at))
     }
 
     async fn authenticate(&self, id: &str, token: &str, now_ms: i64) -> Result<Device> {
-        // Up to a verified signature, every failure looks the same. Ids and
-        // tokens of the wrong form are refused straight away: that they are
-        // malformed is no secret, it says nothing about which devices exist.
-        if validate_device_id(id).is_err() || token.len() > token::MAX_TOKEN_LEN {
-            return Err(refused_token(id));
-        }
-        let parsed = if token.starts_with(TOKEN_PREFIX) {
-            None
-        } else {
-            Some(token::parse(token).map_err(|_| refused_token(id))?)
-        };
+        let presented = Presented::parse(id, token)?;
         let row = read_credentials(&self.conn(), id)?;
-        // The same work whether or not the device, or a key, exists: every
-        // check below runs, against dummies where something is missing.
-        let verified = match &parsed {
-            None => verify_token(token, row.as_ref().map(|r| &r.legacy_digest[..])),
-            Some((expires_at, signature)) => {
-                self.signed_by_device(id, row.as_ref(), *expires_at, signature)?
-            }
-        };
-        let row = match row {
-            Some(row) if verified => row,
-            _ => return Err(refused_token(id)),
-        };
-        admit(
-            row.device.decode()?,
-            parsed.map(|(expires_at, _)| expires_at),
-            now_ms,
-        )
+        self.keys.authenticate(id, &presented, row, now_ms)
     }
 
     fn changes(&self) -> broadcast::Receiver<Change> {
@@ -1216,28 +789,7 @@ impl Registry for SqliteRegistry {
         let Some((device, status, not_after)) = row else {
             return Err(refused_certificate(id));
         };
-        // The thumbprint was validated above: 64 ASCII hex digits.
-        let short = &thumbprint[..16];
-        match CertificateStatus::parse(&status) {
-            Some(CertificateStatus::Active) => {}
-            Some(CertificateStatus::Revoked) => {
-                return Err(Error::Unauthorized(format!(
-                    "certificate {short}… of device '{id}' is revoked"
-                )));
-            }
-            None => {
-                return Err(Error::Internal(format!(
-                    "certificate {thumbprint}: unknown stored status '{status}'"
-                )));
-            }
-        }
-        if now_ms >= not_after {
-            return Err(Error::Unauthorized(format!(
-                "certificate {short}… of device '{id}' expired at {}",
-                rfc3339(not_after.div_euclid(1000))
-            )));
-        }
-        admit(device.decode()?, None, now_ms)
+        admit_certificate(id, thumbprint, device, &status, not_after, now_ms)
     }
 
     async fn create_group(
@@ -1249,8 +801,8 @@ impl Registry for SqliteRegistry {
         validate_group_name(&name)?;
         validate_tags(&tags)?;
         let status = status.unwrap_or(DeviceStatus::Enabled);
-        let (primary, sealed_primary) = self.new_group_key(&name, KeySlot::Primary)?;
-        let (secondary, sealed_secondary) = self.new_group_key(&name, KeySlot::Secondary)?;
+        let (primary, sealed_primary) = self.keys.new_group_key(&name, KeySlot::Primary)?;
+        let (secondary, sealed_secondary) = self.keys.new_group_key(&name, KeySlot::Secondary)?;
         let inserted = self.conn().execute(
             "INSERT INTO enrollment_groups (name, tags, status, primary_key, secondary_key,
                                             created_at, updated_at)
@@ -1350,7 +902,7 @@ impl Registry for SqliteRegistry {
 
     async fn rotate_group_key(&self, name: &str, slot: KeySlot, now_ms: i64) -> Result<String> {
         validate_group_name(name)?;
-        let (key, sealed) = self.new_group_key(name, slot)?;
+        let (key, sealed) = self.keys.new_group_key(name, slot)?;
         let sql = match slot {
             KeySlot::Primary => {
                 "UPDATE enrollment_groups SET primary_key = ?2, updated_at = ?3 WHERE name = ?1"
@@ -1393,15 +945,17 @@ impl Registry for SqliteRegistry {
         // Both checks run whatever was found, so that the time taken tells
         // neither whether the group exists nor whether the device does.
         let (derived, by_group) =
-            self.signed_by_group(group, id, group_row.as_ref(), expires_at, &signature)?;
-        let by_device = self.signed_by_device(id, device_row.as_ref(), expires_at, &signature)?;
+            self.keys
+                .signed_by_group(group, id, group_row.as_ref(), expires_at, &signature)?;
+        let by_device =
+            self.keys
+                .signed_by_device(id, device_row.as_ref(), expires_at, &signature)?;
         let group_row = match group_row {
             Some(row) => row,
             None => return Err(refused_token(id)),
         };
         if device_row.is_some() {
-            return self
-                .enroll_known(group, id, device_row, by_device, expires_at, now_ms)
+            return enroll_known(group, id, device_row, by_device, expires_at, now_ms)
                 .map(|device| (device, false));
         }
         if !by_group {
@@ -1414,12 +968,8 @@ impl Registry for SqliteRegistry {
             )));
         }
         check_token_expiry(id, expires_at, now_ms)?;
-        let sealed_primary = self
-            .master
-            .seal(&self.rng, id, KeySlot::Primary, &derived.primary)?;
-        let sealed_secondary =
-            self.master
-                .seal(&self.rng, id, KeySlot::Secondary, &derived.secondary)?;
+        let sealed_primary = self.keys.seal(id, KeySlot::Primary, &derived.primary)?;
+        let sealed_secondary = self.keys.seal(id, KeySlot::Secondary, &derived.secondary)?;
         let inserted = self.conn().execute(
             "INSERT INTO devices (id, tags, metadata, status, token_sha256, created_at,
                                   updated_at, primary_key, secondary_key, enrollment_group)
@@ -1440,9 +990,10 @@ impl Registry for SqliteRegistry {
             // with the same derived keys.
             Err(e) if is_primary_key_violation(&e) => {
                 let row = read_credentials(&self.conn(), id)?;
-                let verified = self.signed_by_device(id, row.as_ref(), expires_at, &signature)?;
-                return self
-                    .enroll_known(group, id, row, verified, expires_at, now_ms)
+                let verified =
+                    self.keys
+                        .signed_by_device(id, row.as_ref(), expires_at, &signature)?;
+                return enroll_known(group, id, row, verified, expires_at, now_ms)
                     .map(|device| (device, false));
             }
             // The group was removed since it was looked up.
@@ -1546,29 +1097,8 @@ impl Registry for SqliteRegistry {
             let mut conn = self.conn();
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let mut twin = read_twin(&tx, id)?.ok_or_else(|| Error::NotFound(id.to_string()))?;
-            let (properties, version, updated_at) = match side {
-                Side::Desired => (
-                    &mut twin.desired,
-                    &mut twin.desired_version,
-                    &mut twin.desired_updated_at,
-                ),
-                Side::Reported => (
-                    &mut twin.reported,
-                    &mut twin.reported_version,
-                    &mut twin.reported_updated_at,
-                ),
-            };
-            let next = update.apply(id, side, *version, properties)?;
-            let changed = next != *properties;
+            let changed = apply_update(&mut twin, id, side, &update, now_ms)?;
             if changed {
-                *properties = next;
-                *version = version.checked_add(1).ok_or_else(|| {
-                    Error::Internal(format!(
-                        "device '{id}': the {} properties' version cannot go higher",
-                        side.as_str()
-                    ))
-                })?;
-                *updated_at = Some(now_ms);
                 write_twin(&tx, id, &twin)?;
                 tx.commit()?;
             }

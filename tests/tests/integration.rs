@@ -8,6 +8,7 @@ mod bad_input;
 mod crash;
 mod e2e;
 mod golden;
+mod postgres;
 mod restart;
 mod security;
 mod twin;

@@ -18,7 +18,7 @@ use tributary_engine::log::{EmbeddedLog, LogOptions, SharedEventStream};
 use tributary_engine::rule::RuleRuntime;
 use tributary_ingest::gateway::{Gateway, GatewayConfig, GatewayDeps};
 use tributary_ingest::tls::TlsFiles;
-use tributary_registry::{SharedRegistry, SqliteRegistry};
+use tributary_registry::{PostgresRegistry, SharedRegistry, SqliteRegistry};
 use tributary_sinks::parquet::{ParquetSinks, SinkOptions, Storage};
 use tributary_sql::query::{QueryEngine, StreamData, StreamSource};
 
@@ -51,6 +51,51 @@ pub struct ServeArgs {
     /// too far behind, devices are told to retry later. Default: no limit.
     #[arg(long, value_parser = parse_bytes)]
     pub log_max_bytes: Option<u64>,
+    /// Where the device registry lives: `sqlite` (registry.db in the data
+    /// directory) or a PostgreSQL URL,
+    /// postgres://user:password@host:port/database. Either way the master
+    /// key that seals device keys stays in the data directory (registry.key).
+    #[arg(
+        long,
+        env = "TRIBUTARY_REGISTRY",
+        default_value = "sqlite",
+        value_parser = parse_registry,
+        hide_env_values = true
+    )]
+    pub registry: RegistryLocation,
+}
+
+/// Where the device registry lives.
+#[derive(Clone, PartialEq, Eq)]
+pub enum RegistryLocation {
+    /// `registry.db` in the data directory.
+    Sqlite,
+    /// A PostgreSQL database, by URL.
+    Postgres(String),
+}
+
+impl std::fmt::Debug for RegistryLocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RegistryLocation::Sqlite => f.write_str("Sqlite"),
+            // The URL may hold a password.
+            RegistryLocation::Postgres(_) => f.write_str("Postgres(..)"),
+        }
+    }
+}
+
+/// Parses `--registry`: `sqlite`, or a `postgres://` / `postgresql://` URL.
+pub fn parse_registry(text: &str) -> Result<RegistryLocation, String> {
+    let text = text.trim();
+    if text.is_empty() || text == "sqlite" {
+        return Ok(RegistryLocation::Sqlite);
+    }
+    if text.starts_with("postgres://") || text.starts_with("postgresql://") {
+        return Ok(RegistryLocation::Postgres(text.to_string()));
+    }
+    Err("the registry is `sqlite` or a PostgreSQL URL \
+         (postgres://user:password@host:port/database)"
+        .to_string())
 }
 
 /// Parses `1048576`, `512KiB`, `64MiB`, `2GiB` (also `K`, `M`, `G`).
@@ -159,7 +204,13 @@ pub async fn serve(args: ServeArgs) -> Result<std::process::ExitCode> {
         },
     )?);
     let catalog = Arc::new(Catalog::open(&dir.catalog())?);
-    let registry: SharedRegistry = Arc::new(SqliteRegistry::open(&dir.registry())?);
+    let registry: SharedRegistry = match &args.registry {
+        RegistryLocation::Sqlite => Arc::new(SqliteRegistry::open(&dir.registry())?),
+        RegistryLocation::Postgres(url) => {
+            let key_path = SqliteRegistry::key_path(&dir.registry());
+            Arc::new(PostgresRegistry::connect(url, &key_path).await?)
+        }
+    };
     let commands = Arc::new(CommandQueue::open(&dir.commands())?);
     let storage = Storage::local(dir.storage())?;
     let sinks = Arc::new(ParquetSinks::new(
@@ -355,5 +406,24 @@ mod tests {
         assert!(parse_bytes("lots").is_err());
         assert!(parse_bytes("5 parsecs").unwrap_err().contains("unit"));
         assert!(parse_bytes("99999999999TiB").is_err());
+    }
+
+    #[test]
+    fn registry_locations_parse() {
+        assert_eq!(parse_registry("sqlite"), Ok(RegistryLocation::Sqlite));
+        let url = "postgres://trb:pw@db.internal:5432/registry";
+        assert_eq!(
+            parse_registry(url),
+            Ok(RegistryLocation::Postgres(url.into()))
+        );
+        assert!(matches!(
+            parse_registry("postgresql://localhost/trb"),
+            Ok(RegistryLocation::Postgres(_))
+        ));
+        let err = parse_registry("mysql://localhost/trb").unwrap_err();
+        assert!(err.contains("PostgreSQL URL"), "{err}");
+        // The password stays out of debug output.
+        let shown = format!("{:?}", parse_registry(url).unwrap());
+        assert!(!shown.contains("pw"), "{shown}");
     }
 }
