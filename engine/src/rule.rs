@@ -1027,6 +1027,7 @@ pub fn rows_to_commands(rule: &str, emitted: &Emitted) -> Result<Vec<NewCommand>
             payload,
             source: format!("rule:{rule}"),
             ttl_ms: DEFAULT_TTL_MS,
+            ..NewCommand::default()
         });
     }
     Ok(commands)

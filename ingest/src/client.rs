@@ -35,12 +35,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use arrow::record_batch::RecordBatch;
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::decode::encode_arrow;
 use crate::protocol::{
-    self, Ack, Command, CommandAck, Desired, Encoding, ErrorCode, Events, Frame, FrameDecoder,
-    Hello, RefusedCode, RefusedRequest, Reject, Renew, Report, Welcome,
+    self, Ack, AckStatus, Command, CommandAck, Desired, Encoding, ErrorCode, Events, Frame,
+    FrameDecoder, Hello, RefusedCode, RefusedRequest, Reject, Renew, Report, Welcome,
 };
 pub use crate::tls::ClientIdentity;
 use crate::tls::client_config_with_identity;
@@ -290,12 +292,56 @@ impl Client {
         seq: u64,
         payload: Bytes,
     ) -> Result<impl Future<Output = Result<Outcome>> + use<>> {
+        self.submit_encoded(stream, seq, Encoding::Json, payload)
+            .await
+    }
+
+    /// Sends one EVENTS frame holding `batch` as an Arrow IPC stream
+    /// (encoding 0x02) and returns a future for its answer, like
+    /// [`submit`](Client::submit). The batch's columns are matched to the
+    /// stream's by name (`docs/protocol.md`, section 6).
+    pub async fn submit_arrow(
+        &self,
+        stream: &str,
+        batch: &RecordBatch,
+    ) -> Result<impl Future<Output = Result<Outcome>> + use<>> {
+        let payload = encode_arrow(&batch.schema(), std::slice::from_ref(batch))?;
+        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+        self.submit_encoded(stream, seq, Encoding::Arrow, payload.into())
+            .await
+    }
+
+    /// Sends `batch` as one Arrow EVENTS frame and waits for the server's
+    /// answer (see [`submit_arrow`](Client::submit_arrow)).
+    pub async fn send_arrow(&self, stream: &str, batch: &RecordBatch) -> Result<Outcome> {
+        self.submit_arrow(stream, batch).await?.await
+    }
+
+    /// Sends an already encoded Arrow IPC stream (say, one written by
+    /// another Arrow library) as one EVENTS frame with encoding 0x02, as is,
+    /// and waits for the server's answer.
+    pub async fn send_arrow_ipc(&self, stream: &str, payload: impl Into<Bytes>) -> Result<Outcome> {
+        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+        self.submit_encoded(stream, seq, Encoding::Arrow, payload.into())
+            .await?
+            .await
+    }
+
+    /// Sends one EVENTS frame, numbered `seq`, with the payload in
+    /// `encoding`.
+    async fn submit_encoded(
+        &self,
+        stream: &str,
+        seq: u64,
+        encoding: Encoding,
+        payload: Bytes,
+    ) -> Result<impl Future<Output = Result<Outcome>> + use<>> {
         self.next_seq
             .fetch_max(seq.saturating_add(1), Ordering::Relaxed);
         let frame = Frame::Events(Events {
             seq,
             stream: stream.to_string(),
-            encoding: Encoding::Json,
+            encoding,
             payload,
         });
         let (tx, rx) = oneshot::channel();
@@ -470,7 +516,46 @@ impl Client {
 
     /// Acknowledges a command, so the server stops delivering it.
     pub async fn ack_command(&self, id: &str) -> Result<()> {
-        let frame = Frame::CommandAck(CommandAck { id: id.to_string() }).encode_to_vec();
+        self.answer_command(CommandAck::acknowledged(id)).await
+    }
+
+    /// Refuses a command (unknown, bad arguments, not now): it ends
+    /// `rejected` with `reason`, and is not delivered again.
+    pub async fn reject_command(&self, id: &str, reason: &str) -> Result<()> {
+        self.answer_command(CommandAck {
+            status: Some(AckStatus::Rejected),
+            reason: Some(reason.to_string()),
+            ..CommandAck::acknowledged(id)
+        })
+        .await
+    }
+
+    /// Reports that the device tried a command and failed: it ends
+    /// `failed` with `reason`, and is not delivered again.
+    pub async fn fail_command(&self, id: &str, reason: &str) -> Result<()> {
+        self.answer_command(CommandAck {
+            status: Some(AckStatus::Failed),
+            reason: Some(reason.to_string()),
+            ..CommandAck::acknowledged(id)
+        })
+        .await
+    }
+
+    /// Answers a call ([`Command::call`]) with `response`, any JSON: the
+    /// command ends `acknowledged` and the caller receives the response.
+    pub async fn respond(&self, id: &str, response: serde_json::Value) -> Result<()> {
+        self.answer_command(CommandAck {
+            response: Some(response),
+            ..CommandAck::acknowledged(id)
+        })
+        .await
+    }
+
+    /// Sends a COMMAND_ACK. Only the first answer to a command counts; the
+    /// server ignores answers to commands that are settled, expired or not
+    /// this device's.
+    pub async fn answer_command(&self, answer: CommandAck) -> Result<()> {
+        let frame = Frame::CommandAck(answer).encode_to_vec();
         let mut send = self.send.lock().await;
         send.write_all(&frame).await.map_err(|_| self.why_ended())
     }
@@ -541,6 +626,16 @@ fn closed_error(connection: &quinn::Connection) -> Error {
 
 /// The error for a connection that failed while it was being set up.
 fn connection_failed(server: &str, e: &quinn::ConnectionError) -> Error {
+    if let quinn::ConnectionError::ConnectionClosed(close) = e
+        && close.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED
+    {
+        // docs/protocol.md section 12: a connection limit refused it before
+        // its handshake.
+        return Error::Connect {
+            server: server.to_string(),
+            reason: CONNECTION_REFUSED.to_string(),
+        };
+    }
     match certificate_refusal(e) {
         Some(reason) => Error::CertificateRefused {
             server: server.to_string(),
@@ -552,6 +647,11 @@ fn connection_failed(server: &str, e: &quinn::ConnectionError) -> Error {
         },
     }
 }
+
+/// Why a connect failed when the server refused the connection outright.
+pub const CONNECTION_REFUSED: &str = "the server refused the connection (QUIC CONNECTION_REFUSED): \
+     it is at its limit of connections, of connections not yet authenticated, or of new \
+     connections per second; retry later";
 
 /// If the server ended the handshake with a TLS alert about the client's
 /// certificate, what the alert says. (A TLS alert travels as the QUIC

@@ -46,6 +46,10 @@ pub enum Error {
     /// The peer broke the protocol.
     #[error("protocol: {0}")]
     Protocol(#[from] ProtocolError),
+    /// A record batch could not be encoded as an Arrow IPC stream
+    /// ([`Client::send_arrow`](crate::client::Client::send_arrow)).
+    #[error("cannot encode the batch as Arrow IPC: {0}")]
+    Arrow(#[from] arrow::error::ArrowError),
     /// The engine failed (the log, the command queue).
     #[error(transparent)]
     Engine(#[from] tributary_engine::Error),

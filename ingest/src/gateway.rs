@@ -43,18 +43,22 @@ use arrow::record_batch::RecordBatch;
 use chrono::{DateTime, Utc};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tributary_engine::catalog::Catalog;
-use tributary_engine::commands::CommandQueue;
+use tributary_engine::commands::{Answer, CommandQueue, CommandStatus};
 use tributary_engine::event::now_millis;
 use tributary_engine::log::{AppendFuture, SharedEventStream};
-use tributary_registry::{Change, ConnectionState, PropertiesUpdate, SharedRegistry, Side};
-
-use crate::decode::decode_json;
-use crate::protocol::{
-    self, Ack, Command, CommandAck, Desired, Encoding, ErrorBody, ErrorCode, Events, Frame,
-    FrameDecoder, Hello, ProtocolError, RefusedCode, RefusedRequest, Reject, RejectCode, Renew,
-    Renewed, Report, Reported, Welcome,
+use tributary_registry::{
+    Change, ConnectionState, DeviceLimits, PropertiesUpdate, SharedRegistry, Side,
 };
-use crate::tls::{TlsFiles, server_config};
+
+use crate::decode::{decode_arrow, decode_json};
+use crate::limits::{ConnectionGate, ConnectionLimits, DeviceRate, RateLimits, Slot};
+use crate::metrics::GatewayMetrics;
+use crate::protocol::{
+    self, Ack, AckStatus, Command, CommandAck, Desired, Encoding, ErrorBody, ErrorCode, Events,
+    Frame, FrameDecoder, Hello, ProtocolError, RefusedCode, RefusedRequest, Reject, RejectCode,
+    Renew, Renewed, Report, Reported, Welcome,
+};
+use crate::tls::{TlsFiles, TransportLimits, server_config_with};
 use crate::{Error, Result};
 
 /// How the gateway listens and what it allows.
@@ -66,10 +70,23 @@ pub struct GatewayConfig {
     pub tls: TlsFiles,
     pub max_frame_bytes: u32,
     pub max_events_per_frame: u32,
-    /// Time a new connection has to open its session stream and say HELLO.
+    /// Time a new connection has, from its first packet, to finish the TLS
+    /// handshake, open its session stream and say HELLO.
     pub hello_timeout: Duration,
     /// EVENTS frames of one connection waiting for the disk at once.
     pub max_in_flight: usize,
+    /// Events and bytes per second each device may send, unless its
+    /// registry entry says otherwise (metadata key `limits`).
+    pub device_rate: RateLimits,
+    /// Connections at once, connections still unauthenticated, new
+    /// connections per second.
+    pub connections: ConnectionLimits,
+    /// A connection that hears nothing from its peer for this long is
+    /// dropped.
+    pub idle_timeout: Duration,
+    /// How often the server sends QUIC keep-alives to an otherwise quiet
+    /// device (keeping NAT bindings open from its side); `None`: never.
+    pub keep_alive: Option<Duration>,
 }
 
 impl GatewayConfig {
@@ -82,9 +99,29 @@ impl GatewayConfig {
             max_events_per_frame: protocol::DEFAULT_MAX_EVENTS_PER_FRAME,
             hello_timeout: protocol::HELLO_TIMEOUT,
             max_in_flight: 64,
+            device_rate: DEFAULT_DEVICE_RATE,
+            connections: DEFAULT_CONNECTION_LIMITS,
+            idle_timeout: crate::tls::IDLE_TIMEOUT,
+            keep_alive: Some(crate::tls::SERVER_KEEP_ALIVE),
         }
     }
 }
+
+/// Each device's default rate: 100,000 events and 64 MiB per second. A
+/// field gateway standing for many devices gets more through its registry
+/// entry.
+pub const DEFAULT_DEVICE_RATE: RateLimits = RateLimits {
+    events_per_s: 100_000,
+    bytes_per_s: 64 * 1024 * 1024,
+};
+
+/// 100,000 connections at once, 10,000 of them unauthenticated, 10,000 new
+/// ones per second.
+pub const DEFAULT_CONNECTION_LIMITS: ConnectionLimits = ConnectionLimits {
+    max_connections: 100_000,
+    max_pending: 10_000,
+    per_second: 10_000,
+};
 
 /// What the gateway works with.
 #[derive(Clone)]
@@ -205,6 +242,9 @@ struct DeviceLive {
     /// the event time, of the state stored before it).
     last_seen: Option<i64>,
     last_event_at: Option<i64>,
+    /// The device's rate limiter, shared by its sessions; set when its
+    /// first session is authenticated.
+    rate: Option<Arc<DeviceRate>>,
 }
 
 impl DeviceLive {
@@ -245,6 +285,20 @@ impl DeviceLive {
 /// connection is closed under it.
 const REVOKE_GRACE: Duration = Duration::from_millis(500);
 
+/// COMMAND_ACK frames of one session waiting for the command queue; past
+/// that the session stops reading.
+const ANSWERS_IN_FLIGHT: usize = 16;
+
+/// Most frames of one stream an idempotent session keeps refusing while it
+/// waits for the lowest one refused for the rate (protocol.md section 12);
+/// past that, later frames are refused without being remembered.
+const MAX_RATE_REFUSED: usize = 4096;
+
+/// How long a session ending on a fatal error waits for the answers to the
+/// frames it already read, before it sends its ERROR; within the grace a
+/// revoked session has before its connection is closed.
+const FATAL_PATIENCE: Duration = Duration::from_millis(300);
+
 /// REPORT frames of one session waiting for the registry; past that the
 /// session stops reading.
 const REPORTS_IN_FLIGHT: usize = 16;
@@ -274,6 +328,13 @@ struct Shared {
     /// Set, under the `live` lock, when the gateway stops: sessions ending
     /// then are recorded by [`Gateway::run`] as "server stopped".
     stopping: AtomicBool,
+    /// Admits new connections within the connection limits.
+    gate: Arc<ConnectionGate>,
+    /// The rate limiters of devices that disconnected while over their
+    /// rate, taken up again when they reconnect.
+    indebted: Mutex<HashMap<String, Arc<DeviceRate>>>,
+    /// What `GET /metrics` shows.
+    metrics: Arc<GatewayMetrics>,
 }
 
 impl Shared {
@@ -314,6 +375,11 @@ impl GatewayHandle {
             .collect()
     }
 
+    /// The gateway's counters, for `GET /metrics`.
+    pub fn metrics(&self) -> &Arc<GatewayMetrics> {
+        &self.shared.metrics
+    }
+
     /// Closes every connection of a device with `unauthorized` and `reason`.
     ///
     /// The gateway does this by itself for every change the registry
@@ -337,7 +403,17 @@ pub struct Gateway {
 impl Gateway {
     /// Binds the UDP socket; call [`Gateway::run`] to serve.
     pub fn bind(config: GatewayConfig, deps: GatewayDeps) -> Result<Self> {
-        let server = server_config(&config.tls)?;
+        // A malformed Arrow payload can panic inside arrow's IPC reader;
+        // `decode_arrow` catches that and rejects the frame. Such panics
+        // are expected, so they print nothing: a device cannot fill the log.
+        crate::fuzzing::contain_arrow_panics();
+        let server = server_config_with(
+            &config.tls,
+            TransportLimits {
+                idle_timeout: config.idle_timeout,
+                keep_alive: config.keep_alive,
+            },
+        )?;
         let endpoint =
             quinn::Endpoint::server(server, config.listen).map_err(|source| Error::Bind {
                 addr: config.listen,
@@ -347,6 +423,9 @@ impl Gateway {
         Ok(Gateway {
             endpoint,
             shared: Arc::new(Shared {
+                gate: Arc::new(ConnectionGate::new(config.connections)),
+                indebted: Mutex::new(HashMap::new()),
+                metrics: Arc::default(),
                 config,
                 deps,
                 live: Mutex::new(HashMap::new()),
@@ -407,8 +486,34 @@ impl Gateway {
             tokio::select! {
                 incoming = endpoint.accept() => {
                     let Some(incoming) = incoming else { break };
-                    let shared = shared.clone();
-                    tokio::spawn(async move { serve(shared, incoming).await });
+                    // Under a flood of handshakes, a client must first
+                    // prove its address with a QUIC Retry (which costs the
+                    // server no state), so spoofed packets cannot take the
+                    // places of devices that are still waiting to connect.
+                    let busy = shared.config.connections.max_pending / 2;
+                    if busy > 0 && shared.gate.pending() >= busy && incoming.may_retry() {
+                        if let Err(e) = incoming.retry() {
+                            tracing::debug!(error = %e, "could not send a Retry");
+                        }
+                        continue;
+                    }
+                    match shared.gate.admit() {
+                        Ok(slot) => {
+                            let shared = shared.clone();
+                            tokio::spawn(async move { serve(shared, incoming, slot).await });
+                        }
+                        Err(refusal) => {
+                            shared.metrics.refused(refusal);
+                            // Before any handshake work: the client sees the
+                            // QUIC transport error CONNECTION_REFUSED.
+                            tracing::debug!(
+                                remote = %incoming.remote_address(),
+                                limit = refusal.as_str(),
+                                "connection refused"
+                            );
+                            incoming.refuse();
+                        }
+                    }
                 }
                 _ = shutdown.changed() => break,
             }
@@ -522,13 +627,17 @@ fn lost(e: &quinn::ReadError) -> String {
 async fn read_frame(
     recv: &mut quinn::RecvStream,
     decoder: &mut FrameDecoder,
+    metrics: &GatewayMetrics,
 ) -> Result<Option<Frame>> {
     loop {
         if let Some(frame) = decoder.next_frame()? {
             return Ok(Some(frame));
         }
         match recv.read_chunk(64 * 1024, true).await {
-            Ok(Some(chunk)) => decoder.push(&chunk.bytes),
+            Ok(Some(chunk)) => {
+                metrics.bytes_received(chunk.bytes.len());
+                decoder.push(&chunk.bytes)
+            }
             Ok(None) => {
                 decoder.finish()?;
                 return Ok(None);
@@ -562,22 +671,32 @@ fn peer_thumbprint(connection: &quinn::Connection) -> Option<String> {
         .map(|leaf| tributary_registry::thumbprint(leaf))
 }
 
-async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming) {
-    let connection = match incoming.await {
-        Ok(c) => c,
-        Err(e) => {
-            // Among others: a client certificate from an untrusted CA (the
-            // client got a TLS alert saying so).
-            tracing::debug!(error = %e, "handshake failed");
-            return;
-        }
-    };
+async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming, mut slot: Slot) {
+    let _open = shared.metrics.connection_opened();
+    // The handshake, the session stream and HELLO all count against the
+    // same deadline, so a half-open connection holds its slot for no longer.
     let deadline = tokio::time::Instant::now() + shared.config.hello_timeout;
     let timed_out = || {
         ProtocolError::new(
             ErrorCode::HelloTimeout,
             "no HELLO frame within the time allowed",
         )
+    };
+    let connection = match tokio::time::timeout_at(deadline, incoming).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            // Among others: a client certificate from an untrusted CA (the
+            // client got a TLS alert saying so).
+            tracing::debug!(error = %e, "handshake failed");
+            shared.metrics.handshake_failed();
+            return;
+        }
+        // Dropping the handshake under way closes it.
+        Err(_) => {
+            tracing::debug!("handshake not finished within the HELLO timeout");
+            shared.metrics.handshake_failed();
+            return;
+        }
     };
     let (mut send, mut recv) = match tokio::time::timeout_at(deadline, connection.accept_bi()).await
     {
@@ -589,7 +708,8 @@ async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming) {
         }
     };
     let mut decoder = FrameDecoder::new(shared.config.max_frame_bytes);
-    let hello = match tokio::time::timeout_at(deadline, read_frame(&mut recv, &mut decoder)).await {
+    let read = read_frame(&mut recv, &mut decoder, &shared.metrics);
+    let hello = match tokio::time::timeout_at(deadline, read).await {
         Err(_) => Err(timed_out()),
         Ok(Ok(Some(Frame::Hello(hello)))) => Ok(hello),
         Ok(Ok(Some(other))) => Err(ProtocolError::protocol(format!(
@@ -617,6 +737,7 @@ async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming) {
                          client certificate"
                     ),
                 );
+                shared.metrics.authentication_failed();
                 return fail(&connection, &mut send, &e).await;
             }
         },
@@ -645,19 +766,35 @@ async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming) {
             desired: desired_tx,
             revoke: revoke_tx,
         });
-    let (credential, expires) = match authenticate(&shared, &hello, credential).await {
+    let (credential, expires, own_limits) = match authenticate(&shared, &hello, credential).await {
         Ok(checked) => checked,
         Err(e) => {
+            shared.metrics.authentication_failed();
             forget(&shared, &device, id, "");
             return fail(&connection, &mut send, &e).await;
         }
     };
+    slot.authenticated();
+    shared.metrics.session_authenticated();
     let now = now_millis();
-    {
+    let limits = shared.config.device_rate.for_device(own_limits);
+    let rate = {
         let mut live = lock(&shared.live);
-        if let Some(entry) = live.get_mut(&device)
-            && let Some(l) = entry.sessions.iter_mut().find(|l| l.id == id)
-        {
+        let entry = live.entry(device.clone()).or_default();
+        // The bucket carries over from the device's other sessions, or
+        // from its last connection if it left owing.
+        let rate = entry
+            .rate
+            .get_or_insert_with(|| {
+                lock(&shared.indebted)
+                    .remove(&device)
+                    .unwrap_or_else(|| Arc::new(DeviceRate::new(limits)))
+            })
+            .clone();
+        if rate.limits() != limits {
+            rate.set_limits(limits);
+        }
+        if let Some(l) = entry.sessions.iter_mut().find(|l| l.id == id) {
             l.authenticated = true;
             l.counted = true;
             l.credential = credential;
@@ -670,7 +807,8 @@ async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming) {
                 });
             }
         }
-    }
+        rate
+    };
     tracing::info!(device = %device, remote = %connection.remote_address(), "device connected");
     let session = Session {
         shared: shared.clone(),
@@ -684,8 +822,13 @@ async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming) {
         revoked,
         desired,
         activity,
+        rate,
+        rate_refused: HashMap::new(),
     };
     let reason = session.run(send, recv, decoder).await;
+    let stopping = shared.stopping.load(Ordering::Relaxed);
+    shared.metrics.session_ended(&reason, stopping);
+    drop(slot);
     forget(&shared, &device, id, &reason);
     tracing::info!(device = %device, reason = %reason, "device disconnected");
 }
@@ -720,18 +863,32 @@ fn forget(shared: &Shared, device: &str, id: u64, reason: &str) {
             });
         }
     }
-    if entry.sessions.is_empty() {
-        live.remove(device);
+    if entry.sessions.is_empty()
+        && let Some(gone) = live.remove(device)
+        && let Some(rate) = gone.rate
+        && rate.in_debt()
+    {
+        // Reconnecting must not forgive a device its debt.
+        let mut indebted = lock(&shared.indebted);
+        if indebted.len() >= 1024 {
+            indebted.retain(|_, r| r.in_debt());
+        }
+        indebted.insert(device.to_string(), rate);
     }
 }
 
 /// Checks HELLO's version and credentials; returns the credential the
-/// session holds from now on and when it expires, if it does.
+/// session holds from now on, when it expires, if it does, and the device's
+/// own rate limits.
 async fn authenticate(
     shared: &Shared,
     hello: &Hello,
     credential: Credential,
-) -> Result<(Credential, Option<Expiry>), ProtocolError> {
+) -> Result<(Credential, Option<Expiry>, DeviceLimits), ProtocolError> {
+    let own = |device: &tributary_registry::Device| {
+        // Checked when stored; a bad entry from elsewhere means no override.
+        DeviceLimits::from_metadata(&device.metadata).unwrap_or_default()
+    };
     if hello.version != protocol::VERSION {
         return Err(ProtocolError::unsupported_version(u64::from(hello.version)));
     }
@@ -741,21 +898,21 @@ async fn authenticate(
     match credential {
         Credential::Token(token) => match registry.authenticate(device, &token, now).await {
             // Legacy `trb_` tokens (from before device keys) do not expire.
-            Ok(_) => {
+            Ok(found) => {
                 let expires = Expiry::of_token(&token);
-                Ok((Credential::Token(token), expires))
+                Ok((Credential::Token(token), expires, own(&found)))
             }
             Err(e) => Err(refusal(device, e)),
         },
         Credential::Group { group, token } => {
             match registry.enroll(&group, device, &token, now).await {
-                Ok((_, created)) => {
+                Ok((found, created)) => {
                     if created {
                         tracing::info!(device = %device, group = %group, "device enrolled");
                     }
                     // From now on the device's own (derived) keys sign it.
                     let expires = Expiry::of_token(&token);
-                    Ok((Credential::Token(token), expires))
+                    Ok((Credential::Token(token), expires, own(&found)))
                 }
                 Err(e) => Err(refusal(device, e)),
             }
@@ -765,9 +922,9 @@ async fn authenticate(
                 .authenticate_certificate(device, &thumbprint, now)
                 .await
             {
-                Ok(_) => {
+                Ok(found) => {
                     let expires = certificate_expiry(shared, device, &thumbprint).await;
-                    Ok((Credential::Certificate(thumbprint), expires))
+                    Ok((Credential::Certificate(thumbprint), expires, own(&found)))
                 }
                 Err(e) => Err(refusal(device, e)),
             }
@@ -882,7 +1039,12 @@ impl Expiry {
 async fn watch_registry(shared: Arc<Shared>, mut changes: broadcast::Receiver<Change>) {
     loop {
         let devices: Vec<String> = match changes.recv().await {
-            Ok(Change::Access(device)) => vec![device],
+            Ok(Change::Access(device)) => {
+                // An update of the device (its metadata may carry new
+                // rate limits) is announced this way.
+                follow_rate(&shared, &device);
+                vec![device]
+            }
             Ok(Change::Desired(device, version)) => {
                 if let Some(entry) = lock(&shared.live).get(&device) {
                     for l in &entry.sessions {
@@ -901,18 +1063,57 @@ async fn watch_registry(shared: Arc<Shared>, mut changes: broadcast::Receiver<Ch
                     missed,
                     "registry changes came faster than they were checked; checking every session"
                 );
-                let live = lock(&shared.live);
-                for l in live.values().flat_map(|d| &d.sessions) {
-                    // Wakes the delivery, which reads the twin again.
-                    l.desired.send_modify(|_| {});
+                let devices: Vec<String> = {
+                    let live = lock(&shared.live);
+                    for l in live.values().flat_map(|d| &d.sessions) {
+                        // Wakes the delivery, which reads the twin again.
+                        l.desired.send_modify(|_| {});
+                    }
+                    live.keys().cloned().collect()
+                };
+                for device in &devices {
+                    follow_rate(&shared, device);
                 }
-                live.keys().cloned().collect()
+                devices
             }
             Err(broadcast::error::RecvError::Closed) => return,
         };
         for device in devices {
             recheck(&shared, &device).await;
         }
+    }
+}
+
+/// Has a connected device's rate limits read again from the registry.
+fn follow_rate(shared: &Arc<Shared>, device: &str) {
+    let rate = lock(&shared.live).get(device).and_then(|d| d.rate.clone());
+    if let Some(rate) = rate {
+        let shared = shared.clone();
+        let device = device.to_string();
+        tokio::spawn(async move { reload_rate(&shared, &device, &rate).await });
+    }
+}
+
+/// Applies a connected device's rate limits as its registry entry has them
+/// now.
+async fn reload_rate(shared: &Shared, device: &str, rate: &DeviceRate) {
+    match shared.deps.registry.get_device(device).await {
+        Ok(Some(found)) => {
+            let own = DeviceLimits::from_metadata(&found.metadata).unwrap_or_default();
+            let limits = shared.config.device_rate.for_device(own);
+            if rate.limits() != limits {
+                tracing::info!(
+                    device = %device,
+                    events_per_s = limits.events_per_s,
+                    bytes_per_s = limits.bytes_per_s,
+                    "device rate limits changed"
+                );
+                rate.set_limits(limits);
+            }
+        }
+        // Removed: its sessions are being closed.
+        Ok(None) => {}
+        Err(e) => tracing::warn!(device = %device, error = %e, "could not read a device's limits"),
     }
 }
 
@@ -1118,6 +1319,11 @@ struct Session {
     /// The newest desired-properties version announced for the device.
     desired: watch::Receiver<i64>,
     activity: Arc<Activity>,
+    /// The device's rate limiter (shared with its other sessions).
+    rate: Arc<DeviceRate>,
+    /// Idempotent sessions: per stream, the numbers of the frames refused
+    /// for the rate and not sent again yet.
+    rate_refused: HashMap<String, std::collections::BTreeSet<u64>>,
 }
 
 impl Session {
@@ -1149,12 +1355,15 @@ impl Session {
             out_tx.clone(),
             self.idempotent.then(|| unanswered.clone()),
             self.activity.clone(),
+            self.shared.metrics.clone(),
         ));
         let commands = self.wants_commands.then(|| {
             tokio::spawn(deliver_commands(
                 self.shared.deps.commands.clone(),
                 self.device.clone(),
                 out_tx.clone(),
+                self.shared.metrics.clone(),
+                self.shared.config.max_frame_bytes,
             ))
         });
         let desired = self.wants_desired.then(|| {
@@ -1173,6 +1382,12 @@ impl Session {
             reports_rx,
             out_tx.clone(),
         ));
+        let (answers_tx, answers_rx) = mpsc::channel::<CommandAck>(ANSWERS_IN_FLIGHT);
+        let answerer = tokio::spawn(store_answers(
+            self.shared.deps.commands.clone(),
+            self.device.clone(),
+            answers_rx,
+        ));
 
         let mut last_seq: Option<u64> = None;
         let far = || tokio::time::Instant::now() + Duration::from_secs(365 * 86_400);
@@ -1180,31 +1395,28 @@ impl Session {
         let expiry =
             tokio::time::sleep_until(expires.and_then(Expiry::deadline).unwrap_or_else(far));
         tokio::pin!(expiry);
-        let reason = loop {
+        let (reason, fatal): (String, Option<ProtocolError>) = loop {
             // read_frame is cancel-safe: what was read stays in `decoder`.
             let read = tokio::select! {
                 biased;
                 Some(e) = self.revoked.recv() => {
-                    self.fatal(&out_tx, &e).await;
-                    break format!("revoked: {}", e.message);
+                    break (format!("revoked: {}", e.message), Some(e));
                 }
                 () = &mut expiry, if expires.is_some_and(|e| e.deadline().is_some()) => {
                     let Some(at) = expires else { continue };
                     let e = at.error(&self.device);
-                    self.fatal(&out_tx, &e).await;
-                    break at.reason().to_string();
+                    break (at.reason().to_string(), Some(e));
                 }
-                read = read_frame(&mut recv, &mut decoder) => read,
+                read = read_frame(&mut recv, &mut decoder, &self.shared.metrics) => read,
             };
             let frame = match read {
                 Ok(Some(frame)) => frame,
-                Ok(None) => break "closed by the device".to_string(),
+                Ok(None) => break ("closed by the device".to_string(), None),
                 Err(Error::Protocol(e)) => {
-                    self.fatal(&out_tx, &e).await;
-                    break format!("protocol error: {}", e.code);
+                    break (format!("protocol error: {}", e.code), Some(e));
                 }
-                Err(Error::ConnectionLost(reason)) => break reason,
-                Err(e) => break e.to_string(),
+                Err(Error::ConnectionLost(reason)) => break (reason, None),
+                Err(e) => break (e.to_string(), None),
             };
             self.activity.seen(now_millis());
             match frame {
@@ -1213,8 +1425,7 @@ impl Session {
                         let e = ProtocolError::protocol(
                             "EVENTS seq 0 in an idempotent session; the device's numbers start at 1",
                         );
-                        self.fatal(&out_tx, &e).await;
-                        break format!("protocol error: {}", e.code);
+                        break (format!("protocol error: {}", e.code), Some(e));
                     }
                     if self.idempotent {
                         if !lock(&unanswered).insert(events.seq) {
@@ -1222,8 +1433,7 @@ impl Session {
                                 "EVENTS seq {} is sent again before its first copy was answered",
                                 events.seq
                             ));
-                            self.fatal(&out_tx, &e).await;
-                            break format!("protocol error: {}", e.code);
+                            break (format!("protocol error: {}", e.code), Some(e));
                         }
                     } else if last_seq.is_some_and(|last| events.seq <= last) {
                         let e = ProtocolError::protocol(format!(
@@ -1231,30 +1441,18 @@ impl Session {
                             events.seq,
                             last_seq.unwrap_or_default()
                         ));
-                        self.fatal(&out_tx, &e).await;
-                        break format!("protocol error: {}", e.code);
+                        break (format!("protocol error: {}", e.code), Some(e));
                     }
                     last_seq = Some(events.seq);
                     let answer = self.accept_events(events);
                     if pending_tx.send(answer).await.is_err() {
-                        break "connection lost".into();
+                        break ("connection lost".into(), None);
                     }
                 }
-                Frame::CommandAck(CommandAck { id }) => {
-                    // SQLite with fsync: off the async threads, and no need to wait.
-                    let queue = self.shared.deps.commands.clone();
-                    let device = self.device.clone();
-                    tokio::task::spawn_blocking(move || {
-                        match queue.acknowledge(&device, &id, now_millis()) {
-                            Ok(true) => {}
-                            Ok(false) => {
-                                tracing::debug!(device = %device, command = %id, "acknowledgement for no open command")
-                            }
-                            Err(e) => {
-                                tracing::error!(error = %e, "could not record a command acknowledgement")
-                            }
-                        }
-                    });
+                Frame::CommandAck(ack) => {
+                    if answers_tx.send(ack).await.is_err() {
+                        break ("connection lost".into(), None);
+                    }
                 }
                 Frame::Renew(Renew { token }) => {
                     let (answer, renewed) = self.renew(token).await;
@@ -1267,7 +1465,7 @@ impl Session {
                 }
                 Frame::Report(report) => {
                     if reports_tx.send(report).await.is_err() {
-                        break "connection lost".into();
+                        break ("connection lost".into(), None);
                     }
                 }
                 Frame::Ping(nonce) => {
@@ -1279,22 +1477,41 @@ impl Session {
                         "{} is not allowed from a client after HELLO",
                         other.frame_type().name()
                     ));
-                    self.fatal(&out_tx, &e).await;
-                    break format!("protocol error: {}", e.code);
+                    break (format!("protocol error: {}", e.code), Some(e));
                 }
             }
         };
-        // Answer what is in flight before letting the writer go.
+        // Answer what is in flight before letting the writer go, and before
+        // a fatal ERROR, which is the last frame of a session. A session
+        // ending on an error waits for its answers only briefly.
         drop(pending_tx);
         drop(reports_tx);
-        let _ = acker.await;
-        let _ = reporter.await;
+        drop(answers_tx);
+        // Nothing new goes out to a session that is ending.
         for task in [commands, desired].into_iter().flatten() {
             task.abort();
             let _ = task.await;
         }
+        let deadline = fatal
+            .is_some()
+            .then(|| tokio::time::Instant::now() + FATAL_PATIENCE);
+        for mut task in [acker, reporter, answerer] {
+            let done = match deadline {
+                Some(at) => tokio::time::timeout_at(at, &mut task).await.is_ok(),
+                None => {
+                    let _ = (&mut task).await;
+                    true
+                }
+            };
+            if !done {
+                task.abort();
+            }
+        }
         if self.wants_commands {
             self.shared.deps.commands.release_notifier(&self.device);
+        }
+        if let Some(e) = &fatal {
+            self.fatal(&out_tx, e).await;
         }
         drop(out_tx);
         let _ = writer.await;
@@ -1390,23 +1607,27 @@ impl Session {
 
     /// Decodes and submits one EVENTS frame. Submission happens here, in
     /// the reading task, so the device's frames reach the log in order.
-    fn accept_events(&self, events: Events) -> Pending {
+    fn accept_events(&mut self, events: Events) -> Pending {
         let Events {
             seq,
             stream,
             encoding,
             payload,
         } = events;
-        let reject =
-            |code: RejectCode, message: String, event: Option<usize>, field: Option<String>| {
-                Pending::Ready(Frame::Reject(Reject {
-                    seq,
-                    code,
-                    message,
-                    event,
-                    field,
-                }))
-            };
+        let reject = |code: RejectCode,
+                      message: String,
+                      event: Option<usize>,
+                      field: Option<String>,
+                      retry_after_ms: Option<u64>| {
+            Pending::Ready(Frame::Reject(Reject {
+                seq,
+                code,
+                message,
+                event,
+                field,
+                retry_after_ms,
+            }))
+        };
         let Some(def) = self.shared.deps.catalog.stream(&stream) else {
             return reject(
                 RejectCode::UnknownStream,
@@ -1415,20 +1636,73 @@ impl Session {
                 ),
                 None,
                 None,
+                None,
             );
         };
-        if encoding != Encoding::Json {
-            return reject(
-                RejectCode::UnsupportedEncoding,
+        // Idempotent sessions: a frame above one refused for the rate waits
+        // for it, or it would be stored first and the refused frame, sent
+        // again, would pass for a resend (protocol.md section 12).
+        let held_by = if self.idempotent
+            && let Some(refused) = self.rate_refused.get_mut(&stream)
+        {
+            refused.remove(&seq);
+            let first = refused.first().copied().filter(|first| *first < seq);
+            if first.is_some() && refused.len() < MAX_RATE_REFUSED {
+                refused.insert(seq);
+            }
+            if refused.is_empty() {
+                self.rate_refused.remove(&stream);
+            }
+            first
+        } else {
+            None
+        };
+        // Whether the frame is over the rate depends only on the debt owed
+        // already: asked before decoding, so a device over its rate costs
+        // little.
+        let over = match (held_by, self.rate.check()) {
+            (Some(first), over) => Some((
                 format!(
-                    "encoding 0x{:02x} is not supported; use 0x01 (JSON)",
-                    encoding.as_u8()
+                    "frame {first} of stream '{stream}' was refused for the device's rate; \
+                     send it again, and every later frame refused, in order, before this one"
                 ),
+                over.err().map_or(1, |l| l.retry_after_ms()),
+            )),
+            (None, Err(limited)) => Some((limited.message(&self.device), limited.retry_after_ms())),
+            (None, Ok(())) => None,
+        };
+        if let Some((message, retry_after_ms)) = over {
+            if self.idempotent {
+                let refused = self.rate_refused.entry(stream).or_default();
+                if refused.len() < MAX_RATE_REFUSED {
+                    refused.insert(seq);
+                }
+            }
+            return reject(
+                RejectCode::RateLimited,
+                message,
                 None,
                 None,
+                Some(retry_after_ms),
             );
         }
-        let batch = match decode_json(
+        let decode = match encoding {
+            Encoding::Json => decode_json,
+            Encoding::Arrow => decode_arrow,
+            Encoding::Unknown(byte) => {
+                return reject(
+                    RejectCode::UnsupportedEncoding,
+                    format!(
+                        "encoding 0x{byte:02x} is not supported; use 0x01 (JSON) or 0x02 \
+                         (Arrow IPC stream)"
+                    ),
+                    None,
+                    None,
+                    None,
+                );
+            }
+        };
+        let batch = match decode(
             &def,
             &payload,
             &self.device,
@@ -1436,8 +1710,25 @@ impl Session {
             self.shared.config.max_events_per_frame as usize,
         ) {
             Ok(batch) => batch,
-            Err(e) => return reject(e.code, e.message, e.event, e.field),
+            Err(e) => return reject(e.code, e.message, e.event, e.field, None),
         };
+        // Refused only if another session of the device ran it into debt
+        // since the check above.
+        if let Err(limited) = self
+            .rate
+            .take(batch.num_rows() as u64, payload.len() as u64)
+        {
+            if self.idempotent {
+                self.rate_refused.entry(stream).or_default().insert(seq);
+            }
+            return reject(
+                RejectCode::RateLimited,
+                limited.message(&self.device),
+                None,
+                None,
+                Some(limited.retry_after_ms()),
+            );
+        }
         let latest_event = latest_event_time(&batch);
         // A numbered frame the log already holds is acknowledged with
         // count 0 and not stored again.
@@ -1458,6 +1749,7 @@ impl Session {
                 reject(
                     RejectCode::Unavailable,
                     format!("the server could not store the events: {e}; retry later"),
+                    None,
                     None,
                     None,
                 )
@@ -1497,6 +1789,7 @@ async fn answer_in_order(
     out: mpsc::Sender<Frame>,
     unanswered: Option<Unanswered>,
     activity: Arc<Activity>,
+    metrics: Arc<GatewayMetrics>,
 ) {
     while let Some(p) = pending.recv().await {
         let frame = match p {
@@ -1536,6 +1829,7 @@ async fn answer_in_order(
                         message,
                         event: None,
                         field: None,
+                        retry_after_ms: None,
                     })
                 }
             },
@@ -1544,6 +1838,11 @@ async fn answer_in_order(
             && let Frame::Ack(Ack { seq, .. }) | Frame::Reject(Reject { seq, .. }) = &frame
         {
             lock(unanswered).remove(seq);
+        }
+        match &frame {
+            Frame::Ack(ack) => metrics.frame_accepted(u64::from(ack.count)),
+            Frame::Reject(reject) => metrics.frame_rejected(reject.code.as_str()),
+            _ => {}
         }
         if out.send(frame).await.is_err() {
             return;
@@ -1570,8 +1869,58 @@ async fn write_frames(mut send: quinn::SendStream, mut frames: mpsc::Receiver<Fr
     let _ = send.finish();
 }
 
+/// Records a device's COMMAND_ACK. Answers to commands that are not this
+/// device's, or no longer open, change nothing.
+/// Records the device's COMMAND_ACKs, one at a time in the order it sent
+/// them (SQLite with fsync, off the async threads); the session stops
+/// reading while [`ANSWERS_IN_FLIGHT`] wait.
+async fn store_answers(
+    queue: Arc<CommandQueue>,
+    device: String,
+    mut answers: mpsc::Receiver<CommandAck>,
+) {
+    while let Some(ack) = answers.recv().await {
+        let device = device.clone();
+        let recorded = queue
+            .blocking(move |q| {
+                record_answer(q, &device, ack);
+                Ok(())
+            })
+            .await;
+        if let Err(e) = recorded {
+            tracing::error!(error = %e, "could not record a command answer");
+        }
+    }
+}
+
+fn record_answer(queue: &CommandQueue, device: &str, ack: CommandAck) {
+    let status = match ack.status.unwrap_or(AckStatus::Acknowledged) {
+        AckStatus::Acknowledged => CommandStatus::Acknowledged,
+        AckStatus::Rejected => CommandStatus::Rejected,
+        AckStatus::Failed => CommandStatus::Failed,
+    };
+    let answer = Answer {
+        status,
+        reason: ack.reason,
+        response: ack.response,
+    };
+    match queue.answer(device, &ack.id, &answer, now_millis()) {
+        Ok(true) => {}
+        Ok(false) => {
+            tracing::debug!(device = %device, command = %ack.id, "answer for no open command")
+        }
+        Err(e) => tracing::error!(error = %e, "could not record a command answer"),
+    }
+}
+
 /// Sends the device every open command, now and whenever more are queued.
-async fn deliver_commands(queue: Arc<CommandQueue>, device: String, out: mpsc::Sender<Frame>) {
+async fn deliver_commands(
+    queue: Arc<CommandQueue>,
+    device: String,
+    out: mpsc::Sender<Frame>,
+    metrics: Arc<GatewayMetrics>,
+    max_frame_bytes: u32,
+) {
     let notifier = queue.notifier(&device);
     let mut sent: HashSet<String> = HashSet::new();
     loop {
@@ -1600,14 +1949,43 @@ async fn deliver_commands(queue: Arc<CommandQueue>, device: String, out: mpsc::S
                 payload: c.payload,
                 created_at: millis_to_utc(c.created_at),
                 expires_at: millis_to_utc(c.expires_at),
+                call: c.call,
             });
+            // The server never sends a frame over the maximum it advertised
+            // (protocol.md section 3): a command too large for it fails.
+            let len = frame.encode_to_vec().len() - protocol::LENGTH_PREFIX_BYTES;
+            if len > max_frame_bytes as usize {
+                let answer = Answer {
+                    status: CommandStatus::Failed,
+                    reason: Some(format!(
+                        "not delivered: its COMMAND frame would be {len} bytes, and the server \
+                         sends frames of up to {max_frame_bytes} bytes (--max-frame-bytes)"
+                    )),
+                    response: None,
+                };
+                let (who, id) = (device.clone(), c.id.clone());
+                if let Err(e) = queue
+                    .blocking(move |q| q.answer(&who, &id, &answer, now))
+                    .await
+                {
+                    tracing::error!(command = %c.id, error = %e, "could not mark a command failed");
+                }
+                continue;
+            }
+            // Marked first: a command superseded or expired since the queue
+            // was read is not sent.
+            let id = c.id.clone();
+            match queue.blocking(move |q| q.mark_delivered(&id, now)).await {
+                Ok(true) => {}
+                Ok(false) => continue,
+                Err(e) => {
+                    tracing::error!(command = %c.id, error = %e, "could not mark a command delivered")
+                }
+            }
             if out.send(frame).await.is_err() {
                 return;
             }
-            let id = c.id.clone();
-            if let Err(e) = queue.blocking(move |q| q.mark_delivered(&id, now)).await {
-                tracing::error!(command = %c.id, error = %e, "could not mark a command delivered");
-            }
+            metrics.command_delivered();
         }
         notified.await;
     }

@@ -141,11 +141,39 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often clients send QUIC keep-alives, well inside the idle timeout and
 /// short enough to keep NAT bindings open.
 pub const KEEP_ALIVE: Duration = Duration::from_secs(10);
+/// How often the server sends keep-alives to a quiet device by default.
+pub const SERVER_KEEP_ALIVE: Duration = Duration::from_secs(15);
+
+/// The server's QUIC timers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TransportLimits {
+    /// Silence after which a connection is dropped.
+    pub idle_timeout: Duration,
+    /// Keep-alives sent to a quiet peer; `None`: none.
+    pub keep_alive: Option<Duration>,
+}
+
+impl Default for TransportLimits {
+    fn default() -> Self {
+        TransportLimits {
+            idle_timeout: IDLE_TIMEOUT,
+            keep_alive: Some(SERVER_KEEP_ALIVE),
+        }
+    }
+}
 
 /// The QUIC server configuration from a certificate and key. Client
 /// certificates are asked for, not required; one that does not chain to the
 /// development CA or a [`TlsFiles::client_ca`] fails the handshake.
 pub fn server_config(files: &TlsFiles) -> Result<quinn::ServerConfig> {
+    server_config_with(files, TransportLimits::default())
+}
+
+/// [`server_config`] with these timers.
+pub fn server_config_with(
+    files: &TlsFiles,
+    limits: TransportLimits,
+) -> Result<quinn::ServerConfig> {
     let certs = load_certs(&files.server_cert)?;
     let key = PrivateKeyDer::from_pem_file(&files.server_key)
         .map_err(|e| Error::Tls(format!("reading {}: {e}", files.server_key.display())))?;
@@ -174,11 +202,10 @@ pub fn server_config(files: &TlsFiles) -> Result<quinn::ServerConfig> {
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();
     transport
-        .max_idle_timeout(Some(
-            IDLE_TIMEOUT
-                .try_into()
-                .map_err(|e| Error::Tls(format!("{e}")))?,
-        ))
+        .max_idle_timeout(Some(limits.idle_timeout.try_into().map_err(|e| {
+            Error::Tls(format!("idle timeout {:?}: {e}", limits.idle_timeout))
+        })?))
+        .keep_alive_interval(limits.keep_alive)
         // One session stream per connection; refuse more.
         .max_concurrent_bidi_streams(1u32.into())
         .max_concurrent_uni_streams(0u32.into());

@@ -137,7 +137,8 @@ pub fn validate_tags(tags: &BTreeMap<String, String>) -> Result<()> {
 }
 
 /// Checks metadata: at most [`MAX_METADATA_BYTES`] (64 KiB) as compact
-/// JSON, so that listing devices stays cheap.
+/// JSON, so that listing devices stays cheap, and a `limits` key, if
+/// present, of the shape [`DeviceLimits`] reads.
 pub fn validate_metadata(metadata: &serde_json::Map<String, serde_json::Value>) -> Result<()> {
     let size = json_len(metadata)?;
     if size > MAX_METADATA_BYTES {
@@ -145,7 +146,55 @@ pub fn validate_metadata(metadata: &serde_json::Map<String, serde_json::Value>) 
             "metadata is {size} bytes as JSON; at most {MAX_METADATA_BYTES} are allowed"
         )));
     }
+    DeviceLimits::from_metadata(metadata)?;
     Ok(())
+}
+
+/// The metadata key that holds a device's own rate limits.
+pub const LIMITS_KEY: &str = "limits";
+
+/// A device's own rate limits, overriding the server's defaults for it:
+/// the metadata key `limits`, an object with `events_per_s` and
+/// `bytes_per_s`, each a non-negative integer (0: no limit) or absent
+/// (the server's default).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DeviceLimits {
+    pub events_per_s: Option<u64>,
+    pub bytes_per_s: Option<u64>,
+}
+
+impl DeviceLimits {
+    /// Reads the limits from a device's metadata; no `limits` key means
+    /// none of its own.
+    pub fn from_metadata(metadata: &serde_json::Map<String, serde_json::Value>) -> Result<Self> {
+        let Some(value) = metadata.get(LIMITS_KEY) else {
+            return Ok(DeviceLimits::default());
+        };
+        let bad = |why: String| {
+            Error::InvalidMetadata(format!(
+                "metadata key '{LIMITS_KEY}' {why}; it is an object such as \
+                 {{\"events_per_s\": 1000, \"bytes_per_s\": 1048576}} (0 means no limit)"
+            ))
+        };
+        let serde_json::Value::Object(fields) = value else {
+            return Err(bad(format!("must be an object, got {value}")));
+        };
+        let mut limits = DeviceLimits::default();
+        for (key, v) in fields {
+            let slot = match key.as_str() {
+                "events_per_s" => &mut limits.events_per_s,
+                "bytes_per_s" => &mut limits.bytes_per_s,
+                other => return Err(bad(format!("has the unknown key '{other}'"))),
+            };
+            *slot = match v {
+                serde_json::Value::Null => None,
+                v => Some(v.as_u64().ok_or_else(|| {
+                    bad(format!("'{key}' must be a non-negative integer, got {v}"))
+                })?),
+            };
+        }
+        Ok(limits)
+    }
 }
 
 /// The length of `value` as compact JSON, without building the string.
@@ -318,6 +367,33 @@ mod tests {
         );
         for s in [DeviceStatus::Enabled, DeviceStatus::Disabled] {
             assert_eq!(DeviceStatus::parse(s.as_str()), Some(s));
+        }
+    }
+
+    #[test]
+    fn limits_in_metadata_are_read_and_checked() {
+        let meta = |v: serde_json::Value| v.as_object().unwrap().clone();
+        assert_eq!(
+            DeviceLimits::from_metadata(&meta(serde_json::json!({"model": "X"}))).unwrap(),
+            DeviceLimits::default()
+        );
+        let limits = meta(serde_json::json!({"limits": {"events_per_s": 10, "bytes_per_s": 0}}));
+        assert_eq!(
+            DeviceLimits::from_metadata(&limits).unwrap(),
+            DeviceLimits {
+                events_per_s: Some(10),
+                bytes_per_s: Some(0)
+            }
+        );
+        validate_metadata(&limits).unwrap();
+        for bad in [
+            serde_json::json!({"limits": 5}),
+            serde_json::json!({"limits": {"events_per_s": -1}}),
+            serde_json::json!({"limits": {"events_per_s": 1.5}}),
+            serde_json::json!({"limits": {"frames_per_s": 1}}),
+        ] {
+            let err = validate_metadata(&meta(bad.clone())).unwrap_err();
+            assert!(err.to_string().contains("'limits'"), "{bad}: {err}");
         }
     }
 }

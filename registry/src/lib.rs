@@ -70,8 +70,8 @@ use std::collections::BTreeMap;
 pub use certificate::{Certificate, CertificateStatus, thumbprint, validate_thumbprint};
 pub use credentials::TOKEN_PREFIX;
 pub use device::{
-    Device, DeviceStatus, MAX_DEVICE_ID_LEN, MAX_METADATA_BYTES, MAX_TAG_KEY_LEN,
-    MAX_TAG_VALUE_LEN, validate_device_id, validate_metadata, validate_tags,
+    Device, DeviceLimits, DeviceStatus, LIMITS_KEY, MAX_DEVICE_ID_LEN, MAX_METADATA_BYTES,
+    MAX_TAG_KEY_LEN, MAX_TAG_VALUE_LEN, validate_device_id, validate_metadata, validate_tags,
 };
 pub use enrollment::{
     EnrollmentGroup, GroupPatch, NewGroup, derive_device_key, validate_group_name,

@@ -57,6 +57,7 @@ pub struct QueryEngine {
     catalog: Arc<Catalog>,
     source: Arc<dyn StreamSource>,
     devices: Option<Arc<tributary_engine::devices::DeviceTable>>,
+    commands: Option<Arc<tributary_engine::commands::CommandQueue>>,
 }
 
 impl QueryEngine {
@@ -65,12 +66,23 @@ impl QueryEngine {
             catalog,
             source,
             devices: None,
+            commands: None,
         }
     }
 
     /// Lets queries read the registry's devices as the table `devices`.
     pub fn with_devices(mut self, devices: Arc<tributary_engine::devices::DeviceTable>) -> Self {
         self.devices = Some(devices);
+        self
+    }
+
+    /// Lets queries read the command queue as the table `commands` (read
+    /// afresh by every query that names it; rules never see it).
+    pub fn with_commands(
+        mut self,
+        commands: Arc<tributary_engine::commands::CommandQueue>,
+    ) -> Self {
+        self.commands = Some(commands);
         self
     }
 
@@ -96,6 +108,13 @@ impl QueryEngine {
                     vec![vec![snapshot.batch.clone()]],
                 )?;
                 ctx.register_table("devices", Arc::new(table))?;
+                continue;
+            }
+            if let (Some(commands), "commands") = (&self.commands, name.as_str()) {
+                let batch = commands.blocking(|q| q.table()).await?;
+                let table =
+                    datafusion::catalog::MemTable::try_new(batch.schema(), vec![vec![batch]])?;
+                ctx.register_table("commands", Arc::new(table))?;
                 continue;
             }
             let Some(def) = self.catalog.stream(&name) else {

@@ -4,10 +4,15 @@
 #![allow(clippy::unwrap_used)]
 
 mod api;
+mod arrow_ipc;
 mod bad_input;
+mod commands;
 mod crash;
 mod e2e;
 mod golden;
+mod interop;
+mod limits;
+mod metrics;
 mod postgres;
 mod restart;
 mod security;

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result, bail};
 use serde_json::json;
 use tributary_ingest::client::{Client, Outcome};
+use tributary_ingest::protocol::RejectCode;
 
 use crate::DeviceArgs;
 use crate::client::device_options;
@@ -81,7 +82,7 @@ pub async fn run(args: SendArgs) -> Result<ExitCode> {
             && let Some((answer, frame)) = in_flight.pop_front()
         {
             settle(
-                answer.await?,
+                pace(&client, &args.stream, frame, answer.await?).await?,
                 frame,
                 args.json,
                 &mut accepted,
@@ -91,7 +92,7 @@ pub async fn run(args: SendArgs) -> Result<ExitCode> {
     }
     while let Some((answer, frame)) = in_flight.pop_front() {
         settle(
-            answer.await?,
+            pace(&client, &args.stream, frame, answer.await?).await?,
             frame,
             args.json,
             &mut accepted,
@@ -121,6 +122,30 @@ pub async fn run(args: SendArgs) -> Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// Sends a frame the server rejected with `rate_limited` again once the
+/// time it gave has passed, until it is taken or rejected for another
+/// reason; any other answer is returned as it is.
+async fn pace(
+    client: &Client,
+    stream: &str,
+    frame: &[Line],
+    mut outcome: Outcome,
+) -> Result<Outcome> {
+    while let Outcome::Rejected(r) = &outcome
+        && r.code == RejectCode::RateLimited
+    {
+        let wait = r.retry_after_ms.unwrap_or(100).min(60_000);
+        tokio::time::sleep(std::time::Duration::from_millis(wait)).await;
+        let payload = frame
+            .iter()
+            .map(|l| l.text.as_str())
+            .collect::<Vec<_>>()
+            .join("\n");
+        outcome = client.send(stream, payload.into_bytes()).await?;
+    }
+    Ok(outcome)
 }
 
 /// Counts one frame's answer; prints a rejection with the line it blames.

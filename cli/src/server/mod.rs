@@ -16,7 +16,10 @@ use tributary_engine::commands::CommandQueue;
 use tributary_engine::event::now_millis;
 use tributary_engine::log::{EmbeddedLog, LogOptions, SharedEventStream};
 use tributary_engine::rule::RuleRuntime;
-use tributary_ingest::gateway::{Gateway, GatewayConfig, GatewayDeps};
+use tributary_ingest::gateway::{
+    DEFAULT_CONNECTION_LIMITS, DEFAULT_DEVICE_RATE, Gateway, GatewayConfig, GatewayDeps,
+};
+use tributary_ingest::limits::{ConnectionLimits, RateLimits};
 use tributary_ingest::tls::TlsFiles;
 use tributary_registry::{PostgresRegistry, SharedRegistry, SqliteRegistry};
 use tributary_sinks::parquet::{ParquetSinks, SinkOptions, Storage};
@@ -63,6 +66,112 @@ pub struct ServeArgs {
         hide_env_values = true
     )]
     pub registry: RegistryLocation,
+    #[command(flatten)]
+    pub limits: LimitArgs,
+}
+
+/// The gateway's limits (docs/protocol.md section 12). For the rates and
+/// connection counts, 0 means no limit; frame sizes and timeouts always
+/// have one.
+#[derive(clap::Args, Debug, Clone)]
+#[command(next_help_heading = "Limits")]
+pub struct LimitArgs {
+    /// Largest frame a device may send (e.g. 4MiB); advertised in WELCOME.
+    #[arg(long, default_value = "4MiB", value_parser = parse_frame_bytes)]
+    pub max_frame_bytes: u32,
+    /// Most events in one EVENTS frame (at least 1); advertised in WELCOME.
+    #[arg(
+        long,
+        default_value_t = tributary_ingest::protocol::DEFAULT_MAX_EVENTS_PER_FRAME,
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    pub max_events_per_frame: u32,
+    /// Events per second each device may send, unless its metadata says
+    /// otherwise ({"limits": {"events_per_s": N}}). 0: no limit.
+    #[arg(long, default_value_t = DEFAULT_DEVICE_RATE.events_per_s)]
+    pub device_events_per_s: u64,
+    /// Bytes of payload per second each device may send (e.g. 64MiB),
+    /// unless its metadata says otherwise ({"limits": {"bytes_per_s": N}}).
+    /// 0: no limit.
+    #[arg(long, default_value = "64MiB", value_parser = parse_limit_bytes)]
+    pub device_bytes_per_s: u64,
+    /// Connections open at once; more are refused before their handshake.
+    #[arg(long, default_value_t = DEFAULT_CONNECTION_LIMITS.max_connections)]
+    pub max_connections: usize,
+    /// Connections open at once that have not authenticated yet.
+    #[arg(long, default_value_t = DEFAULT_CONNECTION_LIMITS.max_pending)]
+    pub max_pending_connections: usize,
+    /// New connections per second (bursts of a second's worth).
+    #[arg(long, default_value_t = DEFAULT_CONNECTION_LIMITS.per_second)]
+    pub connection_rate: u64,
+    /// Time a new connection has to finish its handshake and send HELLO.
+    #[arg(long, default_value = "10s", value_parser = parse_timeout)]
+    pub hello_timeout: Duration,
+    /// A connection silent for this long is dropped.
+    #[arg(long, default_value = "30s", value_parser = parse_timeout)]
+    pub idle_timeout: Duration,
+    /// How often the server sends keep-alives to a quiet device; 0s: never.
+    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    pub keep_alive: Duration,
+}
+
+impl LimitArgs {
+    /// The gateway configuration with these limits.
+    pub fn gateway_config(&self, listen: SocketAddr, tls: TlsFiles) -> Result<GatewayConfig> {
+        if !self.keep_alive.is_zero() && self.keep_alive >= self.idle_timeout {
+            anyhow::bail!(
+                "--keep-alive {:?} must be shorter than --idle-timeout {:?}, or the keep-alives \
+                 come too late to hold a quiet connection",
+                self.keep_alive,
+                self.idle_timeout
+            );
+        }
+        let mut config = GatewayConfig::new(listen, tls);
+        config.max_frame_bytes = self.max_frame_bytes;
+        config.max_events_per_frame = self.max_events_per_frame;
+        config.device_rate = RateLimits {
+            events_per_s: self.device_events_per_s,
+            bytes_per_s: self.device_bytes_per_s,
+        };
+        config.connections = ConnectionLimits {
+            max_connections: self.max_connections,
+            max_pending: self.max_pending_connections,
+            per_second: self.connection_rate,
+        };
+        config.hello_timeout = self.hello_timeout;
+        config.idle_timeout = self.idle_timeout;
+        config.keep_alive = (!self.keep_alive.is_zero()).then_some(self.keep_alive);
+        Ok(config)
+    }
+}
+
+/// Parses a timeout: a duration above zero (QUIC takes an idle timeout of
+/// zero for none at all).
+fn parse_timeout(text: &str) -> Result<Duration, String> {
+    let duration = parse_duration(text)?;
+    if duration.is_zero() {
+        return Err("a timeout must be longer than 0s".to_string());
+    }
+    Ok(duration)
+}
+
+/// Parses a byte-rate limit: a size, or 0 for none.
+fn parse_limit_bytes(text: &str) -> Result<u64, String> {
+    if text.trim() == "0" {
+        return Ok(0);
+    }
+    parse_bytes(text)
+}
+
+/// Parses `--max-frame-bytes`: a size from 16 bytes to 1 GiB.
+fn parse_frame_bytes(text: &str) -> Result<u32, String> {
+    let bytes = parse_bytes(text)?;
+    match u32::try_from(bytes) {
+        Ok(n) if (16..=1 << 30).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "a frame may be 16 bytes to 1GiB, got {bytes} bytes"
+        )),
+    }
 }
 
 /// Where the device registry lives.
@@ -235,7 +344,8 @@ pub async fn serve(args: ServeArgs) -> Result<std::process::ExitCode> {
             log: log.clone(),
         }),
     )
-    .with_devices(devices.clone());
+    .with_devices(devices.clone())
+    .with_commands(commands.clone());
     let sql = Arc::new(sql::SqlService {
         catalog: catalog.clone(),
         log: log.clone(),
@@ -253,7 +363,7 @@ pub async fn serve(args: ServeArgs) -> Result<std::process::ExitCode> {
     sql.resume().await?;
 
     let gateway = Gateway::bind(
-        GatewayConfig::new(args.quic_listen, tls.clone()),
+        args.limits.gateway_config(args.quic_listen, tls.clone())?,
         GatewayDeps {
             registry: registry.clone(),
             catalog: catalog.clone(),
@@ -366,11 +476,13 @@ async fn follow_registry(sql: Arc<sql::SqlService>, mut shutdown: watch::Receive
 /// that never connect.
 async fn expire_commands(commands: Arc<CommandQueue>, mut shutdown: watch::Receiver<bool>) {
     loop {
-        if let Err(e) = commands.expire(now_millis()) {
+        if let Err(e) = commands.blocking(|q| q.expire(now_millis())).await {
             tracing::error!(error = %e, "expiring commands failed");
         }
+        // Every second: a command's status is what callers and SQL see, so
+        // `expired` should show within about a second of its expiry.
         tokio::select! {
-            _ = tokio::time::sleep(Duration::from_secs(10)) => {}
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             _ = shutdown.changed() => return,
         }
     }

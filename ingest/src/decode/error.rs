@@ -39,6 +39,17 @@ impl PayloadError {
             message: self.message,
             event: self.event,
             field: self.field,
+            retry_after_ms: None,
         }
     }
+}
+
+/// A batch that would not assemble from arrays built with the stream's own
+/// column types: a bug, not the device's fault, so `unavailable` keeps its
+/// data safe to send again once fixed.
+pub(crate) fn internal_batch_error(stream: &str, err: arrow::error::ArrowError) -> PayloadError {
+    PayloadError::new(
+        RejectCode::Unavailable,
+        format!("internal error building the batch for stream '{stream}': {err}"),
+    )
 }

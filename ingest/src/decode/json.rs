@@ -23,17 +23,18 @@ use serde::de::{self, DeserializeSeed, Deserializer as _, MapAccess, SeqAccess, 
 use tributary_engine::event::{ColumnType, DEVICE_ID, RECEIVED_AT, StreamDef, TIME_ZONE, TS};
 
 use super::PayloadError;
+use super::error::internal_batch_error;
 use crate::protocol::RejectCode;
 
 /// 0000-01-01T00:00:00.000Z: RFC 3339 has four-digit years, and keeping
 /// integer timestamps in the same range means every stored `ts` can be
 /// written back out as RFC 3339.
-const MIN_TIMESTAMP_MS: i64 = -62_167_219_200_000;
+pub(super) const MIN_TIMESTAMP_MS: i64 = -62_167_219_200_000;
 /// 9999-12-31T23:59:59.999Z.
-const MAX_TIMESTAMP_MS: i64 = 253_402_300_799_999;
+pub(super) const MAX_TIMESTAMP_MS: i64 = 253_402_300_799_999;
 
 /// Appended to a timestamp outside those bounds.
-const OUTSIDE_YEARS: &str = ", which is outside the years 0000 to 9999";
+pub(super) const OUTSIDE_YEARS: &str = ", which is outside the years 0000 to 9999";
 
 /// Strings quoted in error messages are cut to this many characters.
 const QUOTE_CHARS: usize = 40;
@@ -282,18 +283,8 @@ impl<'a> State<'a> {
             TimestampMillisecondArray::from_value(self.received_at, rows).with_timezone(TIME_ZONE),
         ));
         arrays.extend(self.columns.into_iter().map(ColumnBuilder::finish));
-        RecordBatch::try_new(self.def.schema(), arrays).map_err(|err| {
-            // The arrays are built from the schema's own types, so this is a
-            // bug, not the device's fault; `unavailable` keeps its data safe
-            // to resend once fixed.
-            PayloadError::new(
-                RejectCode::Unavailable,
-                format!(
-                    "internal error building the batch for stream '{}': {err}",
-                    self.def.name
-                ),
-            )
-        })
+        RecordBatch::try_new(self.def.schema(), arrays)
+            .map_err(|err| internal_batch_error(&self.def.name, err))
     }
 }
 
@@ -511,7 +502,7 @@ fn repeated(index: usize, field: &str) -> PayloadError {
 }
 
 /// `string "…"`, cut short for messages.
-fn quote(v: &str) -> String {
+pub(super) fn quote(v: &str) -> String {
     let mut chars = v.char_indices();
     match chars.nth(QUOTE_CHARS) {
         Some((cut, _)) => format!("string {:?}…", &v[..cut]),

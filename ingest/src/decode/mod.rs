@@ -1,4 +1,5 @@
-//! EVENTS payloads into Arrow record batches.
+//! EVENTS payloads (JSON, encoding 0x01, and Arrow IPC streams, 0x02) into
+//! Arrow record batches.
 //!
 //! The gateway decodes each EVENTS frame once, here, into a [`RecordBatch`]
 //! with exactly the stream's schema ([`StreamDef::schema`]: the system columns
@@ -36,10 +37,15 @@
 //! [`StreamDef::schema`]: tributary_engine::event::StreamDef::schema
 
 mod error;
+mod ipc;
 mod json;
 
+#[cfg(test)]
+mod ipc_tests;
 #[cfg(test)]
 mod tests;
 
 pub use error::PayloadError;
+pub(crate) use ipc::panic_is_contained;
+pub use ipc::{decode_arrow, encode_arrow};
 pub use json::decode_json;

@@ -156,8 +156,13 @@ pub enum RejectCode {
     TooManyEvents,
     /// The frame holds no events.
     EmptyFrame,
+    /// The device sent more events or bytes per second than it may; the
+    /// REJECT says when to send again (`retry_after_ms`).
+    RateLimited,
     /// The payload encoding byte is not one the server accepts.
     UnsupportedEncoding,
+    /// An Arrow payload (encoding 0x02) is not a readable Arrow IPC stream.
+    InvalidArrow,
     /// The server could not store the frame; send it again later.
     Unavailable,
     /// A code this build does not know, from a newer server. Treat it as a
@@ -178,16 +183,19 @@ impl RejectCode {
             RejectCode::InvalidDeviceId => "invalid_device_id",
             RejectCode::TooManyEvents => "too_many_events",
             RejectCode::EmptyFrame => "empty_frame",
+            RejectCode::RateLimited => "rate_limited",
             RejectCode::UnsupportedEncoding => "unsupported_encoding",
+            RejectCode::InvalidArrow => "invalid_arrow",
             RejectCode::Unavailable => "unavailable",
             RejectCode::Unknown => "unknown",
         }
     }
 
-    /// Whether sending the same frame again later may succeed. Only
-    /// `unavailable` is; every other rejection is about the frame itself.
+    /// Whether sending the same frame again later may succeed: after
+    /// `unavailable`, and after `rate_limited` once `retry_after_ms` has
+    /// passed. Every other rejection is about the frame itself.
     pub fn is_retryable(self) -> bool {
-        self == RejectCode::Unavailable
+        matches!(self, RejectCode::Unavailable | RejectCode::RateLimited)
     }
 }
 

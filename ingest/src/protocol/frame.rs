@@ -219,6 +219,9 @@ pub struct Events {
 pub enum Encoding {
     /// 0x01: one JSON object, an array of objects, or JSON lines.
     Json,
+    /// 0x02: an Arrow IPC stream (schema, record batches, optional
+    /// end-of-stream marker).
+    Arrow,
     /// Any other byte. Reserved: the server answers `unsupported_encoding`
     /// rather than failing the connection, so the frame still decodes.
     Unknown(u8),
@@ -228,6 +231,7 @@ impl Encoding {
     pub fn from_u8(byte: u8) -> Encoding {
         match byte {
             0x01 => Encoding::Json,
+            0x02 => Encoding::Arrow,
             other => Encoding::Unknown(other),
         }
     }
@@ -235,6 +239,7 @@ impl Encoding {
     pub fn as_u8(self) -> u8 {
         match self {
             Encoding::Json => 0x01,
+            Encoding::Arrow => 0x02,
             Encoding::Unknown(byte) => byte,
         }
     }
@@ -259,16 +264,22 @@ pub struct Reject {
     pub event: Option<usize>,
     /// The offending field of that event, when one field is to blame.
     pub field: Option<String>,
+    /// With `rate_limited`: how long to wait before sending again, in
+    /// milliseconds. Absent from the JSON otherwise.
+    pub retry_after_ms: Option<u64>,
 }
 
 /// The JSON part of REJECT; `event` and `field` are always present, as null
-/// when unknown, so clients need not special-case missing keys.
+/// when unknown, so clients need not special-case missing keys;
+/// `retry_after_ms` only when it applies.
 #[derive(Serialize)]
 struct RejectJsonOut<'a> {
     code: RejectCode,
     message: &'a str,
     event: Option<usize>,
     field: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    retry_after_ms: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -279,6 +290,8 @@ struct RejectJsonIn {
     event: Option<usize>,
     #[serde(default)]
     field: Option<String>,
+    #[serde(default)]
+    retry_after_ms: Option<u64>,
 }
 
 /// COMMAND (server → client): a queued command for this device.
@@ -295,12 +308,51 @@ pub struct Command {
     /// After this instant the command is no longer delivered.
     #[serde(with = "rfc3339")]
     pub expires_at: DateTime<Utc>,
+    /// A caller waits for the device's answer (a direct method call): the
+    /// device should answer with a `response`. Absent from the JSON when
+    /// false.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub call: bool,
 }
 
-/// COMMAND_ACK (client → server): the command `id` was received.
+/// COMMAND_ACK (client → server): the device's answer to command `id`.
+/// `{"id": ...}` alone acknowledges it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CommandAck {
     pub id: String,
+    /// How the command ended; `acknowledged` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<AckStatus>,
+    /// Why it was rejected or failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The answer to a call: any JSON.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response: Option<serde_json::Value>,
+}
+
+impl CommandAck {
+    /// A plain acknowledgement: `{"id": ...}`.
+    pub fn acknowledged(id: impl Into<String>) -> Self {
+        CommandAck {
+            id: id.into(),
+            status: None,
+            reason: None,
+            response: None,
+        }
+    }
+}
+
+/// How a device says a command ended, in COMMAND_ACK.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AckStatus {
+    /// Done (the default).
+    Acknowledged,
+    /// The device will not do it (unknown command, bad arguments, busy).
+    Rejected,
+    /// The device tried and failed.
+    Failed,
 }
 
 /// RENEW (client → server): a new token for the session's device, to go on
@@ -465,6 +517,7 @@ impl Frame {
                         message: &reject.message,
                         event: reject.event,
                         field: reject.field.as_deref(),
+                        retry_after_ms: reject.retry_after_ms,
                     },
                 );
             }
@@ -525,6 +578,7 @@ impl Frame {
                     message: json.message,
                     event: json.event,
                     field: json.field,
+                    retry_after_ms: json.retry_after_ms,
                 })
             }
             FrameType::Command => Frame::Command(read_json(&body, &at)?),

@@ -37,8 +37,8 @@ use std::time::Duration;
 pub use decoder::FrameDecoder;
 pub use error::{CLOSE_NORMAL, ErrorCode, ProtocolError, RefusedCode, RejectCode};
 pub use frame::{
-    Ack, Command, CommandAck, Desired, Encoding, ErrorBody, Events, Frame, FrameType, Hello,
-    Refused, RefusedRequest, Reject, Renew, Renewed, Report, Reported, Welcome,
+    Ack, AckStatus, Command, CommandAck, Desired, Encoding, ErrorBody, Events, Frame, FrameType,
+    Hello, Refused, RefusedRequest, Reject, Renew, Renewed, Report, Reported, Welcome,
 };
 
 /// ALPN protocol identifier negotiated in the TLS handshake.

@@ -33,6 +33,7 @@ fn command() -> Command {
         payload: json!({"delay_s": 5}),
         created_at: Utc.with_ymd_and_hms(2025, 1, 2, 3, 4, 5).unwrap(),
         expires_at: Utc.with_ymd_and_hms(2025, 1, 2, 4, 4, 5).unwrap(),
+        call: false,
     }
 }
 
@@ -103,12 +104,39 @@ fn documented_frames() -> Vec<(&'static str, Frame)> {
                     .into(),
                 event: Some(0),
                 field: Some("temp".into()),
+                retry_after_ms: None,
             }),
         ),
         ("command", Frame::Command(command())),
         (
+            "command_call",
+            Frame::Command(Command {
+                id: "cmd-2".into(),
+                name: "get_uptime".into(),
+                payload: serde_json::Value::Null,
+                expires_at: Utc.with_ymd_and_hms(2025, 1, 2, 3, 4, 15).unwrap(),
+                call: true,
+                ..command()
+            }),
+        ),
+        (
             "command_ack",
-            Frame::CommandAck(CommandAck { id: "cmd-1".into() }),
+            Frame::CommandAck(CommandAck::acknowledged("cmd-1")),
+        ),
+        (
+            "command_ack_rejected",
+            Frame::CommandAck(CommandAck {
+                status: Some(AckStatus::Rejected),
+                reason: Some("busy".into()),
+                ..CommandAck::acknowledged("cmd-1")
+            }),
+        ),
+        (
+            "command_ack_response",
+            Frame::CommandAck(CommandAck {
+                response: Some(json!({"uptime_s": 42})),
+                ..CommandAck::acknowledged("cmd-2")
+            }),
         ),
         ("ping", Frame::Ping(0x0102_0304_0506_0708)),
         ("pong", Frame::Pong(0x0102_0304_0506_0708)),
@@ -271,6 +299,15 @@ fn all_frames() -> Vec<Frame> {
             message: "log is full".into(),
             event: None,
             field: None,
+            retry_after_ms: None,
+        }),
+        Frame::Reject(Reject {
+            seq: 3,
+            code: RejectCode::RateLimited,
+            message: "device 'd1' may send 100 events/s".into(),
+            event: None,
+            field: None,
+            retry_after_ms: Some(250),
         }),
         Frame::Command(Command {
             payload: json!([1, "two", {"three": null}, 4.5, true]),
@@ -476,7 +513,34 @@ fn fixed_size_bodies_must_be_exact() {
 #[test]
 fn json_bodies_are_checked_and_unknown_keys_ignored() {
     let ack = decode_one(&frame_bytes(0x07, br#"{"id":"c1","extra":[1,2]}"#)).unwrap();
-    assert_eq!(ack, Frame::CommandAck(CommandAck { id: "c1".into() }));
+    assert_eq!(ack, Frame::CommandAck(CommandAck::acknowledged("c1")));
+
+    // Answers: a null response is no response, a failure keeps its reason,
+    // an unknown status is refused.
+    let ack = decode_one(&frame_bytes(
+        0x07,
+        br#"{"id":"c1","status":"failed","reason":"stalled","response":null}"#,
+    ))
+    .unwrap();
+    assert_eq!(
+        ack,
+        Frame::CommandAck(CommandAck {
+            status: Some(AckStatus::Failed),
+            reason: Some("stalled".into()),
+            ..CommandAck::acknowledged("c1")
+        })
+    );
+    let err = decode_one(&frame_bytes(0x07, br#"{"id":"c1","status":"maybe"}"#)).unwrap_err();
+    assert_eq!(err.code, ErrorCode::ProtocolError);
+
+    // `call` is optional, and absent when false.
+    let body = br#"{"id":"c","name":"n","payload":1,"created_at":"2025-01-02T03:04:05.000Z","expires_at":"2025-01-02T04:04:05.000Z","call":false}"#;
+    let Frame::Command(cmd) = decode_one(&frame_bytes(0x06, body)).unwrap() else {
+        panic!()
+    };
+    assert!(!cmd.call);
+    let encoded = Frame::Command(cmd).encode_to_vec();
+    assert!(!String::from_utf8_lossy(&encoded).contains("call"));
 
     let err = decode_one(&frame_bytes(0x07, br#"{"id":5}"#)).unwrap_err();
     assert_eq!(err.code, ErrorCode::ProtocolError);
@@ -601,6 +665,7 @@ fn codes_and_directions() {
         RejectCode::TooManyEvents,
         RejectCode::EmptyFrame,
         RejectCode::UnsupportedEncoding,
+        RejectCode::InvalidArrow,
         RejectCode::Unavailable,
     ];
     for code in reject_codes {
@@ -649,7 +714,8 @@ fn codes_and_directions() {
         assert!(ty.sent_by_server() && !ty.sent_by_client(), "{}", ty.name());
     }
     assert_eq!(Encoding::from_u8(1), Encoding::Json);
-    assert_eq!(Encoding::from_u8(2), Encoding::Unknown(2));
+    assert_eq!(Encoding::from_u8(2), Encoding::Arrow);
+    assert_eq!(Encoding::from_u8(3), Encoding::Unknown(3));
 }
 
 /// xorshift64*: deterministic, so a failure reproduces.

@@ -7,6 +7,9 @@
 //! that the two name the same methods and paths. Every route but `/health`
 //! and the OpenAPI document needs `Authorization: Bearer <admin token>`.
 //!
+//! Beside them, outside `/api/v1` and the OpenAPI document, `GET /metrics`
+//! serves Prometheus text without a token, as scrapers expect.
+//!
 //! Errors are JSON: `{"error": {"code": "...", "message": "...", "line": L,
 //! "column": C}}` with a stable `code`. `docs/api.md` describes every
 //! endpoint.
@@ -26,6 +29,7 @@ mod commands;
 mod devices;
 mod groups;
 mod import;
+mod metrics;
 mod openapi;
 mod twins;
 
@@ -102,8 +106,8 @@ pub struct Route {
 macro_rules! routes {
     ($($access:ident $method:ident $path:literal $($handler:ident)::+;)*) => {
         /// Every route of the API. [`router`] serves these (and nothing
-        /// else but the `import` aliases); the OpenAPI document lists their
-        /// handlers.
+        /// else but the `import` aliases and `GET /metrics`); the OpenAPI
+        /// document lists their handlers.
         pub const ROUTES: &[Route] = &[
             $(Route { access: Access::$access, method: stringify!($method), path: $path },)*
         ];
@@ -167,6 +171,9 @@ routes! {
     Admin post "/api/v1/devices/{id}/certificates" certificates::add_certificate;
     Admin post "/api/v1/devices/{id}/certificates/{thumbprint}/revoke" certificates::revoke_certificate;
     Admin post "/api/v1/devices/{id}/commands" commands::send_command;
+    Admin post "/api/v1/devices/{id}/calls" commands::call_command;
+    Admin get "/api/v1/commands" commands::list_commands;
+    Admin get "/api/v1/commands/{id}" commands::get_command;
     Admin get "/api/v1/enrollment-groups" groups::list_groups;
     Admin post "/api/v1/enrollment-groups" groups::create_group;
     Admin get "/api/v1/enrollment-groups/{name}" groups::get_group;
@@ -194,6 +201,9 @@ pub fn router(state: ApiState) -> Router {
                 }),
         )
         .route_layer(middleware::from_fn_with_state(state.clone(), require_admin));
+    // Prometheus text, not JSON, and not part of the versioned API: served
+    // beside the route table, so the OpenAPI document leaves it out.
+    let public = public.route("/metrics", get(metrics::metrics));
     public
         .merge(admin)
         .fallback(|| async {

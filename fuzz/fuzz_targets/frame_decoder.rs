@@ -1,0 +1,12 @@
+//! Arbitrary bytes, in arbitrary pieces, through the frame decoder; every
+//! frame decoded is re-encoded and its EVENTS payload decoded.
+//! The body lives in `tributary_ingest::fuzzing`, shared with the stable
+//! corpus replay in `ingest/tests/fuzz_corpus.rs`.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    tributary_ingest::fuzzing::contain_arrow_panics();
+    tributary_ingest::fuzzing::frame_decoder(data);
+});

@@ -1,0 +1,420 @@
+//! The gateway's limits on devices and connections.
+//!
+//! - [`DeviceRate`]: how many events and bytes a device may send per
+//!   second, shared by all its sessions. A frame over the rate is rejected
+//!   (`rate_limited`) with the time after which the device may send again.
+//! - [`ConnectionGate`]: how many connections may be open at once, how many
+//!   of them may still be in their handshake (not yet authenticated), and
+//!   how many may start per second. A connection over a limit is refused
+//!   before its TLS handshake, so a flood of handshakes costs the server
+//!   little and never the sessions already running.
+//!
+//! Both use token buckets that hold one second's worth. A device's bucket
+//! may go into debt by one frame: any frame passes when the bucket is not
+//! in debt, so a frame larger than a second's worth is never refused
+//! outright; the device then waits until the debt is paid.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use tributary_registry::DeviceLimits;
+
+/// Events and bytes per second a device may send; 0 is no limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimits {
+    pub events_per_s: u64,
+    pub bytes_per_s: u64,
+}
+
+impl RateLimits {
+    /// No limit at all.
+    pub const UNLIMITED: RateLimits = RateLimits {
+        events_per_s: 0,
+        bytes_per_s: 0,
+    };
+
+    /// These defaults, with a device's own limits (from the registry) in
+    /// place of those it sets.
+    pub fn for_device(self, own: DeviceLimits) -> RateLimits {
+        RateLimits {
+            events_per_s: own.events_per_s.unwrap_or(self.events_per_s),
+            bytes_per_s: own.bytes_per_s.unwrap_or(self.bytes_per_s),
+        }
+    }
+}
+
+/// A token bucket holding up to one second of `rate`; `tokens` may go
+/// negative (debt).
+#[derive(Debug)]
+struct Bucket {
+    rate: u64,
+    tokens: f64,
+    updated: Instant,
+}
+
+impl Bucket {
+    fn new(rate: u64, now: Instant) -> Self {
+        Bucket {
+            rate,
+            tokens: rate as f64,
+            updated: now,
+        }
+    }
+
+    fn refill(&mut self, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.updated).as_secs_f64();
+        self.updated = now;
+        let cap = self.rate as f64;
+        self.tokens = (self.tokens + elapsed * cap).min(cap);
+    }
+
+    /// How long until the bucket is out of debt; zero if it is not in debt
+    /// (or has no limit).
+    fn wait(&self) -> Duration {
+        if self.rate == 0 || self.tokens >= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(-self.tokens / self.rate as f64)
+        }
+    }
+
+    fn take(&mut self, n: u64) {
+        if self.rate > 0 {
+            self.tokens -= n as f64;
+        }
+    }
+
+    fn set_rate(&mut self, rate: u64, now: Instant) {
+        self.refill(now);
+        self.rate = rate;
+        // A lower rate caps what is saved up; debt stays owed.
+        self.tokens = self.tokens.min(rate as f64);
+    }
+}
+
+/// A frame over a device's rate.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limited {
+    /// When the device may send again.
+    pub retry_after: Duration,
+    /// What the device sent too much of: `events` or `bytes`.
+    pub what: &'static str,
+    /// Its limit, per second.
+    pub per_second: u64,
+}
+
+impl Limited {
+    /// The REJECT message.
+    pub fn message(&self, device: &str) -> String {
+        format!(
+            "device '{device}' may send {} {}/s; it sent more, so nothing of this frame was \
+             stored: send it again in {} ms",
+            self.per_second,
+            self.what,
+            self.retry_after_ms()
+        )
+    }
+
+    /// [`Limited::retry_after`] in whole milliseconds, at least 1.
+    pub fn retry_after_ms(&self) -> u64 {
+        u64::try_from(self.retry_after.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1)
+    }
+}
+
+#[derive(Debug)]
+struct Buckets {
+    events: Bucket,
+    bytes: Bucket,
+}
+
+/// A device's rate limiter, shared by its sessions.
+#[derive(Debug)]
+pub struct DeviceRate {
+    buckets: Mutex<Buckets>,
+}
+
+impl DeviceRate {
+    pub fn new(limits: RateLimits) -> Self {
+        let now = Instant::now();
+        DeviceRate {
+            buckets: Mutex::new(Buckets {
+                events: Bucket::new(limits.events_per_s, now),
+                bytes: Bucket::new(limits.bytes_per_s, now),
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Buckets> {
+        self.buckets.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> RateLimits {
+        let b = self.lock();
+        RateLimits {
+            events_per_s: b.events.rate,
+            bytes_per_s: b.bytes.rate,
+        }
+    }
+
+    /// Changes the limits (the device's registry entry changed).
+    pub fn set_limits(&self, limits: RateLimits) {
+        let now = Instant::now();
+        let mut b = self.lock();
+        b.events.set_rate(limits.events_per_s, now);
+        b.bytes.set_rate(limits.bytes_per_s, now);
+    }
+
+    /// Takes a frame of `events` events and `bytes` bytes out of the
+    /// device's allowance, or says when to send it again if the device is
+    /// over its rate (and then takes nothing).
+    pub fn take(&self, events: u64, bytes: u64) -> Result<(), Limited> {
+        self.take_at(events, bytes, Instant::now())
+    }
+
+    /// Whether a frame would be refused now, without taking anything: a
+    /// frame's fate depends only on the debt already owed, so the gateway
+    /// asks before it spends time decoding.
+    pub fn check(&self) -> Result<(), Limited> {
+        let mut b = self.lock();
+        Self::over(&mut b, Instant::now())
+    }
+
+    /// Whether the device owes anything (a reconnect must not forgive it).
+    pub fn in_debt(&self) -> bool {
+        self.check().is_err()
+    }
+
+    fn over(b: &mut Buckets, now: Instant) -> Result<(), Limited> {
+        b.events.refill(now);
+        b.bytes.refill(now);
+        let over = [(&b.events, "events"), (&b.bytes, "bytes")]
+            .into_iter()
+            .map(|(bucket, what)| (bucket.wait(), bucket.rate, what))
+            .max_by_key(|(wait, _, _)| *wait);
+        if let Some((retry_after, per_second, what)) = over
+            && !retry_after.is_zero()
+        {
+            return Err(Limited {
+                retry_after,
+                what,
+                per_second,
+            });
+        }
+        Ok(())
+    }
+
+    fn take_at(&self, events: u64, bytes: u64, now: Instant) -> Result<(), Limited> {
+        let mut b = self.lock();
+        Self::over(&mut b, now)?;
+        b.events.take(events);
+        b.bytes.take(bytes);
+        Ok(())
+    }
+}
+
+/// The connection limits; 0 is no limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// Connections open at once, in their handshake or in session.
+    pub max_connections: usize,
+    /// Connections open at once that have not been authenticated yet (TLS
+    /// handshake, waiting for HELLO, credentials being checked).
+    pub max_pending: usize,
+    /// New connections per second (a burst of one second's worth).
+    pub per_second: u64,
+}
+
+/// Why a new connection was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    MaxConnections,
+    MaxPending,
+    ConnectionRate,
+}
+
+impl Refusal {
+    /// The name used in logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::MaxConnections => "max_connections",
+            Refusal::MaxPending => "max_pending_connections",
+            Refusal::ConnectionRate => "connection_rate",
+        }
+    }
+}
+
+/// Counts connections and admits new ones within [`ConnectionLimits`].
+#[derive(Debug)]
+pub struct ConnectionGate {
+    limits: ConnectionLimits,
+    open: AtomicUsize,
+    pending: AtomicUsize,
+    rate: Mutex<Bucket>,
+}
+
+impl ConnectionGate {
+    pub fn new(limits: ConnectionLimits) -> Self {
+        ConnectionGate {
+            limits,
+            open: AtomicUsize::new(0),
+            pending: AtomicUsize::new(0),
+            rate: Mutex::new(Bucket::new(limits.per_second, Instant::now())),
+        }
+    }
+
+    /// Connections open now.
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    /// Connections open now and not yet authenticated.
+    pub fn pending(&self) -> usize {
+        self.pending.load(Ordering::Relaxed)
+    }
+
+    /// Admits a new connection, or says which limit refuses it. The slot is
+    /// given back when the returned [`Slot`] is dropped.
+    pub fn admit(self: &std::sync::Arc<Self>) -> Result<Slot, Refusal> {
+        let within = |n: usize, max: usize| max == 0 || n < max;
+        if !within(self.open(), self.limits.max_connections) {
+            return Err(Refusal::MaxConnections);
+        }
+        if !within(self.pending(), self.limits.max_pending) {
+            return Err(Refusal::MaxPending);
+        }
+        {
+            let mut rate = self.rate.lock().unwrap_or_else(|p| p.into_inner());
+            rate.refill(Instant::now());
+            // Unlike a device's, this bucket allows no debt.
+            if rate.rate > 0 && rate.tokens < 1.0 {
+                return Err(Refusal::ConnectionRate);
+            }
+            rate.take(1);
+        }
+        // One task accepts connections, so the checks above cannot race
+        // with another admission; slots only ever go back concurrently.
+        self.open.fetch_add(1, Ordering::Relaxed);
+        self.pending.fetch_add(1, Ordering::Relaxed);
+        Ok(Slot {
+            gate: self.clone(),
+            pending: true,
+        })
+    }
+}
+
+/// An admitted connection's place; counted until dropped.
+#[derive(Debug)]
+pub struct Slot {
+    gate: std::sync::Arc<ConnectionGate>,
+    pending: bool,
+}
+
+impl Slot {
+    /// The connection was authenticated: it no longer counts as pending.
+    pub fn authenticated(&mut self) {
+        if std::mem::take(&mut self.pending) {
+            self.gate.pending.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.authenticated();
+        self.gate.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn a_device_within_its_rate_passes_and_one_over_it_waits() {
+        let rate = DeviceRate::new(RateLimits {
+            events_per_s: 100,
+            bytes_per_s: 0,
+        });
+        let t0 = Instant::now();
+        // A second's worth at once, then one frame into debt.
+        rate.take_at(100, 10, t0).unwrap();
+        rate.take_at(50, 10, t0).unwrap();
+        let limited = rate.take_at(1, 10, t0).unwrap_err();
+        assert_eq!(limited.what, "events");
+        assert_eq!(limited.per_second, 100);
+        assert_eq!(limited.retry_after_ms(), 500);
+        // Refused frames take nothing: half a second later the debt is paid.
+        rate.take_at(1, 10, t0 + Duration::from_millis(500))
+            .unwrap();
+        assert!(
+            rate.take_at(1, 10, t0 + Duration::from_millis(500))
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn bytes_are_limited_too_and_the_longer_wait_wins() {
+        let rate = DeviceRate::new(RateLimits {
+            events_per_s: 10,
+            bytes_per_s: 1000,
+        });
+        let t0 = Instant::now();
+        rate.take_at(11, 3000, t0).unwrap();
+        let limited = rate.take_at(1, 1, t0).unwrap_err();
+        assert_eq!((limited.what, limited.retry_after_ms()), ("bytes", 2000));
+        assert!(
+            limited.message("d1").contains("1000 bytes/s"),
+            "{limited:?}"
+        );
+    }
+
+    #[test]
+    fn no_limit_never_refuses_and_limits_change_live() {
+        let rate = DeviceRate::new(RateLimits::UNLIMITED);
+        let t0 = Instant::now();
+        for _ in 0..1000 {
+            rate.take_at(1_000_000, 1 << 30, t0).unwrap();
+        }
+        rate.set_limits(RateLimits {
+            events_per_s: 5,
+            bytes_per_s: 0,
+        });
+        let t1 = Instant::now();
+        rate.take_at(6, 0, t1).unwrap();
+        assert!(rate.take_at(1, 0, t1).is_err());
+    }
+
+    #[test]
+    fn the_gate_counts_open_and_pending_connections() {
+        let gate = Arc::new(ConnectionGate::new(ConnectionLimits {
+            max_connections: 3,
+            max_pending: 2,
+            per_second: 0,
+        }));
+        let mut a = gate.admit().unwrap();
+        let _b = gate.admit().unwrap();
+        assert_eq!(gate.admit().unwrap_err(), Refusal::MaxPending);
+        a.authenticated();
+        let c = gate.admit().unwrap();
+        assert_eq!(gate.admit().unwrap_err(), Refusal::MaxConnections);
+        drop(c);
+        drop(a);
+        assert_eq!((gate.open(), gate.pending()), (1, 1));
+    }
+
+    #[test]
+    fn the_gate_limits_new_connections_per_second() {
+        let gate = Arc::new(ConnectionGate::new(ConnectionLimits {
+            max_connections: 0,
+            max_pending: 0,
+            per_second: 2,
+        }));
+        let _slots = [gate.admit().unwrap(), gate.admit().unwrap()];
+        assert_eq!(gate.admit().unwrap_err(), Refusal::ConnectionRate);
+    }
+}
