@@ -414,11 +414,18 @@ impl Gateway {
                 keep_alive: config.keep_alive,
             },
         )?;
-        let endpoint =
-            quinn::Endpoint::server(server, config.listen).map_err(|source| Error::Bind {
-                addr: config.listen,
-                source,
-            })?;
+        let bind_err = |source| Error::Bind {
+            addr: config.listen,
+            source,
+        };
+        let socket = udp_socket(config.listen).map_err(bind_err)?;
+        let endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(server),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(bind_err)?;
         let (presence_tx, presence) = mpsc::unbounded_channel();
         Ok(Gateway {
             endpoint,
@@ -530,6 +537,36 @@ impl Gateway {
         recorder.abort();
         let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
     }
+}
+
+/// The UDP buffers the gateway asks for: every device's packets arrive on
+/// one socket, and with the kernel's default (about 200 KiB) a burst of
+/// handshakes overflows it; lost packets then cost each of those
+/// handshakes a retransmission timeout. The kernel caps the request at its
+/// `net.core.rmem_max` / `wmem_max`.
+const UDP_BUFFER_BYTES: usize = 8 * 1024 * 1024;
+
+/// The gateway's UDP socket, bound to `addr`, with large buffers.
+fn udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        // As quinn does: IPv4 too, on an unspecified IPv6 address.
+        let _ = socket.set_only_v6(false);
+    }
+    for (what, set) in [
+        (
+            "receive",
+            Socket::set_recv_buffer_size as fn(&Socket, usize) -> std::io::Result<()>,
+        ),
+        ("send", Socket::set_send_buffer_size),
+    ] {
+        if let Err(e) = set(&socket, UDP_BUFFER_BYTES) {
+            tracing::warn!(error = %e, "could not enlarge the gateway's UDP {what} buffer");
+        }
+    }
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
 }
 
 /// Queues a "server stopped" disconnect for every connected device; from
