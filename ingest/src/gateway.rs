@@ -248,10 +248,15 @@ struct DeviceLive {
 }
 
 impl DeviceLive {
+    /// Whether one of its sessions is authenticated.
+    fn is_connected(&self) -> bool {
+        self.sessions.iter().any(|l| l.authenticated)
+    }
+
     /// The device's state now, if it has an authenticated session.
     fn state(&self) -> Option<ConnectionState> {
         let since = self.since?;
-        if !self.sessions.iter().any(|l| l.authenticated) {
+        if !self.is_connected() {
             return None;
         }
         let (last_seen, last_event_at) = self.latest();
@@ -366,13 +371,19 @@ impl GatewayHandle {
             .collect()
     }
 
-    /// The ids of the devices connected (and authenticated) now.
-    pub fn connected_devices(&self) -> HashSet<String> {
+    /// Whether `device` is connected (has an authenticated session) now.
+    pub fn is_connected(&self, device: &str) -> bool {
         lock(&self.shared.live)
-            .iter()
-            .filter(|(_, device)| device.sessions.iter().any(|l| l.authenticated))
-            .map(|(device, _)| device.clone())
-            .collect()
+            .get(device)
+            .is_some_and(DeviceLive::is_connected)
+    }
+
+    /// How many devices are connected now.
+    pub fn connected_count(&self) -> usize {
+        lock(&self.shared.live)
+            .values()
+            .filter(|d| d.is_connected())
+            .count()
     }
 
     /// The gateway's counters, for `GET /metrics`.

@@ -9,7 +9,7 @@ use anyhow::{Result, bail};
 use clap::Subcommand;
 use serde_json::{Value, json};
 
-use super::device::{path_id, print_columns, time_text};
+use super::device::{path_id, path_segment, print_columns, time_text};
 use crate::ApiArgs;
 use crate::client::Api;
 use crate::server::parse_duration;
@@ -114,13 +114,6 @@ fn text<'a>(command: &'a Value, key: &str) -> &'a str {
     command.get(key).and_then(Value::as_str).unwrap_or("")
 }
 
-fn command_path(id: &str) -> Result<&str> {
-    if id.is_empty() || id.contains(['/', '?', '#', '%']) {
-        bail!("'{id}' is not a command id");
-    }
-    Ok(id)
-}
-
 pub async fn run(command: CommandCommand) -> Result<ExitCode> {
     match command {
         CommandCommand::Send {
@@ -211,7 +204,7 @@ pub async fn run(command: CommandCommand) -> Result<ExitCode> {
         CommandCommand::Status { id, json, api } => {
             let api = Api::resolve(&api)?;
             let command = api
-                .get(&format!("/commands/{}", command_path(&id)?))
+                .get(&format!("/commands/{}", path_segment(&id, "a command id")?))
                 .await?;
             if json {
                 println!("{command}");

@@ -821,8 +821,17 @@ pub(crate) fn print_columns(headers: &[&str], rows: &[Vec<String>]) {
 /// A device id as a URL path segment. Valid ids need no escaping; anything
 /// else is refused here rather than sent to some other path.
 pub(crate) fn path_id(id: &str) -> Result<&str> {
+    path_segment(
+        id,
+        "a device id; ids are letters, digits, '.', '_', '-' and ':'",
+    )
+}
+
+/// `id` as one segment of an API path, or an error saying it is not `what`
+/// (a `/`, `?`, `#`, `%`, `.` or `..` would change which path is called).
+pub(crate) fn path_segment<'a>(id: &'a str, what: &str) -> Result<&'a str> {
     if id.is_empty() || id.contains(['/', '?', '#', '%']) || id == "." || id == ".." {
-        bail!("'{id}' is not a device id; ids are letters, digits, '.', '_', '-' and ':'");
+        bail!("'{id}' is not {what}");
     }
     Ok(id)
 }

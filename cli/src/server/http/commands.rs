@@ -302,7 +302,7 @@ pub(super) async fn call_command(
     };
     CommandQueue::validate(&command).map_err(queue_error)?;
     let command_id = command.id.clone();
-    if !state.gateway.connected_devices().contains(&id) {
+    if !state.gateway.is_connected(&id) {
         let failed = command.clone();
         state
             .commands

@@ -119,7 +119,7 @@ pub(super) async fn view(state: &ApiState, device: Device) -> Result<DeviceView,
     let (connected, connection) = match state.gateway.live_state(&device.id) {
         Some(live) => (true, Some(live)),
         None => (
-            state.gateway.connected_devices().contains(&device.id),
+            state.gateway.is_connected(&device.id),
             state.registry.connection_state(&device.id).await?,
         ),
     };

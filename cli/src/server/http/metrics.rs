@@ -21,7 +21,7 @@ const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 pub(super) async fn metrics(State(state): State<ApiState>) -> Response {
     let mut out = String::with_capacity(4096);
     state.gateway.metrics().render(&mut out);
-    render_connected_devices(&mut out, state.gateway.connected_devices().len());
+    render_connected_devices(&mut out, state.gateway.connected_count());
     // A scrape still answers when the queue cannot be read: those gauges
     // are left out, and the log says why.
     match state.commands.blocking(|q| q.status_counts()).await {
