@@ -2,6 +2,7 @@
 
 use std::io::Cursor;
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow, bail};
 use arrow::datatypes::SchemaRef;
@@ -183,11 +184,17 @@ fn api_error(status: StatusCode, body: &[u8]) -> anyhow::Error {
     }
 }
 
-/// Connection settings of a device client, from flags, environment or the data directory.
-pub fn device_options(args: &DeviceArgs, commands: bool) -> Result<ClientOptions> {
-    let dir = DataDir::new(&args.data_dir);
-    let address = match &args.server {
-        Some(s) => s.clone(),
+/// The server's QUIC address and the CA to trust: from flags or
+/// environment (`server`, `ca`), else from the data directory (its
+/// `server.json` and `tls/ca.pem`), else the default address.
+pub fn quic_server(
+    data_dir: &Path,
+    server: Option<&str>,
+    ca: Option<&Path>,
+) -> Result<(SocketAddr, PathBuf)> {
+    let dir = DataDir::new(data_dir);
+    let address = match server {
+        Some(s) => s.to_string(),
         None => dir
             .read_server_info()
             .map(|i| i.quic.to_string())
@@ -198,13 +205,19 @@ pub fn device_options(args: &DeviceArgs, commands: bool) -> Result<ClientOptions
         .with_context(|| format!("invalid server address '{address}'"))?
         .next()
         .ok_or_else(|| anyhow!("server address '{address}' resolves to nothing"))?;
-    let ca = args.ca.clone().unwrap_or_else(|| dir.ca_cert());
+    let ca = ca.map(Path::to_path_buf).unwrap_or_else(|| dir.ca_cert());
     if !ca.exists() {
         bail!(
             "no CA certificate at {} (pass --ca, or --data-dir of the server)",
             ca.display()
         );
     }
+    Ok((server, ca))
+}
+
+/// Connection settings of a device client, from flags, environment or the data directory.
+pub fn device_options(args: &DeviceArgs, commands: bool) -> Result<ClientOptions> {
+    let (server, ca) = quic_server(&args.data_dir, args.server.as_deref(), args.ca.as_deref())?;
     let identity = match (&args.cert, &args.key) {
         (Some(cert), Some(key)) => Some(
             ClientIdentity::from_files(cert, key)

@@ -13,6 +13,11 @@ use clap::{Parser, Subcommand};
 
 use crate::output::Format;
 
+/// mimalloc rather than glibc's malloc, which spent a quarter of the
+/// server's time at full ingest in its own bookkeeping (docs/benchmarks.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Tributary: devices over QUIC, a durable event stream, streaming SQL rules,
 /// Parquet storage and commands back to devices, in one process.
 #[derive(Parser, Debug)]
@@ -118,6 +123,9 @@ enum Command {
     Send(commands::send::SendArgs),
     /// Connect as a device and print each command it receives as a JSON line.
     Listen(commands::listen::ListenArgs),
+    /// Simulate a fleet of devices sending telemetry, and report what the
+    /// server acknowledged and how fast.
+    Simulate(commands::simulate::SimulateArgs),
 }
 
 fn main() -> ExitCode {
@@ -151,6 +159,7 @@ fn main() -> ExitCode {
             Command::Admin(cmd) => commands::admin::run(cmd).await,
             Command::Send(args) => commands::send::run(args).await,
             Command::Listen(args) => commands::listen::run(args).await,
+            Command::Simulate(args) => commands::simulate::run(args).await,
         }
     });
     match result {

@@ -468,14 +468,26 @@ impl CommandQueue {
     /// changing nothing, when the command is no longer open (superseded,
     /// expired or answered meanwhile): it must not go out.
     pub fn mark_delivered(&self, id: &str, now: i64) -> Result<bool> {
-        let changed = self.conn().execute(
-            &format!(
+        Ok(self.mark_all_delivered(&[id], now)?.first() == Some(&true))
+    }
+
+    /// [`mark_delivered`](CommandQueue::mark_delivered) for several
+    /// commands in one transaction (one fsync): whether each may go out.
+    pub fn mark_all_delivered(&self, ids: &[&str], now: i64) -> Result<Vec<bool>> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let mut out = Vec::with_capacity(ids.len());
+        {
+            let mut update = tx.prepare_cached(&format!(
                 "UPDATE commands SET status = 'delivered', delivered_at = ?2
                  WHERE id = ?1 AND status IN {OPEN} AND expires_at > ?2"
-            ),
-            params![id, now],
-        )?;
-        Ok(changed > 0)
+            ))?;
+            for id in ids {
+                out.push(update.execute(params![id, now])? > 0);
+            }
+        }
+        tx.commit()?;
+        Ok(out)
     }
 
     /// Records the device's acknowledgement; see [`CommandQueue::answer`].
@@ -489,39 +501,73 @@ impl CommandQueue {
     /// than [`MAX_REASON_LEN`] is cut; a response over [`MAX_PAYLOAD_BYTES`]
     /// turns the answer into `failed`.
     pub fn answer(&self, device: &str, id: &str, answer: &Answer, now: i64) -> Result<bool> {
-        let mut status = answer.status;
-        if !matches!(
-            status,
-            CommandStatus::Acknowledged | CommandStatus::Rejected | CommandStatus::Failed
-        ) {
-            return Err(Error::Internal(format!(
-                "a device cannot answer a command with status '{}'",
-                status.as_str()
-            )));
+        Ok(self.answer_all(device, &[(id, answer)], now)?.first() == Some(&true))
+    }
+
+    /// [`answer`](CommandQueue::answer) for several of a device's answers
+    /// in one transaction (one fsync), in order: whether each was taken.
+    pub fn answer_all(
+        &self,
+        device: &str,
+        answers: &[(&str, &Answer)],
+        now: i64,
+    ) -> Result<Vec<bool>> {
+        let mut rows = Vec::with_capacity(answers.len());
+        for (id, answer) in answers {
+            let mut status = answer.status;
+            if !matches!(
+                status,
+                CommandStatus::Acknowledged | CommandStatus::Rejected | CommandStatus::Failed
+            ) {
+                return Err(Error::Internal(format!(
+                    "a device cannot answer a command with status '{}'",
+                    status.as_str()
+                )));
+            }
+            let mut reason = answer.reason.as_deref().map(|r| cut(r, MAX_REASON_LEN));
+            let mut response = answer.response.as_ref().map(|r| r.to_string());
+            if let Some(size) = response.as_ref().map(String::len)
+                && size > MAX_PAYLOAD_BYTES
+            {
+                status = CommandStatus::Failed;
+                reason = Some(format!(
+                    "the device's response is {size} bytes, the limit is {MAX_PAYLOAD_BYTES}"
+                ));
+                response = None;
+            }
+            rows.push((*id, status, reason, response));
         }
-        let mut reason = answer.reason.as_deref().map(|r| cut(r, MAX_REASON_LEN));
-        let mut response = answer.response.as_ref().map(|r| r.to_string());
-        if let Some(size) = response.as_ref().map(String::len)
-            && size > MAX_PAYLOAD_BYTES
-        {
-            status = CommandStatus::Failed;
-            reason = Some(format!(
-                "the device's response is {size} bytes, the limit is {MAX_PAYLOAD_BYTES}"
-            ));
-            response = None;
+        let taken = {
+            let mut conn = self.conn();
+            let tx = conn.transaction()?;
+            let mut taken = Vec::with_capacity(rows.len());
+            {
+                let mut update = tx.prepare_cached(&format!(
+                    "UPDATE commands SET status = ?3, answered_at = ?4, reason = ?5, response = ?6,
+                         acknowledged_at = CASE WHEN ?3 = 'acknowledged' THEN ?4 END
+                     WHERE id = ?1 AND device_id = ?2 AND status IN {OPEN} AND expires_at > ?4"
+                ))?;
+                for (id, status, reason, response) in &rows {
+                    let changed = update.execute(params![
+                        id,
+                        device,
+                        status.as_str(),
+                        now,
+                        reason,
+                        response
+                    ])?;
+                    taken.push(changed > 0);
+                }
+            }
+            tx.commit()?;
+            taken
+        };
+        for ((id, ..), taken) in rows.iter().zip(&taken) {
+            if *taken {
+                self.wake_answer(id);
+            }
         }
-        let changed = self.conn().execute(
-            &format!(
-                "UPDATE commands SET status = ?3, answered_at = ?4, reason = ?5, response = ?6,
-                     acknowledged_at = CASE WHEN ?3 = 'acknowledged' THEN ?4 END
-                 WHERE id = ?1 AND device_id = ?2 AND status IN {OPEN} AND expires_at > ?4"
-            ),
-            params![id, device, status.as_str(), now, reason, response],
-        )?;
-        if changed > 0 {
-            self.wake_answer(id);
-        }
-        Ok(changed > 0)
+        Ok(taken)
     }
 
     /// Marks every command past its time-to-live as expired; returns how many.

@@ -114,7 +114,26 @@ pub struct StreamDef {
     /// Options from `WITH (...)`, kept as written.
     #[serde(default)]
     pub options: BTreeMap<String, String>,
+    /// The Arrow schema, built on first use and shared from then on: every
+    /// frame's batch carries it, and the log compares it per append, so a
+    /// fresh one each time showed up in profiles (building, comparing
+    /// field by field, dropping).
+    #[serde(skip)]
+    schema: SchemaCache,
 }
+
+/// A stream's Arrow schema once built. It follows from the columns, so it
+/// takes no part in comparing definitions.
+#[derive(Debug, Clone, Default)]
+struct SchemaCache(std::sync::OnceLock<SchemaRef>);
+
+impl PartialEq for SchemaCache {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for SchemaCache {}
 
 /// Default number of partitions of a new stream.
 pub const DEFAULT_PARTITIONS: u32 = 4;
@@ -151,11 +170,16 @@ impl StreamDef {
             columns,
             partitions,
             options: BTreeMap::new(),
+            schema: SchemaCache::default(),
         })
     }
 
     /// The full Arrow schema: system columns first, then the declared ones.
     pub fn schema(&self) -> SchemaRef {
+        self.schema.0.get_or_init(|| self.build_schema()).clone()
+    }
+
+    fn build_schema(&self) -> SchemaRef {
         let mut fields = vec![
             Field::new(DEVICE_ID, DataType::Utf8, false),
             Field::new(TS, timestamp_type(), false),

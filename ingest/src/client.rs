@@ -327,9 +327,11 @@ impl Client {
             .await
     }
 
-    /// Sends one EVENTS frame, numbered `seq`, with the payload in
-    /// `encoding`.
-    async fn submit_encoded(
+    /// Sends one EVENTS frame, numbered `seq`, with `payload` already in
+    /// `encoding` (JSON, or an Arrow IPC stream), and returns a future for
+    /// its answer without waiting for it. Numbering is as for
+    /// [`submit_numbered`](Client::submit_numbered).
+    pub async fn submit_encoded(
         &self,
         stream: &str,
         seq: u64,

@@ -1917,47 +1917,65 @@ async fn write_frames(mut send: quinn::SendStream, mut frames: mpsc::Receiver<Fr
     let _ = send.finish();
 }
 
-/// Records a device's COMMAND_ACK. Answers to commands that are not this
-/// device's, or no longer open, change nothing.
-/// Records the device's COMMAND_ACKs, one at a time in the order it sent
-/// them (SQLite with fsync, off the async threads); the session stops
-/// reading while [`ANSWERS_IN_FLIGHT`] wait.
+/// Records the device's COMMAND_ACKs in the order it sent them (SQLite with
+/// fsync, off the async threads), those that arrived together in one
+/// transaction; the session stops reading while [`ANSWERS_IN_FLIGHT`] wait.
 async fn store_answers(
     queue: Arc<CommandQueue>,
     device: String,
     mut answers: mpsc::Receiver<CommandAck>,
 ) {
-    while let Some(ack) = answers.recv().await {
+    while let Some(first) = answers.recv().await {
+        // Whatever else has arrived is recorded with it, in one transaction.
+        let mut batch = vec![first];
+        while batch.len() < ANSWERS_IN_FLIGHT {
+            match answers.try_recv() {
+                Ok(ack) => batch.push(ack),
+                Err(_) => break,
+            }
+        }
         let device = device.clone();
         let recorded = queue
             .blocking(move |q| {
-                record_answer(q, &device, ack);
+                record_answers(q, &device, batch);
                 Ok(())
             })
             .await;
         if let Err(e) = recorded {
-            tracing::error!(error = %e, "could not record a command answer");
+            tracing::error!(error = %e, "could not record command answers");
         }
     }
 }
 
-fn record_answer(queue: &CommandQueue, device: &str, ack: CommandAck) {
-    let status = match ack.status.unwrap_or(AckStatus::Acknowledged) {
-        AckStatus::Acknowledged => CommandStatus::Acknowledged,
-        AckStatus::Rejected => CommandStatus::Rejected,
-        AckStatus::Failed => CommandStatus::Failed,
-    };
-    let answer = Answer {
-        status,
-        reason: ack.reason,
-        response: ack.response,
-    };
-    match queue.answer(device, &ack.id, &answer, now_millis()) {
-        Ok(true) => {}
-        Ok(false) => {
-            tracing::debug!(device = %device, command = %ack.id, "answer for no open command")
+/// Records a device's COMMAND_ACKs. Answers to commands that are not this
+/// device's, or no longer open, change nothing.
+fn record_answers(queue: &CommandQueue, device: &str, acks: Vec<CommandAck>) {
+    let answers: Vec<(String, Answer)> = acks
+        .into_iter()
+        .map(|ack| {
+            let status = match ack.status.unwrap_or(AckStatus::Acknowledged) {
+                AckStatus::Acknowledged => CommandStatus::Acknowledged,
+                AckStatus::Rejected => CommandStatus::Rejected,
+                AckStatus::Failed => CommandStatus::Failed,
+            };
+            let answer = Answer {
+                status,
+                reason: ack.reason,
+                response: ack.response,
+            };
+            (ack.id, answer)
+        })
+        .collect();
+    let refs: Vec<(&str, &Answer)> = answers.iter().map(|(id, a)| (id.as_str(), a)).collect();
+    match queue.answer_all(device, &refs, now_millis()) {
+        Ok(taken) => {
+            for ((id, _), taken) in refs.iter().zip(taken) {
+                if !taken {
+                    tracing::debug!(device = %device, command = %id, "answer for no open command");
+                }
+            }
         }
-        Err(e) => tracing::error!(error = %e, "could not record a command answer"),
+        Err(e) => tracing::error!(error = %e, "could not record command answers"),
     }
 }
 
@@ -1987,6 +2005,9 @@ async fn deliver_commands(
                 continue;
             }
         };
+        // Frames to send, marked delivered together below (one fsync for
+        // all of them rather than one each).
+        let mut ready = Vec::new();
         for c in pending {
             if !sent.insert(c.id.clone()) {
                 continue;
@@ -2020,15 +2041,31 @@ async fn deliver_commands(
                 }
                 continue;
             }
-            // Marked first: a command superseded or expired since the queue
-            // was read is not sent.
-            let id = c.id.clone();
-            match queue.blocking(move |q| q.mark_delivered(&id, now)).await {
-                Ok(true) => {}
-                Ok(false) => continue,
-                Err(e) => {
-                    tracing::error!(command = %c.id, error = %e, "could not mark a command delivered")
-                }
+            ready.push((c.id, frame));
+        }
+        if ready.is_empty() {
+            notified.await;
+            continue;
+        }
+        // Marked first: a command superseded or expired since the queue was
+        // read is not sent.
+        let ids: Vec<String> = ready.iter().map(|(id, _)| id.clone()).collect();
+        let marked = queue
+            .blocking(move |q| {
+                let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+                q.mark_all_delivered(&ids, now)
+            })
+            .await;
+        let may_go = match marked {
+            Ok(may_go) => may_go,
+            Err(e) => {
+                tracing::error!(device = %device, error = %e, "could not mark commands delivered");
+                vec![true; ready.len()]
+            }
+        };
+        for ((_, frame), go) in ready.into_iter().zip(may_go) {
+            if !go {
+                continue;
             }
             if out.send(frame).await.is_err() {
                 return;

@@ -16,5 +16,6 @@ mod metrics;
 mod postgres;
 mod restart;
 mod security;
+mod simulate;
 mod twin;
 mod windows;

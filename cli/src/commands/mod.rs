@@ -6,4 +6,5 @@ pub mod device;
 pub mod group;
 pub mod listen;
 pub mod send;
+pub mod simulate;
 pub mod sql;

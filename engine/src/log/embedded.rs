@@ -20,7 +20,10 @@ use std::time::{Duration, Instant, SystemTime};
 
 use arrow::datatypes::SchemaRef;
 use arrow::ipc::reader::StreamReader;
-use arrow::ipc::writer::StreamWriter;
+use arrow::ipc::writer::{
+    DictionaryTracker, IpcDataGenerator, IpcWriteContext, IpcWriteOptions, StreamWriter,
+    write_message,
+};
 use arrow::record_batch::RecordBatch;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -86,6 +89,9 @@ type ConsumerOffsets = BTreeMap<String, BTreeMap<u32, u64>>;
 
 struct StreamLog {
     schema: SchemaRef,
+    /// The start of every record body: the IPC stream's schema message,
+    /// encoded once rather than per append (see [`RecordEncoder`]).
+    encoder: RecordEncoder,
     retention: Retention,
     partitions: Vec<Mutex<PartitionIndex>>,
     writer: Option<mpsc::Sender<WriteRequest>>,
@@ -132,6 +138,9 @@ struct PartitionIndex {
     segments: Vec<SegmentIndex>,
     end: u64,
     cache: VecDeque<Record>,
+    /// The memory each cached record's batch holds, in the cache's order
+    /// (measured by the appender, off the writer thread).
+    cache_sizes: VecDeque<usize>,
     cache_bytes: usize,
     /// Device → the highest sequence number of its records held durably.
     seqs: HashMap<String, u64>,
@@ -146,6 +155,8 @@ struct WriteRequest {
     seq: u64,
     body: Vec<u8>,
     batch: RecordBatch,
+    /// The batch's memory, for the cache's budget.
+    memory: usize,
     reply: oneshot::Sender<Result<AppendReceipt>>,
 }
 
@@ -245,6 +256,7 @@ impl EmbeddedLog {
         let (appended, _) = watch::channel(0);
         let mut stream = StreamLog {
             schema: def.schema(),
+            encoder: RecordEncoder::new(&def.schema())?,
             retention: Retention::of(def),
             partitions,
             writer: None,
@@ -380,6 +392,7 @@ fn open_partition(dir: &Path, options: &LogOptions) -> Result<(PartitionIndex, A
             segments,
             end,
             cache: VecDeque::new(),
+            cache_sizes: VecDeque::new(),
             cache_bytes: 0,
             seqs,
         },
@@ -692,6 +705,7 @@ impl Writer {
                         offset: entry.offset,
                         batch: req.batch,
                     },
+                    req.memory,
                     self.options.cache_bytes_per_partition,
                 );
                 let _ = req.reply.send(Ok(AppendReceipt {
@@ -942,12 +956,14 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl PartitionIndex {
-    fn push_cache(&mut self, record: Record, budget: usize) {
-        self.cache_bytes += record.batch.get_array_memory_size();
+    fn push_cache(&mut self, record: Record, memory: usize, budget: usize) {
+        self.cache_bytes += memory;
         self.cache.push_back(record);
+        self.cache_sizes.push_back(memory);
         while self.cache_bytes > budget && self.cache.len() > 1 {
-            if let Some(old) = self.cache.pop_front() {
-                self.cache_bytes -= old.batch.get_array_memory_size();
+            self.cache.pop_front();
+            if let Some(old) = self.cache_sizes.pop_front() {
+                self.cache_bytes -= old;
             }
         }
     }
@@ -1015,6 +1031,50 @@ pub(crate) fn encode_batch(batch: &RecordBatch) -> Result<Vec<u8>> {
     writer.write(batch)?;
     writer.finish()?;
     Ok(writer.into_inner()?)
+}
+
+/// The end-of-stream marker of an IPC stream: continuation, length 0.
+const IPC_END: [u8; 8] = [0xFF, 0xFF, 0xFF, 0xFF, 0, 0, 0, 0];
+
+/// Writes record bodies of one stream: the same bytes as
+/// [`encode_batch`] (an IPC stream of the schema and one batch), with the
+/// schema message encoded once. Encoding the schema for every append was
+/// the largest single cost of a one-event frame.
+struct RecordEncoder {
+    header: Vec<u8>,
+    options: IpcWriteOptions,
+}
+
+impl RecordEncoder {
+    fn new(schema: &SchemaRef) -> Result<RecordEncoder> {
+        let writer = StreamWriter::try_new(Vec::new(), schema)?;
+        Ok(RecordEncoder {
+            header: writer.get_ref().clone(),
+            options: IpcWriteOptions::default(),
+        })
+    }
+
+    fn encode(&self, batch: &RecordBatch) -> Result<Vec<u8>> {
+        let mut tracker = DictionaryTracker::new(false);
+        let (dictionaries, message) = IpcDataGenerator::default().encode(
+            batch,
+            &mut tracker,
+            &self.options,
+            &mut IpcWriteContext::default(),
+        )?;
+        if !dictionaries.is_empty() {
+            // Streams have no dictionary columns; should one appear, the
+            // general writer handles it.
+            return encode_batch(batch);
+        }
+        let mut body = Vec::with_capacity(
+            self.header.len() + message.ipc_message.len() + message.arrow_data.len() + 24,
+        );
+        body.extend_from_slice(&self.header);
+        write_message(&mut body, message, &self.options)?;
+        body.extend_from_slice(&IPC_END);
+        Ok(body)
+    }
 }
 
 fn decode_batch(body: &[u8], path: &Path) -> Result<RecordBatch> {
@@ -1090,7 +1150,7 @@ impl EventStream for EmbeddedLog {
             .ok()
             .filter(|c| *c > 0)
             .ok_or_else(|| Error::User("a batch must hold between 1 and 2^32-1 events".into()))?;
-        let body = encode_batch(&batch)?;
+        let body = s.encoder.encode(&batch)?;
         if body.len() > segment::MAX_BODY_LEN as usize {
             return Err(Error::User(format!(
                 "a batch of {} bytes is larger than the log's limit of {} bytes; split it",
@@ -1110,6 +1170,7 @@ impl EventStream for EmbeddedLog {
                 key: key.to_string(),
                 seq,
                 body,
+                memory: batch.get_array_memory_size(),
                 batch,
                 reply,
             })
@@ -1336,6 +1397,18 @@ mod tests {
 
     /// A device's resent batches are recognised by their sequence numbers,
     /// in the same run and after a restart, per device.
+    #[test]
+    fn record_bodies_are_the_bytes_of_a_whole_ipc_stream() {
+        let schema = def(1).schema();
+        let encoder = RecordEncoder::new(&schema).unwrap();
+        for temps in [&[1.0][..], &[1.0, 2.5, -3.0], &[]] {
+            let b = batch("dev-1", temps);
+            let body = encoder.encode(&b).unwrap();
+            assert_eq!(body, encode_batch(&b).unwrap());
+            assert_eq!(decode_batch(&body, Path::new("test")).unwrap(), b);
+        }
+    }
+
     #[tokio::test]
     async fn resent_batches_are_stored_once() {
         let dir = tempfile::tempdir().unwrap();
