@@ -915,7 +915,12 @@ fn window_bench(o: &Options) -> Result<Value, String> {
         ])
         .args(["window_tumble_avg", "--warm-up-time", warm])
         .args(["--measurement-time", measure])
-        .env("TRIBUTARY_PYTHON", &o.python)
+        // cargo runs the bench in the package's folder: a relative path
+        // would point nowhere.
+        .env(
+            "TRIBUTARY_PYTHON",
+            std::fs::canonicalize(&o.python).unwrap_or_else(|_| o.python.clone()),
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
