@@ -921,6 +921,52 @@ mod tests {
     }
 
     #[test]
+    fn batches_mark_and_answer_each_command_on_its_own_merits() {
+        let q = CommandQueue::open_in_memory().unwrap();
+        q.enqueue(
+            &[
+                cmd("a", "d", 1000),
+                cmd("b", "d", 1000),
+                cmd("gone", "d", 5),
+            ],
+            0,
+        )
+        .unwrap();
+        // "gone" is past its time-to-live: it may not go out; the others may.
+        assert_eq!(
+            q.mark_all_delivered(&["a", "gone", "b"], 10).unwrap(),
+            [true, false, true]
+        );
+        assert_eq!(status(&q, "a"), CommandStatus::Delivered);
+        assert_eq!(status(&q, "b"), CommandStatus::Delivered);
+        let ack = Answer::acknowledged();
+        let reject = Answer {
+            status: CommandStatus::Rejected,
+            reason: Some("busy".into()),
+            response: None,
+        };
+        // One transaction, each answer judged alone: an unknown id and a
+        // second answer to "a" change nothing.
+        assert_eq!(
+            q.answer_all(
+                "d",
+                &[("a", &ack), ("nope", &ack), ("b", &reject), ("a", &reject)],
+                20
+            )
+            .unwrap(),
+            [true, false, true, false]
+        );
+        assert_eq!(status(&q, "a"), CommandStatus::Acknowledged);
+        let b = q.get("b").unwrap().unwrap();
+        assert_eq!(
+            (b.status, b.reason.as_deref()),
+            (CommandStatus::Rejected, Some("busy"))
+        );
+        // Another device cannot answer them.
+        assert_eq!(q.answer_all("other", &[("b", &ack)], 30).unwrap(), [false]);
+    }
+
+    #[test]
     fn rejected_and_failed_keep_the_reason() {
         let q = CommandQueue::open_in_memory().unwrap();
         q.enqueue(&[cmd("r", "d", 1000), cmd("f", "d", 1000)], 0)
