@@ -57,13 +57,32 @@ if ! "$python" -c 'import duckdb, pyarrow' >/dev/null 2>&1; then
 fi
 
 say "building the release binaries (the first build takes a while)"
-cargo build --release -p tributary-cli -p tributary-benches --bin tributary --bin e2e
-if [ "$want_window" = 1 ]; then
-    # The window bench's build, so that the run measures and does not compile.
-    cargo bench -p tributary-benches --bench tributary --no-run
-fi
+# One cargo invocation for the server, the runner and the criterion bench:
+# cargo resolves one feature set for them all, so DataFusion is built once.
+# (A separate `cargo bench` would resolve the bench's dev-dependencies on
+# their own, with other features of serde, serde_json and the like, and
+# build DataFusion a second time.)
 target_dir=${CARGO_TARGET_DIR:-target}
+mkdir -p "$target_dir"
+build_log=$target_dir/e2e-build.jsonl
+cargo build --release -p tributary-cli -p tributary-benches \
+    --bin tributary --bin e2e --bench tributary \
+    --message-format json-render-diagnostics >"$build_log"
+window_bench=$(python3 -c '
+import json, sys
+for line in open(sys.argv[1]):
+    m = json.loads(line)
+    t = m.get("target", {})
+    if m.get("reason") == "compiler-artifact" and t.get("name") == "tributary" \
+            and "bench" in t.get("kind", []) and m.get("executable"):
+        print(m["executable"])
+' "$build_log")
+if [ "$want_window" = 1 ] && [ -z "$window_bench" ]; then
+    echo "error: cargo built no window bench executable (see $build_log)" >&2
+    exit 1
+fi
 
 E2E_COMMAND="benches/e2e.sh${*:+ $*}" exec "$target_dir/release/e2e" \
     --bin "$target_dir/release/tributary" --python "$python" \
+    ${window_bench:+--window-bench "$window_bench"} \
     --out docs/benchmarks.md --results "$target_dir/e2e-results.json" "$@"

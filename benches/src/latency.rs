@@ -123,6 +123,19 @@ pub struct LatencyResult {
     pub p99_ms: f64,
     pub p999_ms: f64,
     pub max_ms: f64,
+    /// Where the time went, from the command queue's own timestamps (see
+    /// [`stages`]); empty when the queue could not be read.
+    pub stages: Vec<Stage>,
+}
+
+/// One leg of the way from event to command, over the measured commands.
+/// The queue keeps milliseconds, so each leg is good to about 1 ms.
+#[derive(Debug, Clone)]
+pub struct Stage {
+    pub name: &'static str,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
 }
 
 /// Counters shared by every device task.
@@ -233,7 +246,8 @@ pub async fn event_to_command(o: &LatencyOptions) -> Result<LatencyResult, Strin
     }
 
     let tally = Arc::new(Tally::default());
-    let latencies = Arc::new(Mutex::new(Vec::<f64>::new()));
+    // (command id, sent µs, received µs) of each measured command.
+    let latencies = Arc::new(Mutex::new(Vec::<(String, i64, i64)>::new()));
     let seen = Arc::new(Mutex::new(HashSet::<String>::new()));
     let first_error = Arc::new(std::sync::Mutex::new(None::<String>));
     // Freshly enrolled devices: let the registry's writes settle, then send
@@ -265,14 +279,11 @@ pub async fn event_to_command(o: &LatencyOptions) -> Result<LatencyResult, Strin
                 let Some(sent) = command.payload.as_i64() else {
                     continue;
                 };
-                if sent < measure_from_us || !seen.lock().await.insert(command.id) {
+                if sent < measure_from_us || !seen.lock().await.insert(command.id.clone()) {
                     continue;
                 }
                 tally.received.fetch_add(1, Ordering::Relaxed);
-                latencies
-                    .lock()
-                    .await
-                    .push((received - sent) as f64 / 1000.0);
+                latencies.lock().await.push((command.id, sent, received));
             }
         }));
     }
@@ -389,8 +400,21 @@ pub async fn event_to_command(o: &LatencyOptions) -> Result<LatencyResult, Strin
         }
     }
 
-    let mut v = std::mem::take(&mut *latencies.lock().await);
+    let samples = std::mem::take(&mut *latencies.lock().await);
+    let mut v: Vec<f64> = samples
+        .iter()
+        .map(|(_, sent, received)| (received - sent) as f64 / 1000.0)
+        .collect();
     v.sort_by(f64::total_cmp);
+    let query = o.clone();
+    let prefix = format!("{GROUP}{run}-");
+    let stages = tokio::task::spawn_blocking(move || stages(&query, &prefix, &samples))
+        .await
+        .map_err(|e| e.to_string())?
+        .unwrap_or_else(|e| {
+            eprintln!("latency: no breakdown by stage: {e}");
+            Vec::new()
+        });
     let acked = tally.acked.load(Ordering::Relaxed);
     let first_error = first_error
         .lock()
@@ -410,7 +434,85 @@ pub async fn event_to_command(o: &LatencyOptions) -> Result<LatencyResult, Strin
         p99_ms: quantile(&v, 0.99),
         p999_ms: quantile(&v, 0.999),
         max_ms: v.last().copied().unwrap_or(f64::NAN),
+        stages,
     })
+}
+
+/// Splits each measured command's time in three by the queue's timestamps
+/// (`created_at`, taken as the rule queues it; `delivered_at`, taken as
+/// the device's session reads the queue, before it marks the command
+/// delivered and sends it):
+/// - `event → queued`: the frame's way through the gateway, the log (its
+///   fsync), and the rule;
+/// - `queued → delivering`: the queue's insert (its fsync) and the wake-up
+///   of the device's session;
+/// - `delivering → device`: reading the queue, marking the command
+///   delivered, the frame's way to the device.
+fn stages(
+    o: &LatencyOptions,
+    device_prefix: &str,
+    samples: &[(String, i64, i64)],
+) -> Result<Vec<Stage>, String> {
+    let answer = sql(
+        &o.api,
+        &o.admin_token,
+        &format!(
+            "SELECT id, CAST(created_at AS BIGINT) AS created, \
+             CAST(delivered_at AS BIGINT) AS delivered FROM commands \
+             WHERE name = 'hot' AND starts_with(device_id, '{device_prefix}')"
+        ),
+    )?;
+    let mut times = std::collections::HashMap::new();
+    for row in answer["rows"].as_array().into_iter().flatten() {
+        if let (Some(id), Some(created), Some(delivered)) = (
+            row["id"].as_str(),
+            row["created"].as_i64(),
+            row["delivered"].as_i64(),
+        ) {
+            // Milliseconds, cut: the middle of each is the best guess.
+            times.insert(
+                id.to_string(),
+                (created * 1000 + 500, delivered * 1000 + 500),
+            );
+        }
+    }
+    let mut legs: [Vec<f64>; 3] = Default::default();
+    for (id, sent, received) in samples {
+        let Some(&(created, delivered)) = times.get(id) else {
+            continue;
+        };
+        for (leg, (from, to)) in legs.iter_mut().zip([
+            (*sent, created),
+            (created, delivered),
+            (delivered, *received),
+        ]) {
+            leg.push((to - from) as f64 / 1000.0);
+        }
+    }
+    if legs[0].is_empty() {
+        return Err(format!(
+            "none of the {} commands is in the commands table",
+            samples.len()
+        ));
+    }
+    let names = [
+        "event → queued",
+        "queued → delivering",
+        "delivering → device",
+    ];
+    Ok(names
+        .into_iter()
+        .zip(legs)
+        .map(|(name, mut leg)| {
+            leg.sort_by(f64::total_cmp);
+            Stage {
+                name,
+                p50_ms: quantile(&leg, 0.5),
+                p99_ms: quantile(&leg, 0.99),
+                max_ms: leg.last().copied().unwrap_or(f64::NAN),
+            }
+        })
+        .collect())
 }
 
 fn note(first: &std::sync::Mutex<Option<String>>, e: String) {
@@ -437,6 +539,12 @@ impl LatencyResult {
             "p99_ms": self.p99_ms,
             "p999_ms": self.p999_ms,
             "max_ms": self.max_ms,
+            "stages": self.stages.iter().map(|s| json!({
+                "stage": s.name,
+                "p50_ms": s.p50_ms,
+                "p99_ms": s.p99_ms,
+                "max_ms": s.max_ms,
+            })).collect::<Vec<_>>(),
         })
     }
 }

@@ -166,11 +166,13 @@ fn queries(stream: &str, range: (&str, &str)) -> Vec<Query> {
             ),
             loose: false,
         },
+        // The stream holds many simulator runs, each counting `seq` from 0
+        // again: `ts` breaks those ties, so both engines order rows alike.
         same(
             "filter_rows",
             format!(
                 "SELECT device_id, seq, temperature FROM {stream} \
-                 WHERE status = 'error' ORDER BY device_id, seq"
+                 WHERE status = 'error' ORDER BY device_id, seq, ts"
             ),
         ),
     ]

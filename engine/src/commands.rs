@@ -472,22 +472,32 @@ impl CommandQueue {
     }
 
     /// [`mark_delivered`](CommandQueue::mark_delivered) for several
-    /// commands in one transaction (one fsync): whether each may go out.
+    /// commands in one transaction: whether each may go out.
+    ///
+    /// The mark is not fsynced: it stands between the queue and the
+    /// device's frame, on the path from event to command, and it needs no
+    /// durability. A mark lost to a power cut leaves the command queued, so
+    /// it goes out again, as it does after any reconnect (delivery is at
+    /// least once; the device knows a repeat by its id). A process crash
+    /// loses nothing: SQLite has written it to the file by then. The next
+    /// fsynced change makes it durable too.
     pub fn mark_all_delivered(&self, ids: &[&str], now: i64) -> Result<Vec<bool>> {
         let mut conn = self.conn();
-        let tx = conn.transaction()?;
-        let mut out = Vec::with_capacity(ids.len());
-        {
-            let mut update = tx.prepare_cached(&format!(
-                "UPDATE commands SET status = 'delivered', delivered_at = ?2
-                 WHERE id = ?1 AND status IN {OPEN} AND expires_at > ?2"
-            ))?;
-            for id in ids {
-                out.push(update.execute(params![id, now])? > 0);
+        without_fsync(&mut conn, |conn| {
+            let tx = conn.transaction()?;
+            let mut out = Vec::with_capacity(ids.len());
+            {
+                let mut update = tx.prepare_cached(&format!(
+                    "UPDATE commands SET status = 'delivered', delivered_at = ?2
+                     WHERE id = ?1 AND status IN {OPEN} AND expires_at > ?2"
+                ))?;
+                for id in ids {
+                    out.push(update.execute(params![id, now])? > 0);
+                }
             }
-        }
-        tx.commit()?;
-        Ok(out)
+            tx.commit()?;
+            Ok(out)
+        })
     }
 
     /// Records the device's acknowledgement; see [`CommandQueue::answer`].
@@ -738,6 +748,18 @@ impl CommandQueue {
             n.notify_waiters();
         }
     }
+}
+
+/// Runs `f` with the connection's commits written but not fsynced (WAL,
+/// `synchronous = NORMAL`), then puts `synchronous = FULL` back.
+fn without_fsync<T>(
+    conn: &mut Connection,
+    f: impl FnOnce(&mut Connection) -> Result<T>,
+) -> Result<T> {
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    let out = f(conn);
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    out
 }
 
 fn release(map: &Mutex<HashMap<String, Arc<Notify>>>, key: &str) {
@@ -1207,6 +1229,32 @@ mod tests {
         }
         let q = CommandQueue::open(&path).unwrap();
         assert_eq!(q.pending("d", 1).unwrap()[0].id, "keep");
+    }
+
+    #[test]
+    fn a_delivery_mark_is_kept_and_later_changes_are_fsynced_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("commands.db");
+        let synchronous = |q: &CommandQueue| -> i64 {
+            q.conn()
+                .query_row("PRAGMA synchronous", [], |r| r.get(0))
+                .unwrap()
+        };
+        {
+            let q = CommandQueue::open(&path).unwrap();
+            q.enqueue(&[cmd("a", "d", DEFAULT_TTL_MS)], 0).unwrap();
+            assert_eq!(synchronous(&q), 2, "FULL after opening");
+            assert_eq!(
+                q.mark_all_delivered(&["a", "gone"], 5).unwrap(),
+                [true, false]
+            );
+            // The mark alone skips the fsync; everything after has it again.
+            assert_eq!(synchronous(&q), 2, "FULL again after the mark");
+        }
+        let q = CommandQueue::open(&path).unwrap();
+        let a = q.get("a").unwrap().unwrap();
+        assert_eq!(a.status, CommandStatus::Delivered);
+        assert_eq!(a.delivered_at, Some(5));
     }
 
     #[test]

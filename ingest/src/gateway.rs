@@ -1338,7 +1338,8 @@ async fn revocation(
     }
 }
 
-/// The answer to one EVENTS frame, in the order frames arrived.
+/// The answer to one EVENTS frame (or a run of them), in the order frames
+/// arrived.
 enum Pending {
     Ready(Frame),
     Appending {
@@ -1347,6 +1348,69 @@ enum Pending {
         /// The frame's latest event time, for the connection state.
         latest_event: Option<i64>,
     },
+    /// A run of frames stored with one append
+    /// ([`EventStream::submit_run`](tributary_engine::log::EventStream::submit_run)),
+    /// each answered on its own.
+    AppendingRun {
+        /// Each frame's number and events, in order.
+        frames: Vec<(u64, u32)>,
+        future: AppendFuture,
+        latest_event: Option<i64>,
+    },
+}
+
+/// An EVENTS frame that passed every check, decoded.
+struct Accepted {
+    seq: u64,
+    stream: String,
+    batch: RecordBatch,
+    latest_event: Option<i64>,
+}
+
+/// Frames of one stream that a device pipelined and that arrived together:
+/// stored with one append, at about the cost of one frame. Small frames
+/// (one event each, say) otherwise cost an encoding, a log record and a
+/// reader's visit each.
+struct Run {
+    stream: String,
+    frames: Vec<(u64, u32)>,
+    batches: Vec<RecordBatch>,
+    events: usize,
+    latest_event: Option<i64>,
+}
+
+/// Most frames in one run.
+const RUN_FRAMES: usize = 256;
+/// Frames join a run while it holds fewer events than this: large frames
+/// gain nothing from it.
+const RUN_EVENTS: usize = 4096;
+
+impl Run {
+    fn new(a: Accepted) -> Run {
+        Run {
+            stream: a.stream,
+            frames: vec![(a.seq, a.batch.num_rows() as u32)],
+            events: a.batch.num_rows(),
+            batches: vec![a.batch],
+            latest_event: a.latest_event,
+        }
+    }
+
+    /// Whether the run can take another frame, and that frame.
+    fn has_room(&self) -> bool {
+        self.frames.len() < RUN_FRAMES && self.events < RUN_EVENTS
+    }
+
+    fn takes(&self, a: &Accepted) -> bool {
+        self.has_room() && self.stream == a.stream
+    }
+
+    fn push(&mut self, a: Accepted) {
+        self.frames.push((a.seq, a.batch.num_rows() as u32));
+        self.events += a.batch.num_rows();
+        self.batches.push(a.batch);
+        self.latest_event = self.latest_event.max(a.latest_event);
+    }
 }
 
 struct Session {
@@ -1443,9 +1507,14 @@ impl Session {
         let expiry =
             tokio::time::sleep_until(expires.and_then(Expiry::deadline).unwrap_or_else(far));
         tokio::pin!(expiry);
-        let (reason, fatal): (String, Option<ProtocolError>) = loop {
+        // A frame read while gathering a run, to be handled next.
+        let mut stash: Option<Result<Option<Frame>>> = None;
+        let (reason, fatal): (String, Option<ProtocolError>) = 'session: loop {
             // read_frame is cancel-safe: what was read stays in `decoder`.
-            let read = tokio::select! {
+            let read = if let Some(read) = stash.take() {
+                read
+            } else {
+                tokio::select! {
                 biased;
                 Some(e) = self.revoked.recv() => {
                     break (format!("revoked: {}", e.message), Some(e));
@@ -1456,6 +1525,7 @@ impl Session {
                     break (at.reason().to_string(), Some(e));
                 }
                 read = read_frame(&mut recv, &mut decoder, &self.shared.metrics) => read,
+                }
             };
             let frame = match read {
                 Ok(Some(frame)) => frame,
@@ -1469,32 +1539,52 @@ impl Session {
             self.activity.seen(now_millis());
             match frame {
                 Frame::Events(events) => {
-                    if self.idempotent && events.seq == 0 {
-                        let e = ProtocolError::protocol(
-                            "EVENTS seq 0 in an idempotent session; the device's numbers start at 1",
-                        );
-                        break (format!("protocol error: {}", e.code), Some(e));
-                    }
-                    if self.idempotent {
-                        if !lock(&unanswered).insert(events.seq) {
-                            let e = ProtocolError::protocol(format!(
-                                "EVENTS seq {} is sent again before its first copy was answered",
-                                events.seq
-                            ));
-                            break (format!("protocol error: {}", e.code), Some(e));
+                    // This frame, and the EVENTS frames already read behind
+                    // it, go to the log as runs.
+                    let mut run: Option<Run> = None;
+                    let mut next = Some(events);
+                    let mut broken = None;
+                    while let Some(events) = next.take() {
+                        if let Err(e) = self.check_seq(events.seq, &mut last_seq, &unanswered) {
+                            broken = Some(e);
+                            break;
                         }
-                    } else if last_seq.is_some_and(|last| events.seq <= last) {
-                        let e = ProtocolError::protocol(format!(
-                            "EVENTS seq {} is not greater than the previous seq {}",
-                            events.seq,
-                            last_seq.unwrap_or_default()
-                        ));
-                        break (format!("protocol error: {}", e.code), Some(e));
+                        let mut answers = Vec::new();
+                        match self.accept_events(events) {
+                            Ok(accepted) => match run.as_mut() {
+                                Some(r) if r.takes(&accepted) => r.push(accepted),
+                                _ => {
+                                    answers.extend(run.take().map(|r| self.submit(r)));
+                                    run = Some(Run::new(accepted));
+                                }
+                            },
+                            Err(refused) => {
+                                answers.extend(run.take().map(|r| self.submit(r)));
+                                answers.push(refused);
+                            }
+                        }
+                        for answer in answers {
+                            if pending_tx.send(answer).await.is_err() {
+                                break 'session ("connection lost".into(), None);
+                            }
+                        }
+                        if run.as_ref().is_some_and(|r| !r.has_room()) {
+                            break;
+                        }
+                        match decoder.next_frame() {
+                            Ok(Some(Frame::Events(events))) => next = Some(events),
+                            Ok(Some(other)) => stash = Some(Ok(Some(other))),
+                            Ok(None) => {}
+                            Err(e) => stash = Some(Err(Error::Protocol(e))),
+                        }
                     }
-                    last_seq = Some(events.seq);
-                    let answer = self.accept_events(events);
-                    if pending_tx.send(answer).await.is_err() {
+                    if let Some(r) = run.take()
+                        && pending_tx.send(self.submit(r)).await.is_err()
+                    {
                         break ("connection lost".into(), None);
+                    }
+                    if let Some(e) = broken {
+                        break (format!("protocol error: {}", e.code), Some(e));
                     }
                 }
                 Frame::CommandAck(ack) => {
@@ -1653,9 +1743,39 @@ impl Session {
             .find(|l| l.id == self.id)
     }
 
-    /// Decodes and submits one EVENTS frame. Submission happens here, in
-    /// the reading task, so the device's frames reach the log in order.
-    fn accept_events(&mut self, events: Events) -> Pending {
+    /// Checks an EVENTS frame's number: above the last in a session that
+    /// is not idempotent; not 0, nor a number still unanswered, in one that
+    /// is.
+    fn check_seq(
+        &self,
+        seq: u64,
+        last_seq: &mut Option<u64>,
+        unanswered: &Unanswered,
+    ) -> std::result::Result<(), ProtocolError> {
+        if self.idempotent && seq == 0 {
+            return Err(ProtocolError::protocol(
+                "EVENTS seq 0 in an idempotent session; the device's numbers start at 1",
+            ));
+        }
+        if self.idempotent {
+            if !lock(unanswered).insert(seq) {
+                return Err(ProtocolError::protocol(format!(
+                    "EVENTS seq {seq} is sent again before its first copy was answered"
+                )));
+            }
+        } else if let Some(last) = *last_seq
+            && seq <= last
+        {
+            return Err(ProtocolError::protocol(format!(
+                "EVENTS seq {seq} is not greater than the previous seq {last}"
+            )));
+        }
+        *last_seq = Some(seq);
+        Ok(())
+    }
+
+    /// Checks and decodes one EVENTS frame, or answers it with a REJECT.
+    fn accept_events(&mut self, events: Events) -> std::result::Result<Accepted, Pending> {
         let Events {
             seq,
             stream,
@@ -1677,7 +1797,7 @@ impl Session {
             }))
         };
         let Some(def) = self.shared.deps.catalog.stream(&stream) else {
-            return reject(
+            return Err(reject(
                 RejectCode::UnknownStream,
                 format!(
                     "stream '{stream}' does not exist; create it with CREATE STREAM {stream} (...)"
@@ -1685,7 +1805,7 @@ impl Session {
                 None,
                 None,
                 None,
-            );
+            ));
         };
         // Idempotent sessions: a frame above one refused for the rate waits
         // for it, or it would be stored first and the refused frame, sent
@@ -1726,19 +1846,19 @@ impl Session {
                     refused.insert(seq);
                 }
             }
-            return reject(
+            return Err(reject(
                 RejectCode::RateLimited,
                 message,
                 None,
                 None,
                 Some(retry_after_ms),
-            );
+            ));
         }
         let decode = match encoding {
             Encoding::Json => decode_json,
             Encoding::Arrow => decode_arrow,
             Encoding::Unknown(byte) => {
-                return reject(
+                return Err(reject(
                     RejectCode::UnsupportedEncoding,
                     format!(
                         "encoding 0x{byte:02x} is not supported; use 0x01 (JSON) or 0x02 \
@@ -1747,7 +1867,7 @@ impl Session {
                     None,
                     None,
                     None,
-                );
+                ));
             }
         };
         let batch = match decode(
@@ -1758,7 +1878,7 @@ impl Session {
             self.shared.config.max_events_per_frame as usize,
         ) {
             Ok(batch) => batch,
-            Err(e) => return reject(e.code, e.message, e.event, e.field, None),
+            Err(e) => return Err(reject(e.code, e.message, e.event, e.field, None)),
         };
         // Refused only if another session of the device ran it into debt
         // since the check above.
@@ -1769,39 +1889,76 @@ impl Session {
             if self.idempotent {
                 self.rate_refused.entry(stream).or_default().insert(seq);
             }
-            return reject(
+            return Err(reject(
                 RejectCode::RateLimited,
                 limited.message(&self.device),
                 None,
                 None,
                 Some(limited.retry_after_ms()),
-            );
+            ));
         }
-        let latest_event = latest_event_time(&batch);
+        Ok(Accepted {
+            seq,
+            latest_event: latest_event_time(&batch),
+            stream,
+            batch,
+        })
+    }
+
+    /// Submits a run of frames to the log. Submission happens here, in the
+    /// reading task, so the device's frames reach the log in order.
+    fn submit(&self, run: Run) -> Pending {
+        let Run {
+            stream,
+            mut frames,
+            mut batches,
+            latest_event,
+            ..
+        } = run;
         // A numbered frame the log already holds is acknowledged with
         // count 0 and not stored again.
-        let numbered = if self.idempotent { seq } else { 0 };
-        match self
-            .shared
-            .deps
-            .log
-            .submit_sequenced(&stream, &self.device, numbered, batch)
+        let numbered = |seq: u64| if self.idempotent { seq } else { 0 };
+        let log = &self.shared.deps.log;
+        if frames.len() == 1
+            && let (Some((seq, _)), Some(batch)) = (frames.pop(), batches.pop())
         {
-            Ok(future) => Pending::Appending {
-                seq,
-                future,
-                latest_event,
-            },
-            Err(e) => {
-                tracing::error!(device = %self.device, stream = %stream, error = %e, "append refused");
-                reject(
-                    RejectCode::Unavailable,
-                    format!("the server could not store the events: {e}; retry later"),
-                    None,
-                    None,
-                    None,
-                )
-            }
+            return match log.submit_sequenced(&stream, &self.device, numbered(seq), batch) {
+                Ok(future) => Pending::Appending {
+                    seq,
+                    future,
+                    latest_event,
+                },
+                Err(e) => {
+                    tracing::error!(device = %self.device, stream = %stream, error = %e, "append refused");
+                    Pending::Ready(Frame::Reject(Reject {
+                        seq,
+                        code: RejectCode::Unavailable,
+                        message: format!("the server could not store the events: {e}; retry later"),
+                        event: None,
+                        field: None,
+                        retry_after_ms: None,
+                    }))
+                }
+            };
+        }
+        let numbers: Vec<(u64, u32)> = frames
+            .iter()
+            .map(|(seq, rows)| (numbered(*seq), *rows))
+            .collect();
+        let submitted = match batches.first() {
+            Some(first) => arrow::compute::concat_batches(&first.schema(), &batches)
+                .map_err(|e| tributary_engine::Error::Internal(format!("joining frames: {e}")))
+                .and_then(|batch| log.submit_run(&stream, &self.device, &numbers, batch)),
+            None => Err(tributary_engine::Error::Internal("an empty run".into())),
+        };
+        let future = submitted.unwrap_or_else(|e| {
+            tracing::error!(device = %self.device, stream = %stream, error = %e, "append refused");
+            Box::pin(std::future::ready(Err(e)))
+        });
+        Pending::AppendingRun {
+            frames,
+            future,
+            latest_event,
         }
     }
 
@@ -1840,8 +1997,8 @@ async fn answer_in_order(
     metrics: Arc<GatewayMetrics>,
 ) {
     while let Some(p) = pending.recv().await {
-        let frame = match p {
-            Pending::Ready(frame) => frame,
+        let frames = match p {
+            Pending::Ready(frame) => vec![frame],
             Pending::Appending {
                 seq,
                 future,
@@ -1853,49 +2010,91 @@ async fn answer_in_order(
                     {
                         activity.stored_events_until(t);
                     }
-                    Frame::Ack(Ack {
+                    vec![Frame::Ack(Ack {
                         seq,
                         count: receipt.count,
-                    })
+                    })]
                 }
-                Err(e) => {
-                    if matches!(e, tributary_engine::Error::Unavailable(_)) {
-                        // Backpressure (a full log, a frame to resend first):
-                        // the device is told to retry; nothing failed.
-                        tracing::debug!(error = %e, "append refused for now");
-                    } else {
-                        tracing::error!(error = %e, "append failed");
+                Err(e) => vec![not_stored(seq, &e)],
+            },
+            Pending::AppendingRun {
+                frames,
+                future,
+                latest_event,
+            } => match future.await {
+                Ok(receipt) => {
+                    if receipt.count > 0
+                        && let Some(t) = latest_event
+                    {
+                        activity.stored_events_until(t);
                     }
-                    let message = match &e {
-                        // Says why and that a retry will do.
-                        tributary_engine::Error::Unavailable(why) => why.clone(),
-                        e => format!("the server could not store the events: {e}; retry later"),
-                    };
-                    Frame::Reject(Reject {
-                        seq,
-                        code: RejectCode::Unavailable,
-                        message,
-                        event: None,
-                        field: None,
-                        retry_after_ms: None,
-                    })
+                    run_acks(&frames, receipt.count)
                 }
+                Err(e) => frames.iter().map(|(seq, _)| not_stored(*seq, &e)).collect(),
             },
         };
-        if let Some(unanswered) = &unanswered
-            && let Frame::Ack(Ack { seq, .. }) | Frame::Reject(Reject { seq, .. }) = &frame
-        {
-            lock(unanswered).remove(seq);
-        }
-        match &frame {
-            Frame::Ack(ack) => metrics.frame_accepted(u64::from(ack.count)),
-            Frame::Reject(reject) => metrics.frame_rejected(reject.code.as_str()),
-            _ => {}
-        }
-        if out.send(frame).await.is_err() {
-            return;
+        for frame in frames {
+            if let Some(unanswered) = &unanswered
+                && let Frame::Ack(Ack { seq, .. }) | Frame::Reject(Reject { seq, .. }) = &frame
+            {
+                lock(unanswered).remove(seq);
+            }
+            match &frame {
+                Frame::Ack(ack) => metrics.frame_accepted(u64::from(ack.count)),
+                Frame::Reject(reject) => metrics.frame_rejected(reject.code.as_str()),
+                _ => {}
+            }
+            if out.send(frame).await.is_err() {
+                return;
+            }
         }
     }
+}
+
+/// The ACKs of a run's frames, given how many of its events the log
+/// stored: those of its last frames (the first ones it held already are
+/// resends, acknowledged with count 0).
+fn run_acks(frames: &[(u64, u32)], stored: u32) -> Vec<Frame> {
+    let mut left = stored;
+    let mut counts: Vec<u32> = frames
+        .iter()
+        .rev()
+        .map(|(_, rows)| {
+            let count = if left >= *rows { *rows } else { 0 };
+            left -= count;
+            count
+        })
+        .collect();
+    counts.reverse();
+    frames
+        .iter()
+        .zip(counts)
+        .map(|((seq, _), count)| Frame::Ack(Ack { seq: *seq, count }))
+        .collect()
+}
+
+/// The REJECT of a frame the log did not store.
+fn not_stored(seq: u64, e: &tributary_engine::Error) -> Frame {
+    if matches!(e, tributary_engine::Error::Unavailable(_)) {
+        // Backpressure (a full log, a frame to resend first): the device is
+        // told to retry; nothing failed.
+        tracing::debug!(error = %e, "append refused for now");
+    } else {
+        tracing::error!(error = %e, "append failed");
+    }
+    let message = match e {
+        // Says why and that a retry will do.
+        tributary_engine::Error::Unavailable(why) => why.clone(),
+        e => format!("the server could not store the events: {e}; retry later"),
+    };
+    Frame::Reject(Reject {
+        seq,
+        code: RejectCode::Unavailable,
+        message,
+        event: None,
+        field: None,
+        retry_after_ms: None,
+    })
 }
 
 async fn write_frames(mut send: quinn::SendStream, mut frames: mpsc::Receiver<Frame>) {
@@ -2181,4 +2380,31 @@ async fn store_reports(
 
 fn millis_to_utc(ms: i64) -> DateTime<Utc> {
     DateTime::from_timestamp_millis(ms).unwrap_or(DateTime::<Utc>::MIN_UTC)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn counts(frames: &[Frame]) -> Vec<(u64, u32)> {
+        frames
+            .iter()
+            .map(|f| match f {
+                Frame::Ack(a) => (a.seq, a.count),
+                other => panic!("not an ACK: {other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_runs_acks_count_the_stored_events_from_its_last_frame_back() {
+        let run = [(4, 1), (5, 3), (6, 2)];
+        // All stored.
+        assert_eq!(counts(&run_acks(&run, 6)), [(4, 1), (5, 3), (6, 2)]);
+        // The first frame was held already (a resend).
+        assert_eq!(counts(&run_acks(&run, 5)), [(4, 0), (5, 3), (6, 2)]);
+        assert_eq!(counts(&run_acks(&run, 2)), [(4, 0), (5, 0), (6, 2)]);
+        // All resends.
+        assert_eq!(counts(&run_acks(&run, 0)), [(4, 0), (5, 0), (6, 0)]);
+    }
 }

@@ -65,6 +65,9 @@ const MIB: f64 = 1024.0 * 1024.0;
 struct Options {
     bin: PathBuf,
     python: PathBuf,
+    /// The criterion bench executable, already built; without it the window
+    /// bench goes through `cargo bench`.
+    window_bench: Option<PathBuf>,
     out: PathBuf,
     results: PathBuf,
     quick: bool,
@@ -79,7 +82,7 @@ struct Options {
 }
 
 fn usage() -> &'static str {
-    "usage: e2e --bin PATH --python PATH [--out FILE] [--results FILE] [--quick] \
+    "usage: e2e --bin PATH --python PATH [--window-bench PATH] [--out FILE] [--results FILE] [--quick] \
      [--duration-s S] [--no-window] [--no-mosquitto] [--no-latency] [--no-queries] [--keep] \
      [-- <extra serve flags>]"
 }
@@ -89,6 +92,7 @@ fn parse_args() -> Result<Options, String> {
     let mut o = Options {
         bin: PathBuf::from("target/release/tributary"),
         python: PathBuf::from("python3"),
+        window_bench: None,
         out: PathBuf::from("docs/benchmarks.md"),
         results: PathBuf::from("target/e2e-results.json"),
         quick: false,
@@ -107,6 +111,7 @@ fn parse_args() -> Result<Options, String> {
         match arg.as_str() {
             "--bin" => o.bin = value("--bin")?.into(),
             "--python" => o.python = value("--python")?.into(),
+            "--window-bench" => o.window_bench = Some(value("--window-bench")?.into()),
             "--out" => o.out = value("--out")?.into(),
             "--results" => o.results = value("--results")?.into(),
             "--duration-s" => {
@@ -903,18 +908,36 @@ fn window_bench(o: &Options) -> Result<Value, String> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let bench_started = SystemTime::now();
     let (warm, measure) = if o.quick { ("1", "2") } else { ("1", "3") };
-    let child = Command::new(&cargo)
-        .current_dir(&root)
-        .args([
-            "bench",
-            "-p",
-            "tributary-benches",
-            "--bench",
-            "tributary",
-            "--",
-        ])
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    let target = std::path::absolute(&target).unwrap_or(target);
+    // The executable e2e.sh built along with the server (one cargo
+    // invocation, so one feature set and one DataFusion build); otherwise
+    // cargo builds it, which may build DataFusion again.
+    let mut command = match &o.window_bench {
+        Some(exe) => {
+            let mut c = Command::new(exe);
+            c.current_dir(root.join("benches")).arg("--bench");
+            c
+        }
+        None => {
+            let mut c = Command::new(&cargo);
+            c.current_dir(&root).args([
+                "bench",
+                "-p",
+                "tributary-benches",
+                "--bench",
+                "tributary",
+                "--",
+            ]);
+            c
+        }
+    };
+    let child = command
         .args(["window_tumble_avg", "--warm-up-time", warm])
         .args(["--measurement-time", measure])
+        .env("CRITERION_HOME", target.join("criterion"))
         // cargo runs the bench in the package's folder: a relative path
         // would point nowhere.
         .env(
@@ -925,18 +948,15 @@ fn window_bench(o: &Options) -> Result<Value, String> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| format!("cannot run {cargo} bench: {e}"))?;
+        .map_err(|e| format!("cannot run the window bench: {e}"))?;
     let (ok, stdout, stderr) =
-        wait_output(child, Duration::from_secs(900)).map_err(|e| format!("cargo bench {e}"))?;
+        wait_output(child, Duration::from_secs(900)).map_err(|e| format!("window bench {e}"))?;
     if !ok {
         return Err(format!(
-            "cargo bench failed: {}",
+            "the window bench failed: {}",
             tail(&format!("{stdout}\n{stderr}"), 6)
         ));
     }
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target"));
     let group = target.join("criterion").join("window_tumble_avg");
     let mut estimates = Vec::new();
     find_named(&group, "estimates.json", &mut estimates);
@@ -1260,6 +1280,12 @@ fn latency_runs(
                     r.commands_received,
                     r.commands_expected
                 ));
+                for stage in &r.stages {
+                    progress(&format!(
+                        "  {}: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+                        stage.name, stage.p50_ms, stage.p99_ms, stage.max_ms
+                    ));
+                }
                 let mut v = r.to_json();
                 v["server_peak_rss_bytes"] = json!(peak);
                 rows.push(v);
@@ -1611,6 +1637,38 @@ fn markdown(r: &Value) -> String {
         );
     }
     let _ = writeln!(s);
+    let staged: Vec<&Value> = r["latency"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|row| row["stages"].as_array().is_some_and(|s| !s.is_empty()))
+        .collect();
+    if !staged.is_empty() {
+        let _ = writeln!(
+            s,
+            "Where the time goes, from the command queue's timestamps (milliseconds, so each \
+             leg is good to about 1 ms): *event → queued* is the gateway, the log's fsync and \
+             the rule; *queued → delivering* the queue's insert (its fsync) and the device \
+             session's wake-up; *delivering → device* reading the queue, marking the command \
+             delivered and the frame's way to the device.\n"
+        );
+        let _ = writeln!(s, "| rate events/s | stage | p50 ms | p99 ms | max ms |");
+        let _ = writeln!(s, "| ---: | --- | ---: | ---: | ---: |");
+        for row in staged {
+            for stage in row["stages"].as_array().into_iter().flatten() {
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {:.1} | {:.1} | {:.1} |",
+                    thousands(f(row, "rate")),
+                    stage["stage"].as_str().unwrap_or("?"),
+                    f(stage, "p50_ms"),
+                    f(stage, "p99_ms"),
+                    f(stage, "max_ms"),
+                );
+            }
+        }
+        let _ = writeln!(s);
+    }
 
     // Queries.
     let _ = writeln!(

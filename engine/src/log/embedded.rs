@@ -151,8 +151,13 @@ struct WriteRequest {
     count: u32,
     /// The device the batch was appended for.
     key: String,
-    /// The device's sequence number for the batch, 0 for none.
+    /// The device's sequence number for the batch, 0 for none; for a run
+    /// of batches, the last one's.
     seq: u64,
+    /// A run of the device's batches stored as one record
+    /// ([`EventStream::submit_run`]): each batch's sequence number and
+    /// rows, in order. Empty for a single batch.
+    run: Vec<(u64, u32)>,
     body: Vec<u8>,
     batch: RecordBatch,
     /// The batch's memory, for the cache's budget.
@@ -739,7 +744,7 @@ impl Writer {
         // Sequence numbers taken earlier in this group.
         let mut taken: HashMap<String, u64> = HashMap::new();
         let mut sorted = Sorted::default();
-        for req in reqs {
+        for mut req in reqs {
             if req.seq == 0 {
                 sorted.write.push(req);
                 continue;
@@ -753,20 +758,34 @@ impl Writer {
                 sorted.duplicates.push(req);
                 continue;
             }
+            // A run whose first batches the log holds already (a device
+            // sending again what was stored before its connection broke):
+            // only the rest is stored.
+            if req.run.first().is_some_and(|(first, _)| *first <= highest)
+                && let Err(e) = trim_run(&stream.encoder, &mut req, highest)
+            {
+                let _ = req.reply.send(Err(e));
+                continue;
+            }
+            let first_seq = req.run.first().map_or(req.seq, |(seq, _)| *seq);
             if let Some(missing) = holes.get_mut(&req.key) {
-                let first = missing.first().copied().unwrap_or(req.seq);
-                if req.seq != first {
-                    if missing.len() < MAX_MISSING {
-                        missing.insert(req.seq);
+                let first = missing.first().copied().unwrap_or(first_seq);
+                if first_seq != first {
+                    for seq in req.seqs() {
+                        if missing.len() < MAX_MISSING {
+                            missing.insert(seq);
+                        }
                     }
                     let _ = req.reply.send(Err(Error::Unavailable(format!(
-                        "frame {} of device '{}' waits: frames from {first} on were not stored; send frame {first} again first, then the rest in order",
-                        req.seq, req.key
+                        "frame {first_seq} of device '{}' waits: frames from {first} on were not stored; send frame {first} again first, then the rest in order",
+                        req.key
                     ))));
                     continue;
                 }
                 // Refilled (for now: a failed write puts it back).
-                missing.remove(&first);
+                for seq in req.seqs() {
+                    missing.remove(&seq);
+                }
                 if missing.is_empty() {
                     holes.remove(&req.key);
                 }
@@ -782,8 +801,10 @@ impl Writer {
     fn fail(&mut self, p: u32, sorted: Sorted, e: &Error) {
         let holes = &mut self.holes[p as usize];
         for req in &sorted.write {
-            if req.seq > 0 {
-                holes.entry(req.key.clone()).or_default().insert(req.seq);
+            // The first of a run: the rest follow it when it is sent again.
+            let first = req.run.first().map_or(req.seq, |(seq, _)| *seq);
+            if first > 0 {
+                holes.entry(req.key.clone()).or_default().insert(first);
             }
         }
         fail_all(sorted.write, e);
@@ -951,6 +972,38 @@ fn fail_all(reqs: Vec<WriteRequest>, e: &Error) {
     }
 }
 
+impl WriteRequest {
+    /// The sequence numbers of the request's batches.
+    fn seqs(&self) -> impl Iterator<Item = u64> + '_ {
+        let single = self.run.is_empty().then_some(self.seq);
+        single
+            .into_iter()
+            .chain(self.run.iter().map(|(seq, _)| *seq))
+    }
+}
+
+/// Drops from a run the batches the log holds already (sequence numbers up
+/// to `highest`), re-encoding what is left. The caller has checked that the
+/// run's last batch is above `highest`.
+fn trim_run(encoder: &RecordEncoder, req: &mut WriteRequest, highest: u64) -> Result<()> {
+    let held = req.run.iter().take_while(|(seq, _)| *seq <= highest);
+    let skip: usize = held.clone().map(|(_, rows)| *rows as usize).sum();
+    let held = held.count();
+    let rows = req.batch.num_rows();
+    if skip >= rows {
+        return Err(Error::Internal(format!(
+            "a run of {rows} events from device '{}' has {skip} events in its held batches",
+            req.key
+        )));
+    }
+    req.run.drain(..held);
+    req.batch = req.batch.slice(skip, rows - skip);
+    req.body = encoder.encode(&req.batch)?;
+    req.count = (rows - skip) as u32;
+    req.memory = req.batch.get_array_memory_size();
+    Ok(())
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -1091,39 +1144,15 @@ fn decode_batch(body: &[u8], path: &Path) -> Result<RecordBatch> {
     }
 }
 
-#[async_trait]
-impl EventStream for EmbeddedLog {
-    async fn create_stream(&self, def: &StreamDef) -> Result<()> {
-        if self.options.read_only {
-            return Err(Error::User("the log is open read-only".into()));
-        }
-        // Check and create under one lock, so two creators cannot race.
-        let mut streams = self.write_streams();
-        if let Some(existing) = streams.get(&def.name) {
-            if existing.partitions.len() == def.partitions as usize
-                && existing.schema == def.schema()
-            {
-                return Ok(());
-            }
-            return Err(Error::AlreadyExists {
-                kind: "stream",
-                name: def.name.clone(),
-            });
-        }
-        let meta = serde_json::to_vec_pretty(&StreamMeta { def: def.clone() })
-            .map_err(|e| Error::Internal(e.to_string()))?;
-        write_atomic(&self.dir.join(&def.name).join("meta.json"), &meta)?;
-        let stream = self.open_stream(def)?;
-        streams.insert(def.name.clone(), stream);
-        Ok(())
-    }
-
-    fn submit_to(
+impl EmbeddedLog {
+    /// Checks one batch (or run) and hands it to the stream's writer.
+    fn submit_request(
         &self,
         stream: &str,
         partition: u32,
         key: &str,
         seq: u64,
+        run: Vec<(u64, u32)>,
         batch: RecordBatch,
     ) -> Result<AppendFuture> {
         let s = self.stream(stream)?;
@@ -1169,6 +1198,7 @@ impl EventStream for EmbeddedLog {
                 count,
                 key: key.to_string(),
                 seq,
+                run,
                 body,
                 memory: batch.get_array_memory_size(),
                 batch,
@@ -1178,6 +1208,94 @@ impl EventStream for EmbeddedLog {
         Ok(Box::pin(async move {
             rx.await.map_err(|_| Error::ShuttingDown)?
         }))
+    }
+}
+
+/// A run's sequence numbers increase strictly (or are all 0) and its
+/// batches' rows add up to the batch's.
+fn check_run(run: &[(u64, u32)], batch: &RecordBatch) -> Result<()> {
+    if run.is_empty() || run.iter().any(|(_, rows)| *rows == 0) {
+        return Err(Error::User(
+            "a run holds at least one batch, each of at least one event".into(),
+        ));
+    }
+    let numbered = run[0].0 > 0;
+    let ordered = run.windows(2).all(|w| {
+        if numbered {
+            w[0].0 < w[1].0
+        } else {
+            w[1].0 == 0
+        }
+    });
+    if !ordered {
+        return Err(Error::User(
+            "a run's sequence numbers must increase strictly, or all be 0".into(),
+        ));
+    }
+    let rows: u64 = run.iter().map(|(_, rows)| u64::from(*rows)).sum();
+    if rows != batch.num_rows() as u64 {
+        return Err(Error::User(format!(
+            "a run's batches hold {rows} events, its batch {}",
+            batch.num_rows()
+        )));
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl EventStream for EmbeddedLog {
+    async fn create_stream(&self, def: &StreamDef) -> Result<()> {
+        if self.options.read_only {
+            return Err(Error::User("the log is open read-only".into()));
+        }
+        // Check and create under one lock, so two creators cannot race.
+        let mut streams = self.write_streams();
+        if let Some(existing) = streams.get(&def.name) {
+            if existing.partitions.len() == def.partitions as usize
+                && existing.schema == def.schema()
+            {
+                return Ok(());
+            }
+            return Err(Error::AlreadyExists {
+                kind: "stream",
+                name: def.name.clone(),
+            });
+        }
+        let meta = serde_json::to_vec_pretty(&StreamMeta { def: def.clone() })
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        write_atomic(&self.dir.join(&def.name).join("meta.json"), &meta)?;
+        let stream = self.open_stream(def)?;
+        streams.insert(def.name.clone(), stream);
+        Ok(())
+    }
+
+    fn submit_to(
+        &self,
+        stream: &str,
+        partition: u32,
+        key: &str,
+        seq: u64,
+        batch: RecordBatch,
+    ) -> Result<AppendFuture> {
+        self.submit_request(stream, partition, key, seq, Vec::new(), batch)
+    }
+
+    /// One record for the whole run: one encoding, one index entry, one
+    /// cache entry, and one record for every reader, rather than one per
+    /// batch.
+    fn submit_run(
+        &self,
+        stream: &str,
+        key: &str,
+        run: &[(u64, u32)],
+        batch: RecordBatch,
+    ) -> Result<AppendFuture> {
+        check_run(run, &batch)?;
+        let partition = super::partition_for(key, self.partitions(stream)?);
+        let seq = run.last().map_or(0, |(seq, _)| *seq);
+        // Unnumbered batches need no bookkeeping: they are appended anyway.
+        let run = if seq == 0 { Vec::new() } else { run.to_vec() };
+        self.submit_request(stream, partition, key, seq, run, batch)
     }
 
     fn partitions(&self, stream: &str) -> Result<u32> {
@@ -1407,6 +1525,64 @@ mod tests {
             assert_eq!(body, encode_batch(&b).unwrap());
             assert_eq!(decode_batch(&body, Path::new("test")).unwrap(), b);
         }
+    }
+
+    /// A run of a device's batches is one record; what the log holds of it
+    /// already is left out, and the rest is stored once, across restarts.
+    #[tokio::test]
+    async fn a_run_of_batches_is_one_record_and_its_resent_part_is_left_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = |log: &EmbeddedLog, frames: &[(u64, &[f64])]| {
+            let seqs: Vec<(u64, u32)> = frames
+                .iter()
+                .map(|(seq, t)| (*seq, t.len() as u32))
+                .collect();
+            let all: Vec<f64> = frames.iter().flat_map(|(_, t)| t.iter().copied()).collect();
+            log.submit_run("telemetry", "d", &seqs, batch("d", &all))
+                .unwrap()
+        };
+        let p = crate::log::partition_for("d", 2);
+        {
+            let log = EmbeddedLog::open(dir.path(), LogOptions::default()).unwrap();
+            log.create_stream(&def(2)).await.unwrap();
+            let r = run(&log, &[(1, &[1.0]), (2, &[2.0, 2.5]), (3, &[3.0])])
+                .await
+                .unwrap();
+            assert_eq!((r.offset, r.count, r.duplicate), (0, 4, false));
+            let stored = log.read("telemetry", p, 0, 100).await.unwrap();
+            assert_eq!(stored.len(), 1, "one record for the run");
+            assert_eq!(temps(&stored), [1.0, 2.0, 2.5, 3.0]);
+            assert_eq!(log.last_seq("telemetry", "d").unwrap(), 3);
+            // Sent again whole: a resend.
+            let again = run(&log, &[(2, &[2.0, 2.5]), (3, &[3.0])]).await.unwrap();
+            assert_eq!((again.count, again.duplicate), (0, true));
+            // Sent again with new batches behind: only those are stored.
+            let r = run(&log, &[(3, &[3.0]), (4, &[4.0]), (5, &[5.0, 5.5])])
+                .await
+                .unwrap();
+            assert_eq!((r.offset, r.count, r.duplicate), (4, 3, false));
+        }
+        let log = EmbeddedLog::open(dir.path(), no_cache()).unwrap();
+        assert_eq!(log.last_seq("telemetry", "d").unwrap(), 5);
+        let again = run(&log, &[(4, &[4.0]), (5, &[5.0, 5.5])]).await.unwrap();
+        assert!(again.duplicate);
+        let stored = log.read("telemetry", p, 0, 100).await.unwrap();
+        assert_eq!(temps(&stored), [1.0, 2.0, 2.5, 3.0, 4.0, 5.0, 5.5]);
+        // A run that does not add up, or goes back, is refused whole.
+        for bad in [
+            vec![(6, 1), (6, 1)],
+            vec![(7, 1), (6, 1)],
+            vec![(6, 1), (7, 2)],
+            vec![(6, 0), (7, 2)],
+            vec![],
+        ] {
+            let e = log
+                .submit_run("telemetry", "d", &bad, batch("d", &[1.0, 2.0]))
+                .err()
+                .unwrap_or_else(|| panic!("{bad:?} taken"));
+            assert!(matches!(e, Error::User(_)), "{bad:?}: {e}");
+        }
+        assert_eq!(log.last_seq("telemetry", "d").unwrap(), 5);
     }
 
     #[tokio::test]

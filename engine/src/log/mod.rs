@@ -144,6 +144,60 @@ pub trait EventStream: Send + Sync + 'static {
         batch: RecordBatch,
     ) -> Result<AppendFuture>;
 
+    /// Several of the device `key`'s batches, one after another, appended
+    /// as one: `run` holds each batch's sequence number (as for
+    /// [`submit_sequenced`](EventStream::submit_sequenced), increasing
+    /// strictly; or all 0) and its number of events, in order, and `batch`
+    /// their events, concatenated. How a gateway stores the small frames a
+    /// device has pipelined at a cost close to one frame's.
+    ///
+    /// Batches the log holds already (resends) are left out and the rest
+    /// stored; the receipt counts the events stored, which are those of the
+    /// run's last batches (a batch holds at least one event, so the count
+    /// says which). The embedded log stores the rest as one record, so all
+    /// of it or none; this default submits each batch in turn, so if it
+    /// fails, earlier batches may have been stored (numbered batches then
+    /// count as resends when sent again).
+    fn submit_run(
+        &self,
+        stream: &str,
+        key: &str,
+        run: &[(u64, u32)],
+        batch: RecordBatch,
+    ) -> Result<AppendFuture> {
+        let mut appends = Vec::with_capacity(run.len());
+        let mut at = 0usize;
+        for (seq, rows) in run {
+            let rows = *rows as usize;
+            if at + rows > batch.num_rows() {
+                return Err(crate::Error::User(
+                    "a run's batches hold more events than its batch".into(),
+                ));
+            }
+            appends.push(self.submit_sequenced(stream, key, *seq, batch.slice(at, rows))?);
+            at += rows;
+        }
+        Ok(Box::pin(async move {
+            let mut total: Option<AppendReceipt> = None;
+            for append in appends {
+                let r = append.await?;
+                total = Some(match total {
+                    None => r,
+                    Some(t) if t.count == 0 => AppendReceipt {
+                        offset: r.offset,
+                        ..r
+                    },
+                    Some(t) => AppendReceipt {
+                        count: t.count + r.count,
+                        duplicate: false,
+                        ..t
+                    },
+                });
+            }
+            total.ok_or_else(|| crate::Error::User("a run holds at least one batch".into()))
+        }))
+    }
+
     /// Appends one batch for the device `key`; returns only once the batch is durable.
     async fn append(&self, stream: &str, key: &str, batch: RecordBatch) -> Result<AppendReceipt> {
         self.submit(stream, key, batch)?.await
