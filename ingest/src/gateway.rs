@@ -1364,6 +1364,8 @@ struct Accepted {
     seq: u64,
     stream: String,
     batch: RecordBatch,
+    /// The frame's payload size.
+    bytes: usize,
     latest_event: Option<i64>,
 }
 
@@ -1376,14 +1378,17 @@ struct Run {
     frames: Vec<(u64, u32)>,
     batches: Vec<RecordBatch>,
     events: usize,
+    bytes: usize,
     latest_event: Option<i64>,
 }
 
 /// Most frames in one run.
 const RUN_FRAMES: usize = 256;
-/// Frames join a run while it holds fewer events than this: large frames
-/// gain nothing from it.
+/// Frames join a run while it holds fewer events than this, and fewer
+/// payload bytes than [`RUN_BYTES`]: large frames gain nothing from it,
+/// and a run stays far below the log's largest record.
 const RUN_EVENTS: usize = 4096;
+const RUN_BYTES: usize = 1 << 20;
 
 impl Run {
     fn new(a: Accepted) -> Run {
@@ -1391,23 +1396,31 @@ impl Run {
             stream: a.stream,
             frames: vec![(a.seq, a.batch.num_rows() as u32)],
             events: a.batch.num_rows(),
+            bytes: a.bytes,
             batches: vec![a.batch],
             latest_event: a.latest_event,
         }
     }
 
-    /// Whether the run can take another frame, and that frame.
+    /// Whether the run can take another frame.
     fn has_room(&self) -> bool {
-        self.frames.len() < RUN_FRAMES && self.events < RUN_EVENTS
+        self.frames.len() < RUN_FRAMES && self.events < RUN_EVENTS && self.bytes < RUN_BYTES
     }
 
+    /// Whether the run can take this frame: room, the same stream, and a
+    /// higher frame number (a run's numbers increase, as the log wants; a
+    /// device that goes back starts a new run, and the log judges that
+    /// frame on its own).
     fn takes(&self, a: &Accepted) -> bool {
-        self.has_room() && self.stream == a.stream
+        self.has_room()
+            && self.stream == a.stream
+            && self.frames.last().is_some_and(|(last, _)| a.seq > *last)
     }
 
     fn push(&mut self, a: Accepted) {
         self.frames.push((a.seq, a.batch.num_rows() as u32));
         self.events += a.batch.num_rows();
+        self.bytes += a.bytes;
         self.batches.push(a.batch);
         self.latest_event = self.latest_event.max(a.latest_event);
     }
@@ -1902,6 +1915,7 @@ impl Session {
             latest_event: latest_event_time(&batch),
             stream,
             batch,
+            bytes: payload.len(),
         })
     }
 
