@@ -1342,19 +1342,14 @@ async fn revocation(
 /// arrived.
 enum Pending {
     Ready(Frame),
-    Appending {
-        seq: u64,
-        future: AppendFuture,
-        /// The frame's latest event time, for the connection state.
-        latest_event: Option<i64>,
-    },
-    /// A run of frames stored with one append
+    /// A frame, or a run of frames stored with one append
     /// ([`EventStream::submit_run`](tributary_engine::log::EventStream::submit_run)),
     /// each answered on its own.
-    AppendingRun {
+    Appending {
         /// Each frame's number and events, in order.
         frames: Vec<(u64, u32)>,
         future: AppendFuture,
+        /// The latest event time, for the connection state.
         latest_event: Option<i64>,
     },
 }
@@ -1924,7 +1919,7 @@ impl Session {
     fn submit(&self, run: Run) -> Pending {
         let Run {
             stream,
-            mut frames,
+            frames,
             mut batches,
             latest_event,
             ..
@@ -1933,43 +1928,29 @@ impl Session {
         // count 0 and not stored again.
         let numbered = |seq: u64| if self.idempotent { seq } else { 0 };
         let log = &self.shared.deps.log;
-        if frames.len() == 1
-            && let (Some((seq, _)), Some(batch)) = (frames.pop(), batches.pop())
+        // One frame needs no joining.
+        let submitted = if frames.len() == 1
+            && batches.len() == 1
+            && let (Some(&(seq, _)), Some(batch)) = (frames.first(), batches.pop())
         {
-            return match log.submit_sequenced(&stream, &self.device, numbered(seq), batch) {
-                Ok(future) => Pending::Appending {
-                    seq,
-                    future,
-                    latest_event,
-                },
-                Err(e) => {
-                    tracing::error!(device = %self.device, stream = %stream, error = %e, "append refused");
-                    Pending::Ready(Frame::Reject(Reject {
-                        seq,
-                        code: RejectCode::Unavailable,
-                        message: format!("the server could not store the events: {e}; retry later"),
-                        event: None,
-                        field: None,
-                        retry_after_ms: None,
-                    }))
-                }
-            };
-        }
-        let numbers: Vec<(u64, u32)> = frames
-            .iter()
-            .map(|(seq, rows)| (numbered(*seq), *rows))
-            .collect();
-        let submitted = match batches.first() {
-            Some(first) => arrow::compute::concat_batches(&first.schema(), &batches)
-                .map_err(|e| tributary_engine::Error::Internal(format!("joining frames: {e}")))
-                .and_then(|batch| log.submit_run(&stream, &self.device, &numbers, batch)),
-            None => Err(tributary_engine::Error::Internal("an empty run".into())),
+            log.submit_sequenced(&stream, &self.device, numbered(seq), batch)
+        } else {
+            let numbers: Vec<(u64, u32)> = frames
+                .iter()
+                .map(|(seq, rows)| (numbered(*seq), *rows))
+                .collect();
+            match batches.first() {
+                Some(first) => arrow::compute::concat_batches(&first.schema(), &batches)
+                    .map_err(|e| tributary_engine::Error::Internal(format!("joining frames: {e}")))
+                    .and_then(|batch| log.submit_run(&stream, &self.device, &numbers, batch)),
+                None => Err(tributary_engine::Error::Internal("an empty run".into())),
+            }
         };
         let future = submitted.unwrap_or_else(|e| {
             tracing::error!(device = %self.device, stream = %stream, error = %e, "append refused");
             Box::pin(std::future::ready(Err(e)))
         });
-        Pending::AppendingRun {
+        Pending::Appending {
             frames,
             future,
             latest_event,
@@ -2014,24 +1995,6 @@ async fn answer_in_order(
         let frames = match p {
             Pending::Ready(frame) => vec![frame],
             Pending::Appending {
-                seq,
-                future,
-                latest_event,
-            } => match future.await {
-                Ok(receipt) => {
-                    if receipt.count > 0
-                        && let Some(t) = latest_event
-                    {
-                        activity.stored_events_until(t);
-                    }
-                    vec![Frame::Ack(Ack {
-                        seq,
-                        count: receipt.count,
-                    })]
-                }
-                Err(e) => vec![not_stored(seq, &e)],
-            },
-            Pending::AppendingRun {
                 frames,
                 future,
                 latest_event,
