@@ -31,6 +31,17 @@ pub fn new_session() -> SessionContext {
     let options = config.options_mut();
     options.sql_parser.collect_spans = true;
     options.sql_parser.enable_ident_normalization = true;
+    // Filters run inside the Parquet decoder: the other columns are decoded
+    // only for rows that pass (`WHERE status = 'error'` over 64 M events
+    // went from 1.42 s to 0.87 s), cheapest filter first.
+    options.execution.parquet.pushdown_filters = true;
+    options.execution.parquet.reorder_filters = true;
+    // A hash join's build-side keys pushed into the probe side's scan: with
+    // filters inside the decoder they are checked on every row, and a join
+    // with `devices` keeps nearly every row (that join went from 2.0 s to
+    // 2.7 s with them on). Our files hold every device, so the keys prune
+    // no row group either.
+    options.optimizer.enable_join_dynamic_filter_pushdown = false;
     let ctx = SessionContext::new_with_config_rt(config, runtime());
     // `tags['site']`: read a map (or struct) field. DataFusion plans this
     // with its nested-functions feature, which is large; `get_field` is all
