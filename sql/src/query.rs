@@ -418,6 +418,9 @@ mod tests {
             files: vec![path],
             tail: vec![batch("b", &["error", "ok"])],
         };
+        let table = StreamTable::new(def().schema(), data.clone()).unwrap();
+        let status = table.schema().field_with_name("status").unwrap().clone();
+        assert_eq!(status.data_type(), &DataType::Utf8View, "read as views");
         let engine = QueryEngine::new(catalog, Arc::new(Fixed(data)));
 
         let grouped = query(
