@@ -998,11 +998,20 @@ impl Telemetry {
         Reading {
             seq,
             // Sensors report to a resolution: 0.01 °C and 0.1 %RH.
-            temperature: (temperature * 100.0).round() / 100.0,
-            humidity: (humidity * 10.0).round() / 10.0,
+            temperature: round_to(temperature, TEMPERATURE_PLACES),
+            humidity: round_to(humidity, HUMIDITY_PLACES),
             status,
         }
     }
+}
+
+/// Decimal places the simulated sensors report.
+const TEMPERATURE_PLACES: u32 = 2;
+const HUMIDITY_PLACES: u32 = 1;
+
+fn round_to(value: f64, places: u32) -> f64 {
+    let scale = 10u64.pow(places) as f64;
+    (value * scale).round() / scale
 }
 
 /// A small, fast, seedable generator (SplitMix64); the telemetry only
@@ -1025,17 +1034,50 @@ impl SplitMix64 {
 }
 
 fn json_lines(ts: i64, readings: &[Reading]) -> Bytes {
-    use std::fmt::Write as _;
-    let mut out = String::with_capacity(readings.len() * 88);
+    // Written by hand rather than with `write!`: at full rate the
+    // formatting machinery (and `f64`'s shortest-decimal search) was a
+    // third of the simulator's CPU, which the server shares.
+    let mut out = Vec::with_capacity(readings.len() * 88);
+    let mut digits = itoa::Buffer::new();
     for r in readings {
-        // Writing to a String cannot fail.
-        let _ = writeln!(
-            out,
-            r#"{{"ts":{ts},"seq":{},"temperature":{},"humidity":{},"status":"{}"}}"#,
-            r.seq, r.temperature, r.humidity, r.status
-        );
+        out.extend_from_slice(b"{\"ts\":");
+        out.extend_from_slice(digits.format(ts).as_bytes());
+        out.extend_from_slice(b",\"seq\":");
+        out.extend_from_slice(digits.format(r.seq).as_bytes());
+        out.extend_from_slice(b",\"temperature\":");
+        push_decimal(&mut out, &mut digits, r.temperature, TEMPERATURE_PLACES);
+        out.extend_from_slice(b",\"humidity\":");
+        push_decimal(&mut out, &mut digits, r.humidity, HUMIDITY_PLACES);
+        out.extend_from_slice(b",\"status\":\"");
+        out.extend_from_slice(r.status.as_bytes());
+        out.extend_from_slice(b"\"}\n");
     }
     Bytes::from(out)
+}
+
+/// Writes `value`, a reading already rounded to `places` decimals, as its
+/// shortest decimal: `21.37`, `21.3`, `21`, `-0.05`. That is what `f64`'s
+/// `Display` prints for such a value.
+fn push_decimal(out: &mut Vec<u8>, digits: &mut itoa::Buffer, value: f64, places: u32) {
+    let scale = 10u64.pow(places);
+    let scaled = (value * scale as f64).round() as i64;
+    if scaled < 0 {
+        out.push(b'-');
+    }
+    let magnitude = scaled.unsigned_abs();
+    out.extend_from_slice(digits.format(magnitude / scale).as_bytes());
+    let (mut fraction, mut width) = (magnitude % scale, places as usize);
+    if fraction == 0 {
+        return;
+    }
+    while fraction % 10 == 0 {
+        fraction /= 10;
+        width -= 1;
+    }
+    out.push(b'.');
+    let text = digits.format(fraction);
+    out.resize(out.len() + width - text.len(), b'0');
+    out.extend_from_slice(text.as_bytes());
 }
 
 fn arrow_payload(schema: &SchemaRef, ts: i64, readings: &[Reading]) -> Bytes {
@@ -1418,6 +1460,45 @@ mod tests {
             assert!((14.0..=30.0).contains(&x.temperature), "{}", x.temperature);
             assert!((20.0..=70.0).contains(&x.humidity), "{}", x.humidity);
         }
+    }
+
+    #[test]
+    fn json_lines_print_readings_as_display_would() {
+        let mut telemetry = Telemetry::new(11, 5);
+        let mut readings: Vec<Reading> = (0..20_000)
+            .map(|seq| telemetry.reading(1_764_000_000_000 + seq * 997, seq))
+            .collect();
+        // Whole numbers, one decimal, a leading zero in the fraction, and
+        // below zero.
+        for (seq, (temperature, humidity)) in [
+            (21.0, 40.0),
+            (21.5, 40.1),
+            (21.05, 0.1),
+            (-0.05, -3.0),
+            (-12.3, -0.1),
+            (0.0, 99.9),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            readings.push(Reading {
+                seq: -(seq as i64),
+                temperature,
+                humidity,
+                status: "ok",
+            });
+        }
+        let ts = 1_764_000_000_123;
+        let got = json_lines(ts, &readings);
+        let mut want = String::new();
+        for r in &readings {
+            want.push_str(&format!(
+                r#"{{"ts":{ts},"seq":{},"temperature":{},"humidity":{},"status":"{}"}}"#,
+                r.seq, r.temperature, r.humidity, r.status
+            ));
+            want.push('\n');
+        }
+        assert_eq!(std::str::from_utf8(&got).unwrap(), want);
     }
 
     #[test]
