@@ -950,9 +950,21 @@ fn broken(e: &IngestError) -> Broken {
 /// One reading of a simulated sensor.
 struct Reading {
     seq: i64,
-    temperature: f64,
-    humidity: f64,
+    /// Hundredths of a degree Celsius: the sensor's resolution.
+    centi_celsius: i64,
+    /// Tenths of a percent of relative humidity: the sensor's resolution.
+    deci_percent: i64,
     status: &'static str,
+}
+
+impl Reading {
+    fn temperature(&self) -> f64 {
+        self.centi_celsius as f64 / 100.0
+    }
+
+    fn humidity(&self) -> f64 {
+        self.deci_percent as f64 / 10.0
+    }
 }
 
 /// A device's sensors: temperature a slow sine around the device's own
@@ -997,21 +1009,11 @@ impl Telemetry {
         };
         Reading {
             seq,
-            // Sensors report to a resolution: 0.01 °C and 0.1 %RH.
-            temperature: round_to(temperature, TEMPERATURE_PLACES),
-            humidity: round_to(humidity, HUMIDITY_PLACES),
+            centi_celsius: (temperature * 100.0).round() as i64,
+            deci_percent: (humidity * 10.0).round() as i64,
             status,
         }
     }
-}
-
-/// Decimal places the simulated sensors report.
-const TEMPERATURE_PLACES: u32 = 2;
-const HUMIDITY_PLACES: u32 = 1;
-
-fn round_to(value: f64, places: u32) -> f64 {
-    let scale = 10u64.pow(places) as f64;
-    (value * scale).round() / scale
 }
 
 /// A small, fast, seedable generator (SplitMix64); the telemetry only
@@ -1045,9 +1047,9 @@ fn json_lines(ts: i64, readings: &[Reading]) -> Bytes {
         out.extend_from_slice(b",\"seq\":");
         out.extend_from_slice(digits.format(r.seq).as_bytes());
         out.extend_from_slice(b",\"temperature\":");
-        push_decimal(&mut out, &mut digits, r.temperature, TEMPERATURE_PLACES);
+        push_decimal(&mut out, &mut digits, r.centi_celsius, 2);
         out.extend_from_slice(b",\"humidity\":");
-        push_decimal(&mut out, &mut digits, r.humidity, HUMIDITY_PLACES);
+        push_decimal(&mut out, &mut digits, r.deci_percent, 1);
         out.extend_from_slice(b",\"status\":\"");
         out.extend_from_slice(r.status.as_bytes());
         out.extend_from_slice(b"\"}\n");
@@ -1055,12 +1057,10 @@ fn json_lines(ts: i64, readings: &[Reading]) -> Bytes {
     Bytes::from(out)
 }
 
-/// Writes `value`, a reading already rounded to `places` decimals, as its
-/// shortest decimal: `21.37`, `21.3`, `21`, `-0.05`. That is what `f64`'s
-/// `Display` prints for such a value.
-fn push_decimal(out: &mut Vec<u8>, digits: &mut itoa::Buffer, value: f64, places: u32) {
+/// Writes `scaled / 10^places` as its shortest decimal: `21.37`, `21.3`,
+/// `21`, `-0.05`. That is what `f64`'s `Display` prints for the same value.
+fn push_decimal(out: &mut Vec<u8>, digits: &mut itoa::Buffer, scaled: i64, places: u32) {
     let scale = 10u64.pow(places);
-    let scaled = (value * scale as f64).round() as i64;
     if scaled < 0 {
         out.push(b'-');
     }
@@ -1086,10 +1086,10 @@ fn arrow_payload(schema: &SchemaRef, ts: i64, readings: &[Reading]) -> Bytes {
         Arc::new(TimestampMillisecondArray::from(vec![ts; n]).with_timezone("UTC")),
         Arc::new(Int64Array::from_iter_values(readings.iter().map(|r| r.seq))),
         Arc::new(Float64Array::from_iter_values(
-            readings.iter().map(|r| r.temperature),
+            readings.iter().map(Reading::temperature),
         )),
         Arc::new(Float64Array::from_iter_values(
-            readings.iter().map(|r| r.humidity),
+            readings.iter().map(Reading::humidity),
         )),
         Arc::new(StringArray::from_iter_values(
             readings.iter().map(|r| r.status),
@@ -1455,10 +1455,14 @@ mod tests {
         let mut b = Telemetry::new(7, 3);
         for seq in 0..10_000 {
             let (x, y) = (a.reading(seq * 1000, seq), b.reading(seq * 1000, seq));
-            assert_eq!(x.temperature, y.temperature);
+            assert_eq!(x.centi_celsius, y.centi_celsius);
             assert_eq!(x.status, y.status);
-            assert!((14.0..=30.0).contains(&x.temperature), "{}", x.temperature);
-            assert!((20.0..=70.0).contains(&x.humidity), "{}", x.humidity);
+            assert!(
+                (14.0..=30.0).contains(&x.temperature()),
+                "{}",
+                x.temperature()
+            );
+            assert!((20.0..=70.0).contains(&x.humidity()), "{}", x.humidity());
         }
     }
 
@@ -1470,21 +1474,21 @@ mod tests {
             .collect();
         // Whole numbers, one decimal, a leading zero in the fraction, and
         // below zero.
-        for (seq, (temperature, humidity)) in [
-            (21.0, 40.0),
-            (21.5, 40.1),
-            (21.05, 0.1),
-            (-0.05, -3.0),
-            (-12.3, -0.1),
-            (0.0, 99.9),
+        for (seq, (centi_celsius, deci_percent)) in [
+            (2100, 400),
+            (2150, 401),
+            (2105, 1),
+            (-5, -30),
+            (-1230, -1),
+            (0, 999),
         ]
         .into_iter()
         .enumerate()
         {
             readings.push(Reading {
                 seq: -(seq as i64),
-                temperature,
-                humidity,
+                centi_celsius,
+                deci_percent,
                 status: "ok",
             });
         }
@@ -1494,7 +1498,10 @@ mod tests {
         for r in &readings {
             want.push_str(&format!(
                 r#"{{"ts":{ts},"seq":{},"temperature":{},"humidity":{},"status":"{}"}}"#,
-                r.seq, r.temperature, r.humidity, r.status
+                r.seq,
+                r.temperature(),
+                r.humidity(),
+                r.status
             ));
             want.push('\n');
         }
