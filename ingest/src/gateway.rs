@@ -603,49 +603,80 @@ fn record_stop(shared: &Shared) {
     }
 }
 
-/// Writes connection states to the registry, one at a time in the order
-/// they happened, so that a quick reconnect cannot be overtaken by the
-/// disconnect before it.
+/// Most connection-state changes written in one registry call.
+const PRESENCE_BATCH: usize = 1024;
+
+/// Writes connection states to the registry in the order they happened, so
+/// that a quick reconnect cannot be overtaken by the disconnect before it.
+/// Whatever piled up while the last write ran goes in the next one, in
+/// order: a thousand devices connecting at once cost a few commits (and
+/// fsyncs), not a thousand.
 async fn record_presence(shared: Arc<Shared>, mut writes: mpsc::UnboundedReceiver<PresenceWrite>) {
     let registry = shared.deps.registry.clone();
-    while let Some(write) = writes.recv().await {
-        let (device, mut state) = match write {
-            PresenceWrite::Flush(done) => {
-                let _ = done.send(());
-                continue;
-            }
-            PresenceWrite::Connected { device, since } => (
-                device,
-                ConnectionState {
-                    connected: true,
-                    since,
-                    reason: None,
-                    last_seen: Some(since),
-                    last_event_at: None,
+    let mut received = Vec::new();
+    while writes.recv_many(&mut received, PRESENCE_BATCH).await > 0 {
+        let mut batch: Vec<(String, ConnectionState)> = Vec::with_capacity(received.len());
+        let mut flushes = Vec::new();
+        // The event time of devices already in this batch: the stored one
+        // is older than the batch.
+        let mut batched: HashMap<String, Option<i64>> = HashMap::new();
+        for write in received.drain(..) {
+            let (device, mut state) = match write {
+                PresenceWrite::Flush(done) => {
+                    flushes.push(done);
+                    continue;
+                }
+                PresenceWrite::Connected { device, since } => (
+                    device,
+                    ConnectionState {
+                        connected: true,
+                        since,
+                        reason: None,
+                        last_seen: Some(since),
+                        last_event_at: None,
+                    },
+                ),
+                PresenceWrite::Disconnected { device, state } => (device, state),
+            };
+            // The event time survives reconnects: it is the last event ever
+            // stored, which may be from an earlier connection.
+            let stored = match batched.get(&device) {
+                Some(at) => *at,
+                None => match registry.connection_state(&device).await {
+                    Ok(stored) => stored.and_then(|s| s.last_event_at),
+                    Err(e) => {
+                        tracing::warn!(device = %device, error = %e, "could not read a device's connection state");
+                        None
+                    }
                 },
-            ),
-            PresenceWrite::Disconnected { device, state } => (device, state),
-        };
-        // The event time survives reconnects: it is the last event ever
-        // stored, which may be from an earlier connection.
-        let stored = match registry.connection_state(&device).await {
-            Ok(stored) => stored.and_then(|s| s.last_event_at),
-            Err(e) => {
-                tracing::warn!(device = %device, error = %e, "could not read a device's connection state");
-                None
+            };
+            state.last_event_at = state.last_event_at.max(stored);
+            batched.insert(device.clone(), state.last_event_at);
+            if state.connected {
+                // The live state shows it too, while this stretch lasts.
+                if let Some(entry) = lock(&shared.live).get_mut(&device)
+                    && entry.since == Some(state.since)
+                {
+                    entry.last_event_at = entry.last_event_at.max(stored);
+                }
             }
-        };
-        state.last_event_at = state.last_event_at.max(stored);
-        if state.connected {
-            // The live state shows it too, while this stretch lasts.
-            if let Some(entry) = lock(&shared.live).get_mut(&device)
-                && entry.since == Some(state.since)
-            {
-                entry.last_event_at = entry.last_event_at.max(stored);
+            batch.push((device, state));
+        }
+        if batch.is_empty() {
+            // Only flushes: nothing to write.
+        } else if let Err(e) = registry.record_connections(&batch).await {
+            // One at a time, so one that cannot be written does not take
+            // the others with it.
+            tracing::warn!(changes = batch.len(), error = %e, "could not record connection states together; recording them one by one");
+            for (device, state) in &batch {
+                if let Err(e) = registry.record_connection(device, state).await {
+                    tracing::error!(device = %device, error = %e, "could not record a device's connection state");
+                }
             }
         }
-        if let Err(e) = registry.record_connection(&device, &state).await {
-            tracing::error!(device = %device, error = %e, "could not record a device's connection state");
+        // Everything queued before each flush is written now.
+        for done in flushes {
+            let _ = done.send(());
         }
     }
 }

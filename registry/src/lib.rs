@@ -315,6 +315,18 @@ pub trait Registry: Send + Sync + 'static {
     /// may have been removed while connected).
     async fn record_connection(&self, id: &str, state: &ConnectionState) -> Result<()>;
 
+    /// Stores several connection states, in order (a device may appear
+    /// more than once; its last state stays). A backend writes them
+    /// together where it can: the gateway hands over every change that
+    /// piled up while the last write ran, e.g. a thousand devices
+    /// connecting at once.
+    async fn record_connections(&self, states: &[(String, ConnectionState)]) -> Result<()> {
+        for (id, state) in states {
+            self.record_connection(id, state).await?;
+        }
+        Ok(())
+    }
+
     /// A device's stored connection state; `None` if it never connected.
     async fn connection_state(&self, id: &str) -> Result<Option<ConnectionState>>;
 

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Mutex, MutexGuard, PoisonError, TryLockError};
 use std::time::Duration;
 
 use ring::rand::SystemRandom;
@@ -208,16 +208,46 @@ impl SqliteRegistry {
         })
     }
 
+    /// The connection, for statements that only read. Reads are short
+    /// point lookups and run on the caller's thread; but while a write
+    /// holds the connection (waiting for its fsync), the wait for it happens
+    /// off the async runtime's worker, see [`off_runtime`].
     fn conn(&self) -> MutexGuard<'_, Connection> {
         // A panic while the lock was held cannot leave the database half
         // written (an open transaction rolls back when dropped), so the
         // connection is still good.
-        self.conn.lock().unwrap_or_else(PoisonError::into_inner)
+        match self.conn.try_lock() {
+            Ok(conn) => conn,
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(TryLockError::WouldBlock) => {
+                off_runtime(|| self.conn.lock().unwrap_or_else(PoisonError::into_inner))
+            }
+        }
+    }
+
+    /// Runs statements that write, off the async runtime's worker: each
+    /// commit waits for an fsync (`synchronous=FULL`), which took 2–10 ms
+    /// under load here, and the worker's other tasks (QUIC connections,
+    /// rules) must not wait with it.
+    fn write<T>(&self, f: impl FnOnce(&mut Connection) -> T) -> T {
+        off_runtime(|| f(&mut self.conn.lock().unwrap_or_else(PoisonError::into_inner)))
     }
 
     /// Tells [`Registry::changes`] receivers; having none is fine.
     fn announce(&self, change: Change) {
         let _ = self.changes.send(change);
+    }
+}
+
+/// Runs `f`, which may block on the disk, without stalling the async
+/// runtime: on a multi-thread runtime the worker first hands its other tasks
+/// to another thread ([`tokio::task::block_in_place`]); on a current-thread
+/// runtime, or outside any, `f` simply runs.
+fn off_runtime<T>(f: impl FnOnce() -> T) -> T {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
     }
 }
 
@@ -468,20 +498,23 @@ impl Registry for SqliteRegistry {
         let status = status.unwrap_or(DeviceStatus::Enabled);
         let (primary, sealed_primary) = self.keys.new_key(&id, KeySlot::Primary)?;
         let (secondary, sealed_secondary) = self.keys.new_key(&id, KeySlot::Secondary)?;
-        let inserted = self.conn().execute(
-            "INSERT INTO devices (id, tags, metadata, status, token_sha256, created_at,
-                                  updated_at, primary_key, secondary_key)
-             VALUES (?1, ?2, ?3, ?4, X'', ?5, ?5, ?6, ?7)",
-            params![
-                id,
-                to_json("tags", &tags)?,
-                to_json("metadata", &metadata)?,
-                status.as_str(),
-                now_ms,
-                sealed_primary,
-                sealed_secondary,
-            ],
-        );
+        let (tags_json, metadata_json) = (to_json("tags", &tags)?, to_json("metadata", &metadata)?);
+        let inserted = self.write(|conn| {
+            conn.execute(
+                "INSERT INTO devices (id, tags, metadata, status, token_sha256, created_at,
+                                      updated_at, primary_key, secondary_key)
+                 VALUES (?1, ?2, ?3, ?4, X'', ?5, ?5, ?6, ?7)",
+                params![
+                    id,
+                    tags_json,
+                    metadata_json,
+                    status.as_str(),
+                    now_ms,
+                    sealed_primary,
+                    sealed_secondary,
+                ],
+            )
+        });
         match inserted {
             Ok(_) => {}
             Err(e) if is_primary_key_violation(&e) => return Err(Error::AlreadyExists(id)),
@@ -563,8 +596,7 @@ impl Registry for SqliteRegistry {
         if let Some(metadata) = &patch.metadata {
             validate_metadata(metadata)?;
         }
-        let device = {
-            let mut conn = self.conn();
+        let device = self.write(|conn| -> Result<Device> {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let mut device = read_device(&tx, id)?.ok_or_else(|| Error::NotFound(id.into()))?;
             let DevicePatch {
@@ -588,17 +620,15 @@ impl Registry for SqliteRegistry {
                 ],
             )?;
             tx.commit()?;
-            device
-        };
+            Ok(device)
+        })?;
         self.announce(Change::Access(id.to_string()));
         Ok(device)
     }
 
     async fn remove_device(&self, id: &str) -> Result<()> {
         validate_device_id(id)?;
-        let removed = self
-            .conn()
-            .execute("DELETE FROM devices WHERE id = ?1", [id])?;
+        let removed = self.write(|conn| conn.execute("DELETE FROM devices WHERE id = ?1", [id]))?;
         if removed == 0 {
             return Err(Error::NotFound(id.to_string()));
         }
@@ -622,7 +652,7 @@ impl Registry for SqliteRegistry {
                 "UPDATE devices SET secondary_key = ?2, updated_at = ?3 WHERE id = ?1"
             }
         };
-        let updated = self.conn().execute(sql, params![id, sealed, now_ms])?;
+        let updated = self.write(|conn| conn.execute(sql, params![id, sealed, now_ms]))?;
         if updated == 0 {
             return Err(Error::NotFound(id.to_string()));
         }
@@ -672,35 +702,36 @@ impl Registry for SqliteRegistry {
     ) -> Result<Certificate> {
         validate_device_id(id)?;
         validate_thumbprint(thumbprint)?;
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        if !device_exists(&tx, id)? {
-            return Err(Error::NotFound(id.to_string()));
-        }
-        let owner: Option<String> = tx
-            .query_row(
-                "SELECT device_id FROM certificates WHERE thumbprint = ?1",
-                [thumbprint],
-                |row| row.get(0),
-            )
-            .optional()?;
-        if let Some(owner) = owner {
-            return Err(certificate_taken(thumbprint, &owner));
-        }
-        tx.execute(
-            "INSERT INTO certificates (thumbprint, device_id, status, not_after, created_at,
+        self.write(|conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            if !device_exists(&tx, id)? {
+                return Err(Error::NotFound(id.to_string()));
+            }
+            let owner: Option<String> = tx
+                .query_row(
+                    "SELECT device_id FROM certificates WHERE thumbprint = ?1",
+                    [thumbprint],
+                    |row| row.get(0),
+                )
+                .optional()?;
+            if let Some(owner) = owner {
+                return Err(certificate_taken(thumbprint, &owner));
+            }
+            tx.execute(
+                "INSERT INTO certificates (thumbprint, device_id, status, not_after, created_at,
                                        updated_at)
              VALUES (?1, ?2, 'active', ?3, ?4, ?4)",
-            params![thumbprint, id, not_after_ms, now_ms],
-        )?;
-        tx.commit()?;
-        Ok(Certificate {
-            thumbprint: thumbprint.to_string(),
-            device_id: id.to_string(),
-            status: CertificateStatus::Active,
-            not_after: not_after_ms,
-            created_at: now_ms,
-            updated_at: now_ms,
+                params![thumbprint, id, not_after_ms, now_ms],
+            )?;
+            tx.commit()?;
+            Ok(Certificate {
+                thumbprint: thumbprint.to_string(),
+                device_id: id.to_string(),
+                status: CertificateStatus::Active,
+                not_after: not_after_ms,
+                created_at: now_ms,
+                updated_at: now_ms,
+            })
         })
     }
 
@@ -731,8 +762,7 @@ impl Registry for SqliteRegistry {
     ) -> Result<Certificate> {
         validate_device_id(id)?;
         validate_thumbprint(thumbprint)?;
-        let raw = {
-            let conn = self.conn();
+        let raw = self.write(|conn| -> Result<RawCertificate> {
             let raw = conn
                 .query_row(
                     &format!(
@@ -747,15 +777,13 @@ impl Registry for SqliteRegistry {
                 )
                 .optional()?;
             match raw {
-                Some(raw) => raw,
-                None if device_exists(&conn, id)? => {
-                    return Err(Error::Missing(format!(
-                        "device '{id}' has no certificate {thumbprint}"
-                    )));
-                }
-                None => return Err(Error::NotFound(id.to_string())),
+                Some(raw) => Ok(raw),
+                None if device_exists(conn, id)? => Err(Error::Missing(format!(
+                    "device '{id}' has no certificate {thumbprint}"
+                ))),
+                None => Err(Error::NotFound(id.to_string())),
             }
-        };
+        })?;
         self.announce(Change::Access(id.to_string()));
         raw.decode()
     }
@@ -803,19 +831,22 @@ impl Registry for SqliteRegistry {
         let status = status.unwrap_or(DeviceStatus::Enabled);
         let (primary, sealed_primary) = self.keys.new_group_key(&name, KeySlot::Primary)?;
         let (secondary, sealed_secondary) = self.keys.new_group_key(&name, KeySlot::Secondary)?;
-        let inserted = self.conn().execute(
-            "INSERT INTO enrollment_groups (name, tags, status, primary_key, secondary_key,
-                                            created_at, updated_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)",
-            params![
-                name,
-                to_json("tags", &tags)?,
-                status.as_str(),
-                sealed_primary,
-                sealed_secondary,
-                now_ms,
-            ],
-        );
+        let tags_json = to_json("tags", &tags)?;
+        let inserted = self.write(|conn| {
+            conn.execute(
+                "INSERT INTO enrollment_groups (name, tags, status, primary_key, secondary_key,
+                                                created_at, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)",
+                params![
+                    name,
+                    tags_json,
+                    status.as_str(),
+                    sealed_primary,
+                    sealed_secondary,
+                    now_ms,
+                ],
+            )
+        });
         match inserted {
             Ok(_) => {}
             Err(e) if is_primary_key_violation(&e) => {
@@ -866,14 +897,14 @@ impl Registry for SqliteRegistry {
         if let Some(tags) = &patch.tags {
             validate_tags(tags)?;
         }
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let mut group = read_group(&tx, name)?.ok_or_else(|| missing_group(name))?;
-        let GroupPatch { tags, status } = patch;
-        group.tags = tags.unwrap_or(group.tags);
-        group.status = status.unwrap_or(group.status);
-        group.updated_at = now_ms;
-        tx.execute(
+        self.write(|conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let mut group = read_group(&tx, name)?.ok_or_else(|| missing_group(name))?;
+            let GroupPatch { tags, status } = patch;
+            group.tags = tags.unwrap_or(group.tags);
+            group.status = status.unwrap_or(group.status);
+            group.updated_at = now_ms;
+            tx.execute(
             "UPDATE enrollment_groups SET tags = ?2, status = ?3, updated_at = ?4 WHERE name = ?1",
             params![
                 name,
@@ -882,8 +913,9 @@ impl Registry for SqliteRegistry {
                 now_ms
             ],
         )?;
-        tx.commit()?;
-        Ok(group)
+            tx.commit()?;
+            Ok(group)
+        })
     }
 
     /// The devices it enrolled stop being its members (so a new group of
@@ -892,8 +924,7 @@ impl Registry for SqliteRegistry {
     async fn remove_group(&self, name: &str) -> Result<()> {
         validate_group_name(name)?;
         let removed = self
-            .conn()
-            .execute("DELETE FROM enrollment_groups WHERE name = ?1", [name])?;
+            .write(|conn| conn.execute("DELETE FROM enrollment_groups WHERE name = ?1", [name]))?;
         if removed == 0 {
             return Err(missing_group(name));
         }
@@ -911,7 +942,7 @@ impl Registry for SqliteRegistry {
                 "UPDATE enrollment_groups SET secondary_key = ?2, updated_at = ?3 WHERE name = ?1"
             }
         };
-        let updated = self.conn().execute(sql, params![name, sealed, now_ms])?;
+        let updated = self.write(|conn| conn.execute(sql, params![name, sealed, now_ms]))?;
         if updated == 0 {
             return Err(missing_group(name));
         }
@@ -970,19 +1001,22 @@ impl Registry for SqliteRegistry {
         check_token_expiry(id, expires_at, now_ms)?;
         let sealed_primary = self.keys.seal(id, KeySlot::Primary, &derived.primary)?;
         let sealed_secondary = self.keys.seal(id, KeySlot::Secondary, &derived.secondary)?;
-        let inserted = self.conn().execute(
-            "INSERT INTO devices (id, tags, metadata, status, token_sha256, created_at,
-                                  updated_at, primary_key, secondary_key, enrollment_group)
-             VALUES (?1, ?2, '{}', 'enabled', X'', ?3, ?3, ?4, ?5, ?6)",
-            params![
-                id,
-                to_json("tags", &enrolling.tags)?,
-                now_ms,
-                sealed_primary,
-                sealed_secondary,
-                group,
-            ],
-        );
+        let tags_json = to_json("tags", &enrolling.tags)?;
+        let inserted = self.write(|conn| {
+            conn.execute(
+                "INSERT INTO devices (id, tags, metadata, status, token_sha256, created_at,
+                                      updated_at, primary_key, secondary_key, enrollment_group)
+                 VALUES (?1, ?2, '{}', 'enabled', X'', ?3, ?3, ?4, ?5, ?6)",
+                params![
+                    id,
+                    tags_json,
+                    now_ms,
+                    sealed_primary,
+                    sealed_secondary,
+                    group,
+                ],
+            )
+        });
         match inserted {
             Ok(_) => {}
             // Another connection enrolled the device since it was looked
@@ -1013,28 +1047,53 @@ impl Registry for SqliteRegistry {
     }
 
     async fn record_connection(&self, id: &str, state: &ConnectionState) -> Result<()> {
-        validate_device_id(id)?;
-        let ConnectionState {
-            connected,
-            since,
-            reason,
-            last_seen,
-            last_event_at,
-        } = state;
-        // The WHERE leaves out a device that is gone (and also tells the
-        // parser that ON starts the upsert, not a join).
-        let written = self.conn().execute(
-            "INSERT INTO connections (device_id, connected, since, reason, last_seen,
-                                      last_event_at)
-             SELECT ?1, ?2, ?3, ?4, ?5, ?6 WHERE EXISTS (SELECT 1 FROM devices WHERE id = ?1)
-             ON CONFLICT (device_id) DO UPDATE SET
-                 connected = excluded.connected, since = excluded.since,
-                 reason = excluded.reason, last_seen = excluded.last_seen,
-                 last_event_at = excluded.last_event_at",
-            params![id, connected, since, reason, last_seen, last_event_at],
-        )?;
-        if written > 0 {
-            self.announce(Change::Updated(id.to_string()));
+        self.record_connections(&[(id.to_string(), state.clone())])
+            .await
+    }
+
+    /// One transaction, so one fsync, however many.
+    async fn record_connections(&self, states: &[(String, ConnectionState)]) -> Result<()> {
+        if states.is_empty() {
+            return Ok(());
+        }
+        for (id, _) in states {
+            validate_device_id(id)?;
+        }
+        let written = self.write(|conn| -> Result<Vec<bool>> {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let mut written = Vec::with_capacity(states.len());
+            {
+                // The WHERE leaves out a device that is gone (and also tells
+                // the parser that ON starts the upsert, not a join).
+                let mut upsert = tx.prepare_cached(
+                    "INSERT INTO connections (device_id, connected, since, reason, last_seen,
+                                              last_event_at)
+                     SELECT ?1, ?2, ?3, ?4, ?5, ?6
+                     WHERE EXISTS (SELECT 1 FROM devices WHERE id = ?1)
+                     ON CONFLICT (device_id) DO UPDATE SET
+                         connected = excluded.connected, since = excluded.since,
+                         reason = excluded.reason, last_seen = excluded.last_seen,
+                         last_event_at = excluded.last_event_at",
+                )?;
+                for (id, s) in states {
+                    let n = upsert.execute(params![
+                        id,
+                        s.connected,
+                        s.since,
+                        s.reason,
+                        s.last_seen,
+                        s.last_event_at
+                    ])?;
+                    written.push(n > 0);
+                }
+            }
+            tx.commit()?;
+            Ok(written)
+        })?;
+        for ((id, _), written) in states.iter().zip(written) {
+            if written {
+                self.announce(Change::Updated(id.clone()));
+            }
         }
         Ok(())
     }
@@ -1062,16 +1121,15 @@ impl Registry for SqliteRegistry {
     }
 
     async fn disconnect_all(&self, reason: &str, now_ms: i64) -> Result<usize> {
-        let ids = {
-            let conn = self.conn();
+        let ids = self.write(|conn| -> Result<Vec<String>> {
             let mut stmt = conn.prepare_cached(
                 "UPDATE connections SET connected = 0, since = ?1, reason = ?2
                  WHERE connected = 1
                  RETURNING device_id",
             )?;
             let rows = stmt.query_map(params![now_ms, reason], |row| row.get::<_, String>(0))?;
-            rows.collect::<rusqlite::Result<Vec<_>>>()?
-        };
+            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })?;
         for id in &ids {
             self.announce(Change::Updated(id.clone()));
         }
@@ -1093,8 +1151,7 @@ impl Registry for SqliteRegistry {
         now_ms: i64,
     ) -> Result<Twin> {
         validate_device_id(id)?;
-        let (twin, changed) = {
-            let mut conn = self.conn();
+        let (twin, changed) = self.write(|conn| -> Result<(Twin, bool)> {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let mut twin = read_twin(&tx, id)?.ok_or_else(|| Error::NotFound(id.to_string()))?;
             let changed = apply_update(&mut twin, id, side, &update, now_ms)?;
@@ -1102,8 +1159,8 @@ impl Registry for SqliteRegistry {
                 write_twin(&tx, id, &twin)?;
                 tx.commit()?;
             }
-            (twin, changed)
-        };
+            Ok((twin, changed))
+        })?;
         if changed {
             self.announce(match side {
                 Side::Desired => Change::Desired(id.to_string(), twin.desired_version),

@@ -964,6 +964,63 @@ async fn connection_states_are_recorded_and_disconnected_at_start(reg: SharedReg
     assert_eq!(reg.disconnect_all("server stopped", 50).await.unwrap(), 0);
 }
 
+async fn connection_states_are_recorded_together_in_order(reg: SharedRegistry) {
+    for id in ["a", "b"] {
+        reg.create_device(new(id, &[]), 0).await.unwrap();
+    }
+    let mut rx = reg.changes();
+    let online = ConnectionState {
+        connected: true,
+        since: 10,
+        reason: None,
+        last_seen: Some(10),
+        last_event_at: None,
+    };
+    let offline = ConnectionState {
+        connected: false,
+        since: 20,
+        reason: Some("closed by the device".into()),
+        last_seen: Some(19),
+        last_event_at: Some(18),
+    };
+    let again = ConnectionState {
+        since: 30,
+        last_seen: Some(30),
+        last_event_at: Some(18),
+        ..online.clone()
+    };
+    reg.record_connections(&[]).await.unwrap();
+    assert_eq!(announced(&mut rx), vec![]);
+    // "a" connects, drops and comes back within one batch: the last stays.
+    // A device removed meanwhile ("ghost") is left out, as one at a time.
+    let batch = [
+        ("a".to_string(), online.clone()),
+        ("b".to_string(), offline.clone()),
+        ("a".to_string(), offline.clone()),
+        ("ghost".to_string(), offline.clone()),
+        ("a".to_string(), again.clone()),
+    ];
+    reg.record_connections(&batch).await.unwrap();
+    assert_eq!(
+        reg.connection_states().await.unwrap(),
+        BTreeMap::from([("a".to_string(), again), ("b".to_string(), offline.clone())])
+    );
+    assert_eq!(
+        announced(&mut rx),
+        vec![
+            Change::Updated("a".into()),
+            Change::Updated("b".into()),
+            Change::Updated("a".into()),
+            Change::Updated("a".into()),
+        ]
+    );
+    assert!(matches!(
+        reg.record_connections(&[("not valid".to_string(), offline)])
+            .await,
+        Err(Error::InvalidId(_))
+    ));
+}
+
 // ----- Removing a device ------------------------------------------------------
 
 async fn removing_a_device_clears_its_twin_certificates_and_state(reg: SharedRegistry) {
@@ -1032,5 +1089,6 @@ conformance!(
     rotating_a_group_key_changes_later_enrollments_only,
     removing_a_group_keeps_its_devices,
     connection_states_are_recorded_and_disconnected_at_start,
+    connection_states_are_recorded_together_in_order,
     removing_a_device_clears_its_twin_certificates_and_state,
 );
