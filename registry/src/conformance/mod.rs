@@ -222,8 +222,8 @@ pub(crate) fn with_database(url: &str, name: &str) -> String {
 /// One `#[tokio::test]` per backend for each listed test.
 macro_rules! conformance {
     ($($name:ident),* $(,)?) => {
-        /// On a multi-thread runtime, as the server runs it: writes wait
-        /// for their fsync off the runtime's workers (`block_in_place`).
+        /// On a multi-thread runtime, as the server runs it (writes wait
+        /// for their fsync on the blocking pool).
         mod on_sqlite {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -95,6 +95,7 @@ async fn sealed_key_moved_to_another_device_does_not_open() {
     let (_, a_keys) = reg.create_device(new("a", &[]), 0).await.unwrap();
     reg.create_device(new("b", &[]), 0).await.unwrap();
     reg.conn()
+        .await
         .execute(
             "UPDATE devices SET primary_key = (SELECT primary_key FROM devices WHERE id = 'a'),
                                 secondary_key = (SELECT primary_key FROM devices WHERE id = 'a')
@@ -138,6 +139,7 @@ async fn keys_are_encrypted_at_rest() {
     // The key columns hold sealed blobs of nonce, key and tag.
     let (digest, primary): (Vec<u8>, Vec<u8>) = reg
         .conn()
+        .await
         .query_row(
             "SELECT token_sha256, primary_key FROM devices WHERE id = 'secret'",
             [],
@@ -204,6 +206,7 @@ async fn legacy_tokens_authenticate_after_migration() {
     let reg = SqliteRegistry::open(&path).unwrap();
     let version: i64 = reg
         .conn()
+        .await
         .pragma_query_value(None, "user_version", |r| r.get(0))
         .unwrap();
     assert_eq!(version, SCHEMA_VERSION);
@@ -282,14 +285,14 @@ async fn legacy_tokens_authenticate_after_migration() {
     assert_eq!(reg.connection_state("old").await.unwrap(), None);
 }
 
-#[test]
-fn open_sets_pragmas_and_creates_parent_dirs() {
+#[tokio::test]
+async fn open_sets_pragmas_and_creates_parent_dirs() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("a/b/registry.db");
     let reg = SqliteRegistry::open(&path).unwrap();
     assert!(path.exists());
     assert!(dir.path().join("a/b/registry.key").exists());
-    let conn = reg.conn();
+    let conn = reg.conn().await;
     let int = |name: &str| -> i64 { conn.pragma_query_value(None, name, |r| r.get(0)).unwrap() };
     let mode: String = conn
         .pragma_query_value(None, "journal_mode", |r| r.get(0))
@@ -349,7 +352,7 @@ async fn removing_a_device_leaves_no_rows_behind() {
             .unwrap();
     }
     reg.remove_device("gone").await.unwrap();
-    let conn = reg.conn();
+    let conn = reg.conn().await;
     for table in ["certificates", "connections", "twins"] {
         let ids: Vec<String> = conn
             .prepare(&format!("SELECT device_id FROM {table}"))
@@ -376,7 +379,7 @@ async fn group_keys_are_sealed_for_their_group() {
         .await
         .unwrap();
     let (sealed, plain_primary) = {
-        let conn = reg.conn();
+        let conn = reg.conn().await;
         let sealed: Vec<u8> = conn
             .query_row(
                 "SELECT primary_key FROM enrollment_groups WHERE name = 'line-1'",
@@ -410,6 +413,7 @@ async fn group_keys_are_sealed_for_their_group() {
 
     // A group key that does not open is a broken setup, not a bad token.
     reg.conn()
+        .await
         .execute(
             "UPDATE enrollment_groups SET primary_key = secondary_key WHERE name = 'line-1'",
             [],
