@@ -626,16 +626,9 @@ async fn record_presence(shared: Arc<Shared>, mut writes: mpsc::UnboundedReceive
                     flushes.push(done);
                     continue;
                 }
-                PresenceWrite::Connected { device, since } => (
-                    device,
-                    ConnectionState {
-                        connected: true,
-                        since,
-                        reason: None,
-                        last_seen: Some(since),
-                        last_event_at: None,
-                    },
-                ),
+                PresenceWrite::Connected { device, since } => {
+                    (device, ConnectionState::connected_at(since))
+                }
                 PresenceWrite::Disconnected { device, state } => (device, state),
             };
             // The event time survives reconnects: it is the last event ever

@@ -23,6 +23,25 @@ pub struct Certificate {
     pub updated_at: i64,
 }
 
+impl Certificate {
+    /// A certificate just registered to `device_id` at `now_ms`.
+    pub(crate) fn registered(
+        thumbprint: &str,
+        device_id: &str,
+        not_after: i64,
+        now_ms: i64,
+    ) -> Self {
+        Certificate {
+            thumbprint: thumbprint.to_string(),
+            device_id: device_id.to_string(),
+            status: CertificateStatus::Active,
+            not_after,
+            created_at: now_ms,
+            updated_at: now_ms,
+        }
+    }
+}
+
 /// Whether a registered certificate may be used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -27,10 +27,10 @@ use crate::common::{
     page_query_limit, refused_certificate, refused_token, to_json,
 };
 use crate::{
-    Certificate, CertificateStatus, Change, ConnectionState, Device, DeviceFilter, DeviceKeys,
-    DevicePage, DevicePatch, DeviceStatus, EnrollmentGroup, Error, GroupPatch, KeySlot, NewDevice,
-    NewGroup, PropertiesUpdate, Registry, Result, Side, Twin, token, validate_device_id,
-    validate_group_name, validate_metadata, validate_tags, validate_thumbprint,
+    Certificate, Change, ConnectionState, Device, DeviceFilter, DeviceKeys, DevicePage,
+    DevicePatch, DeviceStatus, EnrollmentGroup, Error, GroupPatch, KeySlot, NewDevice, NewGroup,
+    PropertiesUpdate, Registry, Result, Side, Twin, token, validate_device_id, validate_group_name,
+    validate_metadata, validate_tags, validate_thumbprint,
 };
 
 /// How many connections a registry keeps to the server.
@@ -623,14 +623,12 @@ impl Registry for PostgresRegistry {
             Err(e) if is_foreign_key_violation(&e) => return Err(Error::NotFound(id.to_string())),
             Err(e) => return Err(e.into()),
         }
-        Ok(Certificate {
-            thumbprint: thumbprint.to_string(),
-            device_id: id.to_string(),
-            status: CertificateStatus::Active,
-            not_after: not_after_ms,
-            created_at: now_ms,
-            updated_at: now_ms,
-        })
+        Ok(Certificate::registered(
+            thumbprint,
+            id,
+            not_after_ms,
+            now_ms,
+        ))
     }
 
     async fn list_certificates(&self, id: &str) -> Result<Vec<Certificate>> {

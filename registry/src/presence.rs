@@ -26,3 +26,16 @@ pub struct ConnectionState {
     /// Unix epoch.
     pub last_event_at: Option<i64>,
 }
+
+impl ConnectionState {
+    /// Connected at `since` (seen then), no event on this connection yet.
+    pub fn connected_at(since: i64) -> Self {
+        ConnectionState {
+            connected: true,
+            since,
+            reason: None,
+            last_seen: Some(since),
+            last_event_at: None,
+        }
+    }
+}

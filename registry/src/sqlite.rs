@@ -18,10 +18,10 @@ use crate::common::{
 };
 use crate::master_key::{self, MasterKey};
 use crate::{
-    Certificate, CertificateStatus, Change, ConnectionState, Device, DeviceFilter, DeviceKeys,
-    DevicePage, DevicePatch, DeviceStatus, EnrollmentGroup, Error, GroupPatch, KeySlot, NewDevice,
-    NewGroup, PropertiesUpdate, Registry, Result, Side, Twin, token, validate_device_id,
-    validate_group_name, validate_metadata, validate_tags, validate_thumbprint,
+    Certificate, Change, ConnectionState, Device, DeviceFilter, DeviceKeys, DevicePage,
+    DevicePatch, DeviceStatus, EnrollmentGroup, Error, GroupPatch, KeySlot, NewDevice, NewGroup,
+    PropertiesUpdate, Registry, Result, Side, Twin, token, validate_device_id, validate_group_name,
+    validate_metadata, validate_tags, validate_thumbprint,
 };
 
 /// Schema migrations, oldest first; migration `i` takes the database from
@@ -728,14 +728,12 @@ impl Registry for SqliteRegistry {
                 params![thumbprint, id, not_after_ms, now_ms],
             )?;
             tx.commit()?;
-            Ok(Certificate {
-                thumbprint: thumbprint.to_string(),
-                device_id: id.to_string(),
-                status: CertificateStatus::Active,
-                not_after: not_after_ms,
-                created_at: now_ms,
-                updated_at: now_ms,
-            })
+            Ok(Certificate::registered(
+                thumbprint,
+                id,
+                not_after_ms,
+                now_ms,
+            ))
         })
         .await?
     }

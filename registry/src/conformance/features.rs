@@ -897,25 +897,24 @@ async fn removing_a_group_keeps_its_devices(reg: SharedRegistry) {
 
 // ----- Connection state -----------------------------------------------------
 
+/// Disconnected at `since` for `reason`.
+fn offline(since: i64, reason: &str, last_seen: i64, last_event_at: i64) -> ConnectionState {
+    ConnectionState {
+        connected: false,
+        since,
+        reason: Some(reason.into()),
+        last_seen: Some(last_seen),
+        last_event_at: Some(last_event_at),
+    }
+}
+
 async fn connection_states_are_recorded_and_disconnected_at_start(reg: SharedRegistry) {
     for id in ["a", "b", "c"] {
         reg.create_device(new(id, &[]), 0).await.unwrap();
     }
     let mut rx = reg.changes();
-    let online = ConnectionState {
-        connected: true,
-        since: 10,
-        reason: None,
-        last_seen: Some(10),
-        last_event_at: None,
-    };
-    let offline = ConnectionState {
-        connected: false,
-        since: 20,
-        reason: Some("idle timeout".into()),
-        last_seen: Some(15),
-        last_event_at: Some(14),
-    };
+    let online = ConnectionState::connected_at(10);
+    let offline = offline(20, "idle timeout", 15, 14);
     reg.record_connection("a", &online).await.unwrap();
     reg.record_connection("b", &offline).await.unwrap();
     // A device removed while connected: nothing to record, and no error.
@@ -969,20 +968,8 @@ async fn connection_states_are_recorded_together_in_order(reg: SharedRegistry) {
         reg.create_device(new(id, &[]), 0).await.unwrap();
     }
     let mut rx = reg.changes();
-    let online = ConnectionState {
-        connected: true,
-        since: 10,
-        reason: None,
-        last_seen: Some(10),
-        last_event_at: None,
-    };
-    let offline = ConnectionState {
-        connected: false,
-        since: 20,
-        reason: Some("closed by the device".into()),
-        last_seen: Some(19),
-        last_event_at: Some(18),
-    };
+    let online = ConnectionState::connected_at(10);
+    let offline = offline(20, "closed by the device", 19, 18);
     let again = ConnectionState {
         since: 30,
         last_seen: Some(30),
