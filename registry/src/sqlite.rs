@@ -227,15 +227,43 @@ impl SqliteRegistry {
         F: FnOnce(&mut Connection) -> T + Send + 'static,
         T: Send + 'static,
     {
-        let mut conn = self.conn.clone().lock_owned().await;
-        tokio::task::spawn_blocking(move || f(&mut conn))
-            .await
-            .map_err(|e| Error::Internal(format!("a registry write did not finish: {e}")))
+        self.write_announcing(f, |_| Vec::new()).await
     }
 
-    /// Tells [`Registry::changes`] receivers; having none is fine.
-    fn announce(&self, change: Change) {
-        let _ = self.changes.send(change);
+    /// [`Self::write`], then tells [`Registry::changes`] receivers what
+    /// `changes` makes of its outcome, on the same thread: a caller that
+    /// stops waiting (an HTTP client gone) cannot leave a committed change
+    /// unannounced, such as a disabled device whose sessions must end.
+    async fn write_announcing<T, F, A>(&self, f: F, changes: A) -> Result<T>
+    where
+        F: FnOnce(&mut Connection) -> T + Send + 'static,
+        A: FnOnce(&T) -> Vec<Change> + Send + 'static,
+        T: Send + 'static,
+    {
+        let mut conn = self.conn.clone().lock_owned().await;
+        let sender = self.changes.clone();
+        tokio::task::spawn_blocking(move || {
+            let outcome = f(&mut conn);
+            drop(conn);
+            for change in changes(&outcome) {
+                // Having no receivers is fine.
+                let _ = sender.send(change);
+            }
+            outcome
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("a registry write did not finish: {e}")))
+    }
+}
+
+/// For [`SqliteRegistry::write_announcing`]: `change`, if the write succeeded.
+fn if_ok<T, E>(change: Change) -> impl FnOnce(&std::result::Result<T, E>) -> Vec<Change> {
+    move |outcome| {
+        if outcome.is_ok() {
+            vec![change]
+        } else {
+            Vec::new()
+        }
     }
 }
 
@@ -487,31 +515,33 @@ impl Registry for SqliteRegistry {
         let (primary, sealed_primary) = self.keys.new_key(&id, KeySlot::Primary)?;
         let (secondary, sealed_secondary) = self.keys.new_key(&id, KeySlot::Secondary)?;
         let (tags_json, metadata_json) = (to_json("tags", &tags)?, to_json("metadata", &metadata)?);
-        let row_id = id.clone();
+        let (row_id, announced_id) = (id.clone(), id.clone());
         let inserted = self
-            .write(move |conn| {
-                conn.execute(
-                    "INSERT INTO devices (id, tags, metadata, status, token_sha256, created_at,
+            .write_announcing(
+                move |conn| {
+                    conn.execute(
+                        "INSERT INTO devices (id, tags, metadata, status, token_sha256, created_at,
                                       updated_at, primary_key, secondary_key)
                  VALUES (?1, ?2, ?3, ?4, X'', ?5, ?5, ?6, ?7)",
-                    params![
-                        row_id,
-                        tags_json,
-                        metadata_json,
-                        status.as_str(),
-                        now_ms,
-                        sealed_primary,
-                        sealed_secondary,
-                    ],
-                )
-            })
+                        params![
+                            row_id,
+                            tags_json,
+                            metadata_json,
+                            status.as_str(),
+                            now_ms,
+                            sealed_primary,
+                            sealed_secondary,
+                        ],
+                    )
+                },
+                if_ok(Change::Updated(announced_id)),
+            )
             .await?;
         match inserted {
             Ok(_) => {}
             Err(e) if is_primary_key_violation(&e) => return Err(Error::AlreadyExists(id)),
             Err(e) => return Err(e.into()),
         }
-        self.announce(Change::Updated(id.clone()));
         let keys = DeviceKeys {
             primary: token::encode_key(&primary),
             secondary: token::encode_key(&secondary),
@@ -588,49 +618,59 @@ impl Registry for SqliteRegistry {
             validate_metadata(metadata)?;
         }
         let owned_id = id.to_owned();
+        let announced_id = id.to_owned();
         let device = self
-            .write(move |conn| -> Result<Device> {
-                let id = owned_id.as_str();
-                let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-                let mut device = read_device(&tx, id)?.ok_or_else(|| Error::NotFound(id.into()))?;
-                let DevicePatch {
-                    tags,
-                    metadata,
-                    status,
-                } = patch;
-                device.tags = tags.unwrap_or(device.tags);
-                device.metadata = metadata.unwrap_or(device.metadata);
-                device.status = status.unwrap_or(device.status);
-                device.updated_at = now_ms;
-                tx.execute(
-                    "UPDATE devices SET tags = ?2, metadata = ?3, status = ?4, updated_at = ?5
+            .write_announcing(
+                move |conn| -> Result<Device> {
+                    let id = owned_id.as_str();
+                    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+                    let mut device =
+                        read_device(&tx, id)?.ok_or_else(|| Error::NotFound(id.into()))?;
+                    let DevicePatch {
+                        tags,
+                        metadata,
+                        status,
+                    } = patch;
+                    device.tags = tags.unwrap_or(device.tags);
+                    device.metadata = metadata.unwrap_or(device.metadata);
+                    device.status = status.unwrap_or(device.status);
+                    device.updated_at = now_ms;
+                    tx.execute(
+                        "UPDATE devices SET tags = ?2, metadata = ?3, status = ?4, updated_at = ?5
                  WHERE id = ?1",
-                    params![
-                        id,
-                        to_json("tags", &device.tags)?,
-                        to_json("metadata", &device.metadata)?,
-                        device.status.as_str(),
-                        now_ms,
-                    ],
-                )?;
-                tx.commit()?;
-                Ok(device)
-            })
+                        params![
+                            id,
+                            to_json("tags", &device.tags)?,
+                            to_json("metadata", &device.metadata)?,
+                            device.status.as_str(),
+                            now_ms,
+                        ],
+                    )?;
+                    tx.commit()?;
+                    Ok(device)
+                },
+                if_ok(Change::Access(announced_id)),
+            )
             .await??;
-        self.announce(Change::Access(id.to_string()));
         Ok(device)
     }
 
     async fn remove_device(&self, id: &str) -> Result<()> {
         validate_device_id(id)?;
         let owned_id = id.to_owned();
+        let announced_id = id.to_owned();
         let removed = self
-            .write(move |conn| conn.execute("DELETE FROM devices WHERE id = ?1", [owned_id]))
+            .write_announcing(
+                move |conn| conn.execute("DELETE FROM devices WHERE id = ?1", [owned_id]),
+                move |removed| match removed {
+                    Ok(n) if *n > 0 => vec![Change::Access(announced_id)],
+                    _ => Vec::new(),
+                },
+            )
             .await??;
         if removed == 0 {
             return Err(Error::NotFound(id.to_string()));
         }
-        self.announce(Change::Access(id.to_string()));
         Ok(())
     }
 
@@ -651,13 +691,19 @@ impl Registry for SqliteRegistry {
             }
         };
         let owned_id = id.to_owned();
+        let announced_id = id.to_owned();
         let updated = self
-            .write(move |conn| conn.execute(sql, params![owned_id, sealed, now_ms]))
+            .write_announcing(
+                move |conn| conn.execute(sql, params![owned_id, sealed, now_ms]),
+                move |updated| match updated {
+                    Ok(n) if *n > 0 => vec![Change::Access(announced_id)],
+                    _ => Vec::new(),
+                },
+            )
             .await??;
         if updated == 0 {
             return Err(Error::NotFound(id.to_string()));
         }
-        self.announce(Change::Access(id.to_string()));
         Ok(token::encode_key(&key))
     }
 
@@ -766,32 +812,35 @@ impl Registry for SqliteRegistry {
         validate_device_id(id)?;
         validate_thumbprint(thumbprint)?;
         let (owned_id, owned_thumbprint) = (id.to_owned(), thumbprint.to_owned());
+        let announced_id = id.to_owned();
         let raw = self
-            .write(move |conn| -> Result<RawCertificate> {
-                let (id, thumbprint) = (owned_id.as_str(), owned_thumbprint.as_str());
-                let raw = conn
-                    .query_row(
-                        &format!(
-                            "UPDATE certificates
+            .write_announcing(
+                move |conn| -> Result<RawCertificate> {
+                    let (id, thumbprint) = (owned_id.as_str(), owned_thumbprint.as_str());
+                    let raw = conn
+                        .query_row(
+                            &format!(
+                                "UPDATE certificates
                          SET status = 'revoked',
                              updated_at = CASE status WHEN 'revoked' THEN updated_at ELSE ?3 END
                          WHERE thumbprint = ?1 AND device_id = ?2
                          RETURNING {CERTIFICATE_COLUMNS}"
-                        ),
-                        params![thumbprint, id, now_ms],
-                        RawCertificate::from_row,
-                    )
-                    .optional()?;
-                match raw {
-                    Some(raw) => Ok(raw),
-                    None if device_exists(conn, id)? => Err(Error::Missing(format!(
-                        "device '{id}' has no certificate {thumbprint}"
-                    ))),
-                    None => Err(Error::NotFound(id.to_string())),
-                }
-            })
+                            ),
+                            params![thumbprint, id, now_ms],
+                            RawCertificate::from_row,
+                        )
+                        .optional()?;
+                    match raw {
+                        Some(raw) => Ok(raw),
+                        None if device_exists(conn, id)? => Err(Error::Missing(format!(
+                            "device '{id}' has no certificate {thumbprint}"
+                        ))),
+                        None => Err(Error::NotFound(id.to_string())),
+                    }
+                },
+                if_ok(Change::Access(announced_id)),
+            )
             .await??;
-        self.announce(Change::Access(id.to_string()));
         raw.decode()
     }
 
@@ -1026,23 +1075,26 @@ impl Registry for SqliteRegistry {
         let sealed_primary = self.keys.seal(id, KeySlot::Primary, &derived.primary)?;
         let sealed_secondary = self.keys.seal(id, KeySlot::Secondary, &derived.secondary)?;
         let tags_json = to_json("tags", &enrolling.tags)?;
-        let (row_id, row_group) = (id.to_owned(), group.to_owned());
+        let (row_id, row_group, announced_id) = (id.to_owned(), group.to_owned(), id.to_owned());
         let inserted = self
-            .write(move |conn| {
-                conn.execute(
-                    "INSERT INTO devices (id, tags, metadata, status, token_sha256, created_at,
+            .write_announcing(
+                move |conn| {
+                    conn.execute(
+                        "INSERT INTO devices (id, tags, metadata, status, token_sha256, created_at,
                                       updated_at, primary_key, secondary_key, enrollment_group)
                  VALUES (?1, ?2, '{}', 'enabled', X'', ?3, ?3, ?4, ?5, ?6)",
-                    params![
-                        row_id,
-                        tags_json,
-                        now_ms,
-                        sealed_primary,
-                        sealed_secondary,
-                        row_group,
-                    ],
-                )
-            })
+                        params![
+                            row_id,
+                            tags_json,
+                            now_ms,
+                            sealed_primary,
+                            sealed_secondary,
+                            row_group,
+                        ],
+                    )
+                },
+                if_ok(Change::Updated(announced_id)),
+            )
             .await?;
         match inserted {
             Ok(_) => {}
@@ -1061,7 +1113,6 @@ impl Registry for SqliteRegistry {
             Err(e) if is_foreign_key_violation(&e) => return Err(refused_token(id)),
             Err(e) => return Err(e.into()),
         }
-        self.announce(Change::Updated(id.to_string()));
         let device = Device {
             id: id.to_string(),
             tags: enrolling.tags,
@@ -1087,8 +1138,9 @@ impl Registry for SqliteRegistry {
             validate_device_id(id)?;
         }
         let owned = states.to_vec();
-        let written = self
-            .write(move |conn| -> Result<Vec<bool>> {
+        let ids: Vec<String> = states.iter().map(|(id, _)| id.clone()).collect();
+        self.write_announcing(
+            move |conn| -> Result<Vec<bool>> {
                 let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
                 let mut written = Vec::with_capacity(owned.len());
                 {
@@ -1118,13 +1170,18 @@ impl Registry for SqliteRegistry {
                 }
                 tx.commit()?;
                 Ok(written)
-            })
-            .await??;
-        for ((id, _), written) in states.iter().zip(written) {
-            if written {
-                self.announce(Change::Updated(id.clone()));
-            }
-        }
+            },
+            move |written| match written {
+                Ok(written) => ids
+                    .into_iter()
+                    .zip(written)
+                    .filter(|(_, w)| **w)
+                    .map(|(id, _)| Change::Updated(id))
+                    .collect(),
+                Err(_) => Vec::new(),
+            },
+        )
+        .await??;
         Ok(())
     }
 
@@ -1154,20 +1211,23 @@ impl Registry for SqliteRegistry {
     async fn disconnect_all(&self, reason: &str, now_ms: i64) -> Result<usize> {
         let reason = reason.to_owned();
         let ids = self
-            .write(move |conn| -> Result<Vec<String>> {
-                let mut stmt = conn.prepare_cached(
-                    "UPDATE connections SET connected = 0, since = ?1, reason = ?2
+            .write_announcing(
+                move |conn| -> Result<Vec<String>> {
+                    let mut stmt = conn.prepare_cached(
+                        "UPDATE connections SET connected = 0, since = ?1, reason = ?2
                  WHERE connected = 1
                  RETURNING device_id",
-                )?;
-                let rows =
-                    stmt.query_map(params![now_ms, reason], |row| row.get::<_, String>(0))?;
-                Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
-            })
+                    )?;
+                    let rows =
+                        stmt.query_map(params![now_ms, reason], |row| row.get::<_, String>(0))?;
+                    Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+                },
+                |ids| match ids {
+                    Ok(ids) => ids.iter().cloned().map(Change::Updated).collect(),
+                    Err(_) => Vec::new(),
+                },
+            )
             .await??;
-        for id in &ids {
-            self.announce(Change::Updated(id.clone()));
-        }
         Ok(ids.len())
     }
 
@@ -1187,26 +1247,30 @@ impl Registry for SqliteRegistry {
     ) -> Result<Twin> {
         validate_device_id(id)?;
         let owned_id = id.to_owned();
-        let (twin, changed) = self
-            .write(move |conn| -> Result<(Twin, bool)> {
-                let id = owned_id.as_str();
-                let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-                let mut twin =
-                    read_twin(&tx, id)?.ok_or_else(|| Error::NotFound(id.to_string()))?;
-                let changed = apply_update(&mut twin, id, side, &update, now_ms)?;
-                if changed {
-                    write_twin(&tx, id, &twin)?;
-                    tx.commit()?;
-                }
-                Ok((twin, changed))
-            })
+        let announced_id = id.to_owned();
+        let (twin, _) = self
+            .write_announcing(
+                move |conn| -> Result<(Twin, bool)> {
+                    let id = owned_id.as_str();
+                    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+                    let mut twin =
+                        read_twin(&tx, id)?.ok_or_else(|| Error::NotFound(id.to_string()))?;
+                    let changed = apply_update(&mut twin, id, side, &update, now_ms)?;
+                    if changed {
+                        write_twin(&tx, id, &twin)?;
+                        tx.commit()?;
+                    }
+                    Ok((twin, changed))
+                },
+                move |done| match done {
+                    Ok((twin, true)) => vec![match side {
+                        Side::Desired => Change::Desired(announced_id, twin.desired_version),
+                        Side::Reported => Change::Updated(announced_id),
+                    }],
+                    _ => Vec::new(),
+                },
+            )
             .await??;
-        if changed {
-            self.announce(match side {
-                Side::Desired => Change::Desired(id.to_string(), twin.desired_version),
-                Side::Reported => Change::Updated(id.to_string()),
-            });
-        }
         Ok(twin)
     }
 

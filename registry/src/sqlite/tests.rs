@@ -516,3 +516,32 @@ async fn concurrent_enrollment_across_connections() {
     }
     assert_eq!(second.all_devices().await.unwrap().len(), ids.len());
 }
+
+/// A caller that stops waiting once its write is under way (an HTTP client
+/// gone) still leaves the write committed and announced: disabling a device
+/// must reach the gateway, which ends its sessions.
+#[tokio::test]
+async fn a_write_whose_caller_gave_up_is_still_announced() {
+    let reg = SqliteRegistry::open_in_memory().unwrap();
+    reg.create_device(new("d", &[]), 1).await.unwrap();
+    let mut rx = reg.changes();
+    let patch = DevicePatch {
+        status: Some(DeviceStatus::Disabled),
+        ..DevicePatch::default()
+    };
+    // Polled once (the write is handed to the blocking pool), then dropped.
+    let mut write = reg.update_device("d", patch, 2);
+    let first = std::future::poll_fn(|cx| std::task::Poll::Ready(write.as_mut().poll(cx))).await;
+    assert!(
+        first.is_pending(),
+        "the write finished within its first poll"
+    );
+    drop(write);
+    let change = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .expect("announced")
+        .unwrap();
+    assert_eq!(change, Change::Access("d".into()));
+    let device = reg.get_device("d").await.unwrap().unwrap();
+    assert_eq!(device.status, DeviceStatus::Disabled);
+}
