@@ -115,8 +115,10 @@ const DEVICE_COLUMNS: &str = "id, tags, metadata, status, created_at, updated_at
 /// [`SqliteRegistry::key_path`]). Back up both: the database without its key
 /// file holds no usable device key.
 ///
-/// Calls run synchronously on the caller's task behind a mutex; registry
-/// queries are short point lookups, so this is cheaper than a thread hop.
+/// One connection behind an async mutex. Reads are short point lookups and
+/// run on the caller's task, cheaper than a thread hop; writes, whose
+/// commits wait for an fsync, run on tokio's blocking pool
+/// (`SqliteRegistry::write`).
 pub struct SqliteRegistry {
     conn: Arc<Mutex<Connection>>,
     keys: KeyVault,
