@@ -269,6 +269,15 @@ fn if_ok<T, E>(change: Change) -> impl FnOnce(&std::result::Result<T, E>) -> Vec
     }
 }
 
+/// For [`SqliteRegistry::write_announcing`]: each device a write changed
+/// the stored state of.
+fn updated(ids: &Result<Vec<String>>) -> Vec<Change> {
+    match ids {
+        Ok(ids) => ids.iter().cloned().map(Change::Updated).collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
 /// Brings the schema from whatever `user_version` says up to
 /// [`SCHEMA_VERSION`], each step in the same transaction as its version bump.
 fn migrate(conn: &mut Connection) -> Result<()> {
@@ -969,14 +978,15 @@ impl Registry for SqliteRegistry {
             group.status = status.unwrap_or(group.status);
             group.updated_at = now_ms;
             tx.execute(
-            "UPDATE enrollment_groups SET tags = ?2, status = ?3, updated_at = ?4 WHERE name = ?1",
-            params![
-                name,
-                to_json("tags", &group.tags)?,
-                group.status.as_str(),
-                now_ms
-            ],
-        )?;
+                "UPDATE enrollment_groups SET tags = ?2, status = ?3, updated_at = ?4
+                 WHERE name = ?1",
+                params![
+                    name,
+                    to_json("tags", &group.tags)?,
+                    group.status.as_str(),
+                    now_ms
+                ],
+            )?;
             tx.commit()?;
             Ok(group)
         })
@@ -1140,9 +1150,8 @@ impl Registry for SqliteRegistry {
             validate_device_id(id)?;
         }
         let owned = states.to_vec();
-        let ids: Vec<String> = states.iter().map(|(id, _)| id.clone()).collect();
         self.write_announcing(
-            move |conn| -> Result<Vec<bool>> {
+            move |conn| -> Result<Vec<String>> {
                 let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
                 let mut written = Vec::with_capacity(owned.len());
                 {
@@ -1158,7 +1167,7 @@ impl Registry for SqliteRegistry {
                          reason = excluded.reason, last_seen = excluded.last_seen,
                          last_event_at = excluded.last_event_at",
                     )?;
-                    for (id, s) in &owned {
+                    for (id, s) in owned {
                         let n = upsert.execute(params![
                             id,
                             s.connected,
@@ -1167,21 +1176,15 @@ impl Registry for SqliteRegistry {
                             s.last_seen,
                             s.last_event_at
                         ])?;
-                        written.push(n > 0);
+                        if n > 0 {
+                            written.push(id);
+                        }
                     }
                 }
                 tx.commit()?;
                 Ok(written)
             },
-            move |written| match written {
-                Ok(written) => ids
-                    .into_iter()
-                    .zip(written)
-                    .filter(|(_, w)| **w)
-                    .map(|(id, _)| Change::Updated(id))
-                    .collect(),
-                Err(_) => Vec::new(),
-            },
+            updated,
         )
         .await??;
         Ok(())
@@ -1224,10 +1227,7 @@ impl Registry for SqliteRegistry {
                         stmt.query_map(params![now_ms, reason], |row| row.get::<_, String>(0))?;
                     Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
                 },
-                |ids| match ids {
-                    Ok(ids) => ids.iter().cloned().map(Change::Updated).collect(),
-                    Err(_) => Vec::new(),
-                },
+                updated,
             )
             .await??;
         Ok(ids.len())
