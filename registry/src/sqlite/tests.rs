@@ -522,9 +522,17 @@ async fn concurrent_enrollment_across_connections() {
 /// must reach the gateway, which ends its sessions.
 #[tokio::test]
 async fn a_write_whose_caller_gave_up_is_still_announced() {
-    let reg = SqliteRegistry::open_in_memory().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = db_path(&dir);
+    let reg = SqliteRegistry::open(&path).unwrap();
     reg.create_device(new("d", &[]), 1).await.unwrap();
     let mut rx = reg.changes();
+    // Another connection holds the write lock, so the write is certainly
+    // still waiting on its blocking thread when its caller gives up.
+    let mut other = rusqlite::Connection::open(&path).unwrap();
+    let blocker = other
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .unwrap();
     let patch = DevicePatch {
         status: Some(DeviceStatus::Disabled),
         ..DevicePatch::default()
@@ -534,9 +542,10 @@ async fn a_write_whose_caller_gave_up_is_still_announced() {
     let first = std::future::poll_fn(|cx| std::task::Poll::Ready(write.as_mut().poll(cx))).await;
     assert!(
         first.is_pending(),
-        "the write finished within its first poll"
+        "the write finished while another connection held the lock"
     );
     drop(write);
+    blocker.rollback().unwrap();
     let change = tokio::time::timeout(Duration::from_secs(10), rx.recv())
         .await
         .expect("announced")
