@@ -3,6 +3,10 @@
 //!
 //! - `decode_json`: a JSON EVENTS payload into an Arrow batch (the gateway's
 //!   per-frame work);
+//! - `decode_arrow`: the same events as an Arrow IPC payload, as the
+//!   simulator sends them (a one-row frame carries its schema too), by a
+//!   connection's decoder that has seen the schema (`session`) and by a
+//!   fresh one (`cold`);
 //! - `log_append`: appending batches to the embedded log, without fsync so
 //!   the number is the log's own cost, not the disk's;
 //! - `rule_filter`: a compiled filter-and-project rule over a batch;
@@ -28,7 +32,7 @@ use tributary_engine::catalog::Catalog;
 use tributary_engine::event::{ColumnDef, ColumnType, StreamDef};
 use tributary_engine::log::{EmbeddedLog, EventStream, LogOptions, Record};
 use tributary_engine::rule::Output;
-use tributary_ingest::decode::decode_json;
+use tributary_ingest::decode::{ArrowDecoder, decode_arrow, decode_json, encode_arrow};
 use tributary_sql::rule::compile_rule;
 use tributary_sql::statement::{Statement, parse};
 
@@ -111,6 +115,42 @@ fn decode(c: &mut Criterion) {
     group.finish();
 }
 
+/// The events of [`payload`] as an Arrow IPC stream, typed as a device
+/// would send them (`ts` a UTC millisecond timestamp).
+fn arrow_payload(events: usize, seed: u64) -> Vec<u8> {
+    let decoded = batch(events, seed);
+    let payload = decoded
+        .project(&[1, 3, 4, 5, 6])
+        .expect("ts and the declared columns");
+    encode_arrow(&payload.schema(), &[payload]).expect("encodes")
+}
+
+fn decode_ipc(c: &mut Criterion) {
+    let def = telemetry();
+    let mut group = c.benchmark_group("decode_arrow");
+    for events in [1usize, 100, 1000] {
+        let bytes = arrow_payload(events, 7);
+        group.throughput(Throughput::Elements(events as u64));
+        // As the gateway decodes: one decoder per connection, which has
+        // read this schema before.
+        let mut session = ArrowDecoder::default();
+        group.bench_with_input(BenchmarkId::new("session", events), &bytes, |b, bytes| {
+            b.iter(|| {
+                session
+                    .decode(&def, black_box(bytes), "bench-device", 0, usize::MAX)
+                    .expect("valid")
+            })
+        });
+        // A fresh decoder for every payload: the schema parsed each time.
+        group.bench_with_input(BenchmarkId::new("cold", events), &bytes, |b, bytes| {
+            b.iter(|| {
+                decode_arrow(&def, black_box(bytes), "bench-device", 0, usize::MAX).expect("valid")
+            })
+        });
+    }
+    group.finish();
+}
+
 fn append(c: &mut Criterion) {
     let rt = tokio::runtime::Runtime::new().expect("a runtime");
     let dir = tempfile::tempdir().expect("a temporary directory");
@@ -183,6 +223,7 @@ fn rule(c: &mut Criterion) {
 criterion_group!(
     benches,
     decode,
+    decode_ipc,
     append,
     rule,
     window_tumble::window_tumble_avg,

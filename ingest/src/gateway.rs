@@ -50,7 +50,7 @@ use tributary_registry::{
     Change, ConnectionState, DeviceLimits, PropertiesUpdate, SharedRegistry, Side,
 };
 
-use crate::decode::{decode_arrow, decode_json};
+use crate::decode::{ArrowDecoder, decode_json};
 use crate::limits::{ConnectionGate, ConnectionLimits, DeviceRate, RateLimits, Slot};
 use crate::metrics::GatewayMetrics;
 use crate::protocol::{
@@ -896,6 +896,7 @@ async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming, mut slot: Slot) {
         activity,
         rate,
         rate_refused: HashMap::new(),
+        arrow: ArrowDecoder::default(),
     };
     let reason = session.run(send, recv, decoder).await;
     let stopping = shared.stopping.load(Ordering::Relaxed);
@@ -1468,6 +1469,8 @@ struct Session {
     /// Idempotent sessions: per stream, the numbers of the frames refused
     /// for the rate and not sent again yet.
     rate_refused: HashMap<String, std::collections::BTreeSet<u64>>,
+    /// Decodes the session's Arrow frames, remembering their schemas.
+    arrow: ArrowDecoder,
 }
 
 impl Session {
@@ -1886,9 +1889,13 @@ impl Session {
                 Some(retry_after_ms),
             ));
         }
-        let decode = match encoding {
-            Encoding::Json => decode_json,
-            Encoding::Arrow => decode_arrow,
+        let max_events = self.shared.config.max_events_per_frame as usize;
+        let decoded = match encoding {
+            Encoding::Json => decode_json(&def, &payload, &self.device, now_millis(), max_events),
+            Encoding::Arrow => {
+                self.arrow
+                    .decode(&def, &payload, &self.device, now_millis(), max_events)
+            }
             Encoding::Unknown(byte) => {
                 return Err(reject(
                     RejectCode::UnsupportedEncoding,
@@ -1902,13 +1909,7 @@ impl Session {
                 ));
             }
         };
-        let batch = match decode(
-            &def,
-            &payload,
-            &self.device,
-            now_millis(),
-            self.shared.config.max_events_per_frame as usize,
-        ) {
+        let batch = match decoded {
             Ok(batch) => batch,
             Err(e) => return Err(reject(e.code, e.message, e.event, e.field, None)),
         };

@@ -21,13 +21,15 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result, anyhow, bail};
 use arrow::array::{Float64Array, Int64Array, StringArray, TimestampMillisecondArray};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use arrow::ipc::writer::{
+    DictionaryTracker, IpcDataGenerator, IpcWriteContext, IpcWriteOptions, write_message,
+};
 use arrow::record_batch::RecordBatch;
 use bytes::Bytes;
 use futures::StreamExt;
 use serde_json::{Value, json};
 use tributary_ingest::Error as IngestError;
 use tributary_ingest::client::{Client, ClientOptions, Outcome};
-use tributary_ingest::decode::encode_arrow;
 use tributary_ingest::protocol::{Encoding, ErrorCode, RejectCode};
 
 use crate::ApiArgs;
@@ -412,7 +414,7 @@ struct Plan {
     /// Frame numbers start above this (the start time in microseconds), so
     /// that a later run never reuses a number an earlier one stored.
     seq_base: u64,
-    schema: SchemaRef,
+    arrow: ArrowFrames,
 }
 
 impl Plan {
@@ -435,19 +437,24 @@ impl Plan {
             duration: args.duration,
             drain: args.drain,
             seq_base,
-            schema: Arc::new(Schema::new(vec![
-                Field::new(
-                    "ts",
-                    DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())),
-                    false,
-                ),
-                Field::new("seq", DataType::Int64, false),
-                Field::new("temperature", DataType::Float64, false),
-                Field::new("humidity", DataType::Float64, false),
-                Field::new("status", DataType::Utf8, false),
-            ])),
+            arrow: ArrowFrames::new(payload_schema()),
         }
     }
+}
+
+/// The Arrow schema of the simulator's payloads: `ts` and its columns.
+fn payload_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new(
+            "ts",
+            DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())),
+            false,
+        ),
+        Field::new("seq", DataType::Int64, false),
+        Field::new("temperature", DataType::Float64, false),
+        Field::new("humidity", DataType::Float64, false),
+        Field::new("status", DataType::Utf8, false),
+    ]))
 }
 
 /// Live totals for the progress line.
@@ -911,7 +918,7 @@ impl SimDevice {
             .collect();
         let payload = match self.plan.encoding {
             PayloadEncoding::Json => json_lines(ts, &readings),
-            PayloadEncoding::Arrow => arrow_payload(&self.plan.schema, ts, &readings),
+            PayloadEncoding::Arrow => self.plan.arrow.payload(ts, &readings),
         };
         self.next_frame += 1;
         SimFrame {
@@ -1080,7 +1087,61 @@ fn push_decimal(out: &mut Vec<u8>, digits: &mut itoa::Buffer, scaled: i64, place
     out.extend_from_slice(text.as_bytes());
 }
 
-fn arrow_payload(schema: &SchemaRef, ts: i64, readings: &[Reading]) -> Bytes {
+/// Arrow IPC payloads of the simulator's schema. Each frame is a whole IPC
+/// stream, whose schema message is the same every time: it is encoded
+/// once, as a device would keep it, and only the batch is encoded per
+/// frame.
+struct ArrowFrames {
+    schema: SchemaRef,
+    /// The stream's schema message, framed.
+    head: Vec<u8>,
+}
+
+impl ArrowFrames {
+    fn new(schema: SchemaRef) -> ArrowFrames {
+        let options = IpcWriteOptions::default();
+        let encoded = IpcDataGenerator::default().schema_to_bytes_with_dictionary_tracker(
+            &schema,
+            &mut DictionaryTracker::new(false),
+            &options,
+        );
+        let mut head = Vec::new();
+        // Writing into a Vec cannot fail.
+        let _ = write_message(&mut head, encoded, &options);
+        ArrowFrames { schema, head }
+    }
+
+    /// One frame's payload: the schema message, one record batch of these
+    /// readings, and the end-of-stream marker.
+    fn payload(&self, ts: i64, readings: &[Reading]) -> Bytes {
+        let batch = match arrow_batch(&self.schema, ts, readings) {
+            Ok(batch) => batch,
+            Err(_) => return Bytes::new(),
+        };
+        let options = IpcWriteOptions::default();
+        let mut out = Vec::with_capacity(self.head.len() + 256 + 40 * readings.len());
+        out.extend_from_slice(&self.head);
+        let written = IpcDataGenerator::default()
+            .encode(
+                &batch,
+                &mut DictionaryTracker::new(false),
+                &options,
+                &mut IpcWriteContext::default(),
+            )
+            .and_then(|(_, encoded)| write_message(&mut out, encoded, &options));
+        if written.is_err() {
+            return Bytes::new();
+        }
+        out.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0]);
+        Bytes::from(out)
+    }
+}
+
+fn arrow_batch(
+    schema: &SchemaRef,
+    ts: i64,
+    readings: &[Reading],
+) -> Result<RecordBatch, arrow::error::ArrowError> {
     let n = readings.len();
     let columns: Vec<arrow::array::ArrayRef> = vec![
         Arc::new(TimestampMillisecondArray::from(vec![ts; n]).with_timezone("UTC")),
@@ -1095,11 +1156,8 @@ fn arrow_payload(schema: &SchemaRef, ts: i64, readings: &[Reading]) -> Bytes {
             readings.iter().map(|r| r.status),
         )),
     ];
-    // The columns match the schema by construction, so neither step fails.
+    // The columns match the schema by construction.
     RecordBatch::try_new(schema.clone(), columns)
-        .and_then(|batch| encode_arrow(schema, &[batch]))
-        .map(Bytes::from)
-        .unwrap_or_default()
 }
 
 /// Acknowledgement latencies, to within 1%, from 1 µs to hours: 128
@@ -1416,6 +1474,8 @@ async fn show_progress(counters: Arc<Counters>, started: Instant, devices: usize
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tributary_engine::event::{ColumnDef, ColumnType, StreamDef};
+    use tributary_ingest::decode::{decode_arrow, encode_arrow};
 
     #[test]
     fn histogram_quantiles_are_within_one_percent() {
@@ -1463,6 +1523,43 @@ mod tests {
                 x.temperature()
             );
             assert!((20.0..=70.0).contains(&x.humidity()), "{}", x.humidity());
+        }
+    }
+
+    /// The payload put together from the schema message encoded once is
+    /// the IPC stream arrow's own writer makes, byte for byte, and the
+    /// server's decoder reads it.
+    #[test]
+    fn arrow_frames_are_the_stream_arrows_writer_makes() {
+        let frames = ArrowFrames::new(payload_schema());
+        let stream = StreamDef::new(
+            "sim",
+            COLUMNS
+                .iter()
+                .map(|(name, ty)| ColumnDef {
+                    name: (*name).into(),
+                    ty: match *ty {
+                        "BIGINT" => ColumnType::Int64,
+                        "DOUBLE" => ColumnType::Float64,
+                        _ => ColumnType::Utf8,
+                    },
+                })
+                .collect(),
+            4,
+        )
+        .unwrap();
+        let mut telemetry = Telemetry::new(3, 1);
+        for n in [1, 2, 100] {
+            let ts = 1_764_000_000_000;
+            let readings: Vec<Reading> = (0..n).map(|seq| telemetry.reading(ts, seq)).collect();
+            let batch = arrow_batch(&frames.schema, ts, &readings).unwrap();
+            let payload = frames.payload(ts, &readings);
+            assert_eq!(
+                payload.as_ref(),
+                encode_arrow(&frames.schema, &[batch]).unwrap().as_slice()
+            );
+            let decoded = decode_arrow(&stream, &payload, "d", ts, 1000).unwrap();
+            assert_eq!(decoded.num_rows(), n as usize);
         }
     }
 

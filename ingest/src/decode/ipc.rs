@@ -25,6 +25,7 @@ use std::sync::Arc;
 use arrow::array::{
     Array, ArrayRef, AsArray, Int64Array, StringArray, TimestampMillisecondArray, new_null_array,
 };
+use arrow::buffer::Buffer;
 use arrow::compute::{cast, concat_batches};
 use arrow::datatypes::{
     DataType, Float32Type, Float64Type, Int64Type, SchemaRef, TimeUnit, TimestampMicrosecondType,
@@ -84,37 +85,118 @@ pub fn decode_arrow(
     received_at_ms: i64,
     max_events: usize,
 ) -> Result<RecordBatch, PayloadError> {
-    if payload.is_empty() {
-        return Err(empty());
-    }
-    check_framing(payload)?;
-    let read = {
-        let _contained = Contained::enter();
-        panic::catch_unwind(AssertUnwindSafe(|| read_stream(payload, max_events)))
-    };
-    let batch = match read {
-        Ok(read) => read?,
-        Err(_) => {
-            return Err(invalid_arrow(
-                "a message is malformed (its schema or buffers are inconsistent)".into(),
-            ));
+    ArrowDecoder::default().decode(def, payload, device_id, received_at_ms, max_events)
+}
+
+/// Most payload schemas an [`ArrowDecoder`] remembers: a connection's
+/// device sends one per stream it writes, and rarely more than a few.
+const KNOWN_SCHEMAS: usize = 4;
+
+/// [`decode_arrow`] for one connection, remembering the payload schemas it
+/// has read.
+///
+/// Every payload is a whole IPC stream, so a device repeats its schema at
+/// the head of every frame. Parsing it, and matching its columns to the
+/// stream's, was about half of decoding a one-row frame. The decoder keeps
+/// the schema message's bytes with what was made of them: a frame whose
+/// schema message is byte for byte one already read (for the same stream
+/// definition) skips both.
+#[derive(Default)]
+pub struct ArrowDecoder {
+    /// Most recently used first.
+    known: Vec<KnownSchema>,
+}
+
+struct KnownSchema {
+    /// The stream schema the plan was made for.
+    stream: SchemaRef,
+    /// The schema message's metadata (a flatbuffer), as it was sent, and
+    /// the length of the body it declares.
+    message: Box<[u8]>,
+    body: usize,
+    schema: SchemaRef,
+    plan: Arc<Plan>,
+}
+
+impl ArrowDecoder {
+    /// Decodes one payload, as [`decode_arrow`] does.
+    pub fn decode(
+        &mut self,
+        def: &StreamDef,
+        payload: &[u8],
+        device_id: &str,
+        received_at_ms: i64,
+        max_events: usize,
+    ) -> Result<RecordBatch, PayloadError> {
+        if payload.is_empty() {
+            return Err(empty());
         }
-    };
-    let plan = Plan::new(def, &batch.schema())?;
-    if batch.num_rows() == 0 {
-        return Err(empty());
+        let stream = def.schema();
+        let mut known = None;
+        let messages = framing(payload, |first| {
+            known = self.known.iter().position(|k| {
+                *k.message == *first && (Arc::ptr_eq(&k.stream, &stream) || k.stream == stream)
+            });
+            known.map(|i| self.known[i].body)
+        })?;
+        let read = {
+            let _contained = Contained::enter();
+            panic::catch_unwind(AssertUnwindSafe(|| {
+                read_stream(
+                    payload,
+                    &messages,
+                    known.map(|i| &self.known[i].schema),
+                    max_events,
+                )
+            }))
+        };
+        let (schema, batch) = match read {
+            Ok(read) => read?,
+            Err(_) => {
+                return Err(invalid_arrow(
+                    "a message is malformed (its schema or buffers are inconsistent)".into(),
+                ));
+            }
+        };
+        let plan = match known {
+            Some(i) => {
+                let hit = self.known.remove(i);
+                let plan = Arc::clone(&hit.plan);
+                self.known.insert(0, hit);
+                plan
+            }
+            None => {
+                let plan = Arc::new(Plan::new(def, &schema)?);
+                self.known.truncate(KNOWN_SCHEMAS - 1);
+                self.known.insert(
+                    0,
+                    KnownSchema {
+                        stream,
+                        message: messages[0].metadata.into(),
+                        body: messages[0].body.len(),
+                        schema,
+                        plan: Arc::clone(&plan),
+                    },
+                );
+                plan
+            }
+        };
+        if batch.num_rows() == 0 {
+            return Err(empty());
+        }
+        Converter {
+            def,
+            batch: &batch,
+            device_id,
+            received_at: received_at_ms,
+            // Strings cannot legitimately expand past the payload holding
+            // them except through shared view buffers, which a device has
+            // no need for and which could otherwise inflate a 4 MiB frame
+            // without bound.
+            max_string_bytes: payload.len(),
+        }
+        .convert(&plan)
     }
-    Converter {
-        def,
-        batch: &batch,
-        device_id,
-        received_at: received_at_ms,
-        // Strings cannot legitimately expand past the payload holding them
-        // except through shared view buffers, which a device has no need for
-        // and which could otherwise inflate a 4 MiB frame without bound.
-        max_string_bytes: payload.len(),
-    }
-    .convert(&plan)
 }
 
 thread_local! {
@@ -170,13 +252,32 @@ fn invalid_arrow(detail: String) -> PayloadError {
     )
 }
 
+/// One IPC message of a payload.
+struct Message<'a> {
+    /// Where it starts in the payload, for error messages.
+    at: usize,
+    /// Its metadata, a flatbuffer `Message`.
+    metadata: &'a [u8],
+    /// The metadata, verified; `None` for a known schema's message, which
+    /// is byte for byte one verified before.
+    header: Option<arrow::ipc::Message<'a>>,
+    body: &'a [u8],
+}
+
 /// Walks the stream's messages (`[0xFFFFFFFF] <i32 metadata length>
 /// <metadata> <body>`, until a zero length or the end) and checks that each
-/// metadata length and declared body length lies within the payload, so the
-/// reader never allocates more than the payload's size.
-fn check_framing(payload: &[u8]) -> Result<(), PayloadError> {
+/// metadata length and declared body length lies within the payload, so
+/// nothing read later allocates more than the payload's size, and that no
+/// body is compressed (see [`uncompressed`]). `known` tells, from the first
+/// message's metadata, whether it is a schema already read, and its body's
+/// length: such a message is not parsed again.
+fn framing(
+    payload: &[u8],
+    known: impl FnOnce(&[u8]) -> Option<usize>,
+) -> Result<Vec<Message<'_>>, PayloadError> {
+    let mut known = Some(known);
     let mut pos = 0;
-    let mut messages = 0usize;
+    let mut messages = Vec::with_capacity(3);
     while pos < payload.len() {
         let at = pos;
         let word = |pos: &mut usize| -> Result<[u8; 4], PayloadError> {
@@ -203,51 +304,145 @@ fn check_framing(payload: &[u8]) -> Result<(), PayloadError> {
             }
             break;
         }
+        let number = messages.len();
         let remaining = payload.len() - pos;
         let Some(len) = usize::try_from(len).ok().filter(|l| *l <= remaining) else {
             return Err(invalid_arrow(format!(
-                "message {messages} at byte {at} declares {len} bytes of metadata, \
+                "message {number} at byte {at} declares {len} bytes of metadata, \
                  but {remaining} remain"
             )));
         };
-        let message = arrow::ipc::root_as_message(&payload[pos..pos + len])
-            .map_err(|err| invalid_arrow(format!("message {messages} at byte {at}: {err}")))?;
-        // A compressed buffer declares its own decompressed length, which
-        // the reader allocates before it looks further: a few bytes could
-        // ask for any amount of memory. Bodies must be uncompressed.
-        let compressed = message
-            .header_as_record_batch()
-            .is_some_and(|b| b.compression().is_some())
-            || message
-                .header_as_dictionary_batch()
-                .and_then(|d| d.data())
-                .is_some_and(|b| b.compression().is_some());
-        if compressed {
-            return Err(invalid_arrow(format!(
-                "message {messages} at byte {at} is compressed; send uncompressed IPC \
-                 (frames are small, and QUIC carries them as they are)"
-            )));
-        }
+        let metadata = &payload[pos..pos + len];
+        let (header, body) = match known.take().and_then(|known| known(metadata)) {
+            Some(body) => (None, body as i64),
+            None => {
+                let header = arrow::ipc::root_as_message(metadata)
+                    .map_err(|err| invalid_arrow(format!("message {number} at byte {at}: {err}")))
+                    .and_then(|header| uncompressed(header, number, at))?;
+                (Some(header), header.bodyLength())
+            }
+        };
         pos += len;
         let remaining = payload.len() - pos;
-        let body = message.bodyLength();
         let Some(body) = usize::try_from(body).ok().filter(|b| *b <= remaining) else {
             return Err(invalid_arrow(format!(
-                "message {messages} at byte {at} declares a {body}-byte body, \
+                "message {number} at byte {at} declares a {body}-byte body, \
                  but {remaining} bytes remain"
             )));
         };
+        messages.push(Message {
+            at,
+            metadata,
+            header,
+            body: &payload[pos..pos + body],
+        });
         pos += body;
-        messages += 1;
     }
-    if messages == 0 {
+    if messages.is_empty() {
         return Err(invalid_arrow("it has no schema message".into()));
     }
-    Ok(())
+    Ok(messages)
 }
 
-/// Reads the schema and every batch, and concatenates the batches.
-fn read_stream(payload: &[u8], max_events: usize) -> Result<RecordBatch, PayloadError> {
+/// Reads the schema (unless `known`, the schema of an identical first
+/// message) and every batch, and concatenates the batches.
+fn read_stream(
+    payload: &[u8],
+    messages: &[Message<'_>],
+    known: Option<&SchemaRef>,
+    max_events: usize,
+) -> Result<(SchemaRef, RecordBatch), PayloadError> {
+    let schema = match known {
+        Some(schema) => Arc::clone(schema),
+        None => {
+            // Only a known schema's message goes unparsed.
+            let first = messages[0]
+                .header
+                .ok_or_else(|| invalid_arrow("message 0 was not parsed".into()))?;
+            let fb = first.header_as_schema().ok_or_else(|| {
+                invalid_arrow(format!(
+                    "message 0 is a {:?}, not the schema",
+                    first.header_type()
+                ))
+            })?;
+            Arc::new(arrow::ipc::convert::fb_to_schema(fb))
+        }
+    };
+    let mut batches = Vec::with_capacity(messages.len() - 1);
+    let mut rows = 0usize;
+    for (number, m) in messages.iter().enumerate().skip(1) {
+        let Some(message) = m.header else {
+            return Err(invalid_arrow(format!("message {number} was not parsed")));
+        };
+        let Some(fb) = message.header_as_record_batch() else {
+            if message.header_as_dictionary_batch().is_some() {
+                // Dictionaries are rare from devices; arrow's own reader
+                // handles them (the framing is already checked).
+                return read_with_dictionaries(payload, max_events);
+            }
+            return Err(invalid_arrow(format!(
+                "message {number} at byte {} is a {:?}; after the schema, a stream holds \
+                 record batches",
+                m.at,
+                message.header_type()
+            )));
+        };
+        let body = Buffer::from(m.body);
+        let batch = arrow::ipc::reader::read_record_batch(
+            &body,
+            fb,
+            Arc::clone(&schema),
+            &HashMap::new(),
+            None,
+            &message.version(),
+        )
+        .map_err(|err| invalid_arrow(format!("message {number} at byte {}: {err}", m.at)))?;
+        rows = rows.saturating_add(batch.num_rows());
+        if rows > max_events {
+            return Err(too_many(max_events));
+        }
+        if batch.num_rows() > 0 {
+            batches.push(batch);
+        }
+    }
+    // One batch, the usual case, is taken as it is rather than copied.
+    let batch = match <[RecordBatch; 1]>::try_from(batches) {
+        Ok([batch]) => batch,
+        Err(batches) => concat_batches(&schema, &batches)
+            .map_err(|err| invalid_arrow(format!("its batches do not concatenate: {err}")))?,
+    };
+    Ok((schema, batch))
+}
+
+/// Refuses a message with a compressed body: a compressed buffer declares
+/// its own decompressed length, which the reader allocates before it looks
+/// further, so a few bytes could ask for any amount of memory.
+fn uncompressed(
+    message: arrow::ipc::Message<'_>,
+    number: usize,
+    at: usize,
+) -> Result<arrow::ipc::Message<'_>, PayloadError> {
+    let compressed = message
+        .header_as_record_batch()
+        .is_some_and(|b| b.compression().is_some())
+        || message
+            .header_as_dictionary_batch()
+            .and_then(|d| d.data())
+            .is_some_and(|b| b.compression().is_some());
+    if compressed {
+        return Err(invalid_arrow(format!(
+            "message {number} at byte {at} is compressed; send uncompressed IPC \
+             (frames are small, and QUIC carries them as they are)"
+        )));
+    }
+    Ok(message)
+}
+
+/// Reads a stream with dictionary batches through arrow's reader.
+fn read_with_dictionaries(
+    payload: &[u8],
+    max_events: usize,
+) -> Result<(SchemaRef, RecordBatch), PayloadError> {
     let reader = StreamReader::try_new(Cursor::new(payload), None)
         .map_err(|err| invalid_arrow(err.to_string()))?;
     let schema = reader.schema();
@@ -257,20 +452,24 @@ fn read_stream(payload: &[u8], max_events: usize) -> Result<RecordBatch, Payload
         let batch = batch.map_err(|err| invalid_arrow(err.to_string()))?;
         rows = rows.saturating_add(batch.num_rows());
         if rows > max_events {
-            return Err(PayloadError::new(
-                RejectCode::TooManyEvents,
-                format!(
-                    "the payload holds more than {max_events} rows; send at most {max_events} \
-                     per frame"
-                ),
-            ));
+            return Err(too_many(max_events));
         }
         if batch.num_rows() > 0 {
             batches.push(batch);
         }
     }
-    concat_batches(&schema, &batches)
-        .map_err(|err| invalid_arrow(format!("its batches do not concatenate: {err}")))
+    let batch = concat_batches(&schema, &batches)
+        .map_err(|err| invalid_arrow(format!("its batches do not concatenate: {err}")))?;
+    Ok((schema, batch))
+}
+
+fn too_many(max_events: usize) -> PayloadError {
+    PayloadError::new(
+        RejectCode::TooManyEvents,
+        format!(
+            "the payload holds more than {max_events} rows; send at most {max_events} per frame"
+        ),
+    )
 }
 
 /// Where each column of the stream comes from in the payload's schema.
@@ -660,6 +859,9 @@ impl Converter<'_> {
     }
 
     fn cast(&self, array: &ArrayRef, to: &DataType) -> Result<ArrayRef, PayloadError> {
+        if array.data_type() == to {
+            return Ok(Arc::clone(array));
+        }
         cast(array, to).map_err(|err| {
             self.internal(format!("converting {} to {to}: {err}", array.data_type()))
         })

@@ -615,3 +615,105 @@ fn compressed_bodies_are_refused_before_the_reader_allocates() {
     let message = rejected(&payload, RejectCode::InvalidArrow, None, None);
     assert!(message.contains("compressed"), "{message}");
 }
+
+/// A connection's decoder remembers a schema it has read, and a frame that
+/// repeats it byte for byte skips parsing it: every frame's rows are still
+/// read, checked and converted, and another stream definition is matched
+/// afresh.
+#[test]
+fn a_repeated_schema_is_remembered_and_every_frame_still_checked() {
+    let mut decoder = ArrowDecoder::default();
+    let frame = |count: i64, temp: f64| {
+        ipc(&[
+            ("count", arr(Int64Array::from(vec![count]))),
+            ("temp", arr(Float64Array::from(vec![temp]))),
+        ])
+    };
+    let mut decode_with =
+        |def: &StreamDef, payload: &[u8]| decoder.decode(def, payload, DEVICE, NOW, 100);
+    for (count, temp) in [(1, 20.5), (2, 21.5), (3, 22.5)] {
+        let payload = frame(count, temp);
+        assert_eq!(
+            decode_with(&def(), &payload).unwrap(),
+            decode(&payload).unwrap()
+        );
+    }
+    // The same schema, a value out of INT's range, at its row.
+    let err = decode_with(&def(), &frame(1 << 40, 1.0)).unwrap_err();
+    assert_eq!(
+        (err.code, err.event, err.field.as_deref()),
+        (RejectCode::InvalidField, Some(0), Some("count")),
+        "{err}"
+    );
+    let err = decode_with(&def(), &frame(1, f64::NAN)).unwrap_err();
+    assert_eq!(err.field.as_deref(), Some("temp"), "{err}");
+    // The same schema, a broken batch: its body declared past the end.
+    let mut broken = frame(4, 1.0);
+    let cut = broken.len() - 8 - 4;
+    broken.truncate(cut);
+    let err = decode_with(&def(), &broken).unwrap_err();
+    assert_eq!(err.code, RejectCode::InvalidArrow, "{err}");
+    // Another definition of the stream, without `count`: matched afresh.
+    let narrower = StreamDef::new(
+        "telemetry",
+        vec![ColumnDef {
+            name: "temp".into(),
+            ty: ColumnType::Float64,
+        }],
+        4,
+    )
+    .unwrap();
+    let err = decode_with(&narrower, &frame(5, 1.0)).unwrap_err();
+    assert_eq!(
+        (err.code, err.field.as_deref()),
+        (RejectCode::UnknownField, Some("count")),
+        "{err}"
+    );
+    // And back: still decoded for the first definition.
+    assert_eq!(decode_with(&def(), &frame(6, 1.0)).unwrap().num_rows(), 1);
+}
+
+/// Every single-byte corruption of a frame whose schema the decoder knows
+/// is refused or decoded, never a panic; the decoder goes on decoding
+/// good frames after each.
+#[test]
+fn corrupt_frames_after_a_known_schema_never_panic() {
+    let mut decoder = ArrowDecoder::default();
+    let good = ipc(&[
+        ("count", arr(Int32Array::from(vec![Some(1), None, Some(3)]))),
+        (
+            "label",
+            arr(StringArray::from(vec![Some("a"), Some("bc"), None])),
+        ),
+        ("temp", arr(Float64Array::from(vec![1.5, 2.5, 3.5]))),
+    ]);
+    let expected = decoder.decode(&def(), &good, DEVICE, NOW, 100).unwrap();
+    for i in 0..good.len() {
+        for flip in [0x01u8, 0x80, 0xff] {
+            let mut bad = good.clone();
+            bad[i] ^= flip;
+            let _ = decoder.decode(&def(), &bad, DEVICE, NOW, 100);
+            assert_eq!(
+                decoder.decode(&def(), &good, DEVICE, NOW, 100).unwrap(),
+                expected,
+                "after flipping byte {i} with {flip:#x}"
+            );
+        }
+    }
+}
+
+/// Dictionary-encoded columns take arrow's own reader and are refused by
+/// name, as any type without a lossless conversion is.
+#[test]
+fn dictionary_columns_are_refused_by_name() {
+    use arrow::array::DictionaryArray;
+    use arrow::datatypes::Int8Type;
+    let labels: DictionaryArray<Int8Type> = vec!["a", "b", "a"].into_iter().collect();
+    let message = rejected(
+        &ipc(&[("label", arr(labels))]),
+        RejectCode::InvalidField,
+        None,
+        Some("label"),
+    );
+    assert!(message.contains("Dictionary"), "{message}");
+}

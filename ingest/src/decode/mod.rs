@@ -47,5 +47,5 @@ mod tests;
 
 pub use error::PayloadError;
 pub(crate) use ipc::panic_is_contained;
-pub use ipc::{decode_arrow, encode_arrow};
+pub use ipc::{ArrowDecoder, decode_arrow, encode_arrow};
 pub use json::decode_json;
