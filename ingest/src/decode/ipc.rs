@@ -91,6 +91,11 @@ pub fn decode_arrow(
 /// Most payload schemas an [`ArrowDecoder`] remembers: a connection's
 /// device sends one per stream it writes, and rarely more than a few.
 const KNOWN_SCHEMAS: usize = 4;
+/// Largest schema message remembered. A schema of the stream's own columns
+/// takes about 100 bytes a column; custom metadata could make one as large
+/// as a frame, and a connection should not keep four of those. Larger
+/// schemas are read afresh each time.
+const KNOWN_SCHEMA_BYTES: usize = 64 * 1024;
 
 /// [`decode_arrow`] for one connection, remembering the payload schemas it
 /// has read.
@@ -167,6 +172,9 @@ impl ArrowDecoder {
             }
             None => {
                 let plan = Arc::new(Plan::new(def, &schema)?);
+                if messages[0].metadata.len() > KNOWN_SCHEMA_BYTES {
+                    return convert(def, &batch, &plan, device_id, received_at_ms, payload);
+                }
                 self.known.truncate(KNOWN_SCHEMAS - 1);
                 self.known.insert(
                     0,
@@ -181,22 +189,39 @@ impl ArrowDecoder {
                 plan
             }
         };
-        if batch.num_rows() == 0 {
-            return Err(empty());
-        }
-        Converter {
-            def,
-            batch: &batch,
-            device_id,
-            received_at: received_at_ms,
-            // Strings cannot legitimately expand past the payload holding
-            // them except through shared view buffers, which a device has
-            // no need for and which could otherwise inflate a 4 MiB frame
-            // without bound.
-            max_string_bytes: payload.len(),
-        }
-        .convert(&plan)
+        convert(def, &batch, &plan, device_id, received_at_ms, payload)
     }
+
+    /// How many schemas the decoder remembers.
+    #[cfg(test)]
+    pub(super) fn remembered(&self) -> usize {
+        self.known.len()
+    }
+}
+
+/// The payload's rows, read as `batch`, in the stream's schema.
+fn convert(
+    def: &StreamDef,
+    batch: &RecordBatch,
+    plan: &Plan,
+    device_id: &str,
+    received_at_ms: i64,
+    payload: &[u8],
+) -> Result<RecordBatch, PayloadError> {
+    if batch.num_rows() == 0 {
+        return Err(empty());
+    }
+    Converter {
+        def,
+        batch,
+        device_id,
+        received_at: received_at_ms,
+        // Strings cannot legitimately expand past the payload holding them
+        // except through shared view buffers, which a device has no need
+        // for and which could otherwise inflate a 4 MiB frame without bound.
+        max_string_bytes: payload.len(),
+    }
+    .convert(plan)
 }
 
 thread_local! {

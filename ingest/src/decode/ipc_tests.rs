@@ -717,3 +717,33 @@ fn dictionary_columns_are_refused_by_name() {
     );
     assert!(message.contains("Dictionary"), "{message}");
 }
+
+/// A schema message larger than a stream's columns need (custom metadata
+/// can make it as large as the frame) is read every time rather than kept
+/// by the connection.
+#[test]
+fn large_schema_messages_are_not_remembered() {
+    let mut decoder = ArrowDecoder::default();
+    let columns = [("temp", arr(Float64Array::from(vec![1.5])))];
+    let small = ipc(&columns);
+    decoder.decode(&def(), &small, DEVICE, NOW, 100).unwrap();
+    assert_eq!(decoder.remembered(), 1);
+    let schema = Arc::new(Schema::new_with_metadata(
+        vec![Field::new("temp", DataType::Float64, true)],
+        [("note".to_string(), "x".repeat(100_000))].into(),
+    ));
+    let large = encode_arrow(
+        &schema,
+        &[RecordBatch::try_new(
+            Arc::clone(&schema),
+            vec![arr(Float64Array::from(vec![2.5]))],
+        )
+        .unwrap()],
+    )
+    .unwrap();
+    for _ in 0..3 {
+        let decoded = decoder.decode(&def(), &large, DEVICE, NOW, 100).unwrap();
+        assert_eq!(decoded.num_rows(), 1);
+    }
+    assert_eq!(decoder.remembered(), 1);
+}
