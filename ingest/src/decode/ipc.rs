@@ -11,7 +11,7 @@
 //! what it reads: it allocates a message's declared lengths before reading
 //! them, and panics on some malformed schemas and buffer offsets. So the
 //! message framing is walked first and every length checked against the
-//! payload ([`check_framing`]), and the reader itself runs under
+//! payload ([`framing`]), and the reader itself runs under
 //! `catch_unwind`; whatever it cannot read is `invalid_arrow`.
 //!
 //! [`StreamDef::schema`]: tributary_engine::event::StreamDef::schema
