@@ -17,8 +17,11 @@
 //!   10,000 windows open (a rule checkpoint, less the disk write), reported
 //!   as windows per second.
 //!
-//! Run: `cargo bench -p tributary-benches` (add `-- <group>` for one group,
-//! e.g. `cargo bench -p tributary-benches -- window_tumble_avg`).
+//! Run: `cargo bench -p tributary-cli -p tributary-benches --bench tributary`
+//! (add `-- <group>` for one group, e.g. `-- window_tumble_avg`). Naming the
+//! CLI too makes cargo resolve the same features as `benches/e2e.sh`'s
+//! build, so the release DataFusion it built is reused; `-p
+//! tributary-benches` alone resolves others and builds DataFusion again.
 //! The data is generated from a fixed seed, so runs compare.
 
 mod window_tumble;

@@ -21,7 +21,7 @@
 //! (default `python3`); without it or without the `duckdb` module the
 //! reference is skipped with a note, and the bench goes on.
 //!
-//! Run: `TRIBUTARY_PYTHON=/path/to/venv/bin/python cargo bench -p tributary-benches -- window_tumble_avg`
+//! Run: `TRIBUTARY_PYTHON=/path/to/venv/bin/python cargo bench -p tributary-cli -p tributary-benches --bench tributary -- window_tumble_avg`
 //! The events come from a fixed seed, so runs compare.
 
 use std::cmp::Reverse;

@@ -1796,7 +1796,7 @@ fn markdown(r: &Value) -> String {
     } else {
         let _ = writeln!(
             s,
-            "The criterion bench (`cargo bench -p tributary-benches -- window_tumble_avg`; see \
+            "The criterion bench (`cargo bench -p tributary-cli -p tributary-benches --bench tributary -- window_tumble_avg`; see \
              the section above for what it runs): criterion median {} events/s over {} events. \
              Its reference table, same process:\n",
             thousands(f(w, "events_per_s")),
