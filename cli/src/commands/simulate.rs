@@ -1541,7 +1541,8 @@ mod tests {
                     ty: match *ty {
                         "BIGINT" => ColumnType::Int64,
                         "DOUBLE" => ColumnType::Float64,
-                        _ => ColumnType::Utf8,
+                        "VARCHAR" => ColumnType::Utf8,
+                        other => panic!("a simulator column of type {other}"),
                     },
                 })
                 .collect(),

@@ -616,6 +616,14 @@ fn compressed_bodies_are_refused_before_the_reader_allocates() {
     assert!(message.contains("compressed"), "{message}");
 }
 
+fn decode_with(
+    decoder: &mut ArrowDecoder,
+    def: &StreamDef,
+    payload: &[u8],
+) -> Result<RecordBatch, PayloadError> {
+    decoder.decode(def, payload, DEVICE, NOW, 100)
+}
+
 /// A connection's decoder remembers a schema it has read, and a frame that
 /// repeats it byte for byte skips parsing it: every frame's rows are still
 /// read, checked and converted, and another stream definition is matched
@@ -629,29 +637,28 @@ fn a_repeated_schema_is_remembered_and_every_frame_still_checked() {
             ("temp", arr(Float64Array::from(vec![temp]))),
         ])
     };
-    let mut decode_with =
-        |def: &StreamDef, payload: &[u8]| decoder.decode(def, payload, DEVICE, NOW, 100);
     for (count, temp) in [(1, 20.5), (2, 21.5), (3, 22.5)] {
         let payload = frame(count, temp);
         assert_eq!(
-            decode_with(&def(), &payload).unwrap(),
+            decode_with(&mut decoder, &def(), &payload).unwrap(),
             decode(&payload).unwrap()
         );
     }
+    assert_eq!(decoder.remembered(), 1, "one schema, read once");
     // The same schema, a value out of INT's range, at its row.
-    let err = decode_with(&def(), &frame(1 << 40, 1.0)).unwrap_err();
+    let err = decode_with(&mut decoder, &def(), &frame(1 << 40, 1.0)).unwrap_err();
     assert_eq!(
         (err.code, err.event, err.field.as_deref()),
         (RejectCode::InvalidField, Some(0), Some("count")),
         "{err}"
     );
-    let err = decode_with(&def(), &frame(1, f64::NAN)).unwrap_err();
+    let err = decode_with(&mut decoder, &def(), &frame(1, f64::NAN)).unwrap_err();
     assert_eq!(err.field.as_deref(), Some("temp"), "{err}");
     // The same schema, a broken batch: its body declared past the end.
     let mut broken = frame(4, 1.0);
     let cut = broken.len() - 8 - 4;
     broken.truncate(cut);
-    let err = decode_with(&def(), &broken).unwrap_err();
+    let err = decode_with(&mut decoder, &def(), &broken).unwrap_err();
     assert_eq!(err.code, RejectCode::InvalidArrow, "{err}");
     // Another definition of the stream, without `count`: matched afresh.
     let narrower = StreamDef::new(
@@ -663,14 +670,20 @@ fn a_repeated_schema_is_remembered_and_every_frame_still_checked() {
         4,
     )
     .unwrap();
-    let err = decode_with(&narrower, &frame(5, 1.0)).unwrap_err();
+    let err = decode_with(&mut decoder, &narrower, &frame(5, 1.0)).unwrap_err();
     assert_eq!(
         (err.code, err.field.as_deref()),
         (RejectCode::UnknownField, Some("count")),
         "{err}"
     );
-    // And back: still decoded for the first definition.
-    assert_eq!(decode_with(&def(), &frame(6, 1.0)).unwrap().num_rows(), 1);
+    // And back: still decoded for the first definition, whose plan is kept.
+    assert_eq!(
+        decode_with(&mut decoder, &def(), &frame(6, 1.0))
+            .unwrap()
+            .num_rows(),
+        1
+    );
+    assert_eq!(decoder.remembered(), 1, "a refused plan is not kept");
 }
 
 /// Every single-byte corruption of a frame whose schema the decoder knows
