@@ -58,6 +58,7 @@ use crate::protocol::{
     Frame, FrameDecoder, Hello, ProtocolError, RefusedCode, RefusedRequest, Reject, RejectCode,
     Renew, Renewed, Report, Reported, Welcome,
 };
+use crate::receive::ReceiveThread;
 use crate::tls::{TlsFiles, TransportLimits, server_config_with};
 use crate::{Error, Result};
 
@@ -407,6 +408,8 @@ impl GatewayHandle {
 /// The QUIC gateway.
 pub struct Gateway {
     endpoint: quinn::Endpoint,
+    /// Runs `endpoint`'s driver; it stops when the gateway is dropped.
+    receive: ReceiveThread,
     shared: Arc<Shared>,
     presence: mpsc::UnboundedReceiver<PresenceWrite>,
 }
@@ -430,16 +433,14 @@ impl Gateway {
             source,
         };
         let socket = udp_socket(config.listen).map_err(bind_err)?;
-        let endpoint = quinn::Endpoint::new(
-            quinn::EndpointConfig::default(),
-            Some(server),
-            socket,
-            Arc::new(quinn::TokioRuntime),
-        )
-        .map_err(bind_err)?;
+        let receive = ReceiveThread::start().map_err(bind_err)?;
+        let endpoint = receive
+            .endpoint(quinn::EndpointConfig::default(), Some(server), socket)
+            .map_err(bind_err)?;
         let (presence_tx, presence) = mpsc::unbounded_channel();
         Ok(Gateway {
             endpoint,
+            receive,
             shared: Arc::new(Shared {
                 gate: Arc::new(ConnectionGate::new(config.connections)),
                 indebted: Mutex::new(HashMap::new()),
@@ -479,6 +480,7 @@ impl Gateway {
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let Gateway {
             endpoint,
+            receive,
             shared,
             presence,
         } = self;
@@ -547,6 +549,8 @@ impl Gateway {
         let _ = tokio::time::timeout(Duration::from_secs(5), flushed).await;
         recorder.abort();
         let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+        drop(endpoint);
+        drop(receive);
     }
 }
 

@@ -26,6 +26,7 @@ pub mod gateway;
 pub mod limits;
 pub mod metrics;
 pub mod protocol;
+mod receive;
 pub mod tls;
 
 pub use error::{Error, Result};
