@@ -433,7 +433,8 @@ impl Gateway {
             source,
         };
         let socket = udp_socket(config.listen).map_err(bind_err)?;
-        let receive = ReceiveThread::start().map_err(bind_err)?;
+        let receive =
+            ReceiveThread::start().map_err(|e| Error::io("the gateway's receive thread", e))?;
         let endpoint = receive
             .endpoint(quinn::EndpointConfig::default(), Some(server), socket)
             .map_err(bind_err)?;
