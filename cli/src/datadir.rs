@@ -5,6 +5,7 @@
 //! <data-dir>/
 //!   admin.token      the admin bearer token for the HTTP API (mode 0600)
 //!   server.json      the addresses the running server listens on
+//!   server.lock      held (flock) by the running server: one per directory
 //!   tls/             development CA and server certificate
 //!   registry.db      the device registry (SQLite)
 //!   commands.db      the command queue (SQLite)
@@ -136,6 +137,41 @@ impl DataDir {
             )
         })?;
         Ok(token.trim().to_string())
+    }
+
+    /// Takes the data directory for one server: an exclusive lock on
+    /// `server.lock`, held while the returned file is open (the kernel
+    /// drops it when the process ends, however it ends). A second server
+    /// on the same directory would write the same log, offsets and Parquet
+    /// files; two did, by accident, and the Parquet sinks both stored the
+    /// same 1.2 M events while one's offset commit failed on the other's
+    /// rename.
+    pub fn lock(&self) -> Result<std::fs::File> {
+        let path = self.root.join("server.lock");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        match file.try_lock() {
+            Ok(()) => Ok(file),
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let who = match self.read_server_info() {
+                    Some(info) => format!(" (pid {}, HTTP {})", info.pid, info.http),
+                    None => String::new(),
+                };
+                anyhow::bail!(
+                    "another tributary server{who} is using the data directory {}; stop it, \
+                     or give this one its own --data-dir",
+                    self.root.display()
+                )
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                Err(e).with_context(|| format!("locking {}", path.display()))
+            }
+        }
     }
 
     /// Records where the running server listens.

@@ -57,3 +57,63 @@ fn everything_survives_a_clean_restart_and_a_kill() {
         "the command from before the kill: {out}"
     );
 }
+
+/// Regression: two servers on one data directory both ran, wrote the same
+/// log offsets and stored the same events in Parquet twice. The second is
+/// now refused before it touches anything, and says which server holds the
+/// directory; the first goes on serving, and once it stops the directory
+/// is free again.
+#[test]
+fn a_second_server_on_the_same_data_directory_is_refused() {
+    let mut server = Server::start();
+    let info: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(server.data_dir.join("server.json")).unwrap())
+            .unwrap();
+    let mut second = std::process::Command::new(tributary_tests::binary())
+        .args(["serve", "--data-dir"])
+        .arg(&server.data_dir)
+        .args([
+            "--quic-listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+        ])
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // A server that is let in runs until stopped: give it 30 s to be refused.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = second.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = second.kill();
+            let _ = second.wait();
+            panic!("a second server started on the data directory of a running one");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let second = second.wait_with_output().unwrap();
+    assert!(!status.success());
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        stderr.contains("another tributary server")
+            && stderr.contains(&format!("pid {}", info["pid"]))
+            && stderr.contains(&server.data_dir.display().to_string()),
+        "{stderr}"
+    );
+    // The first server's record of itself is untouched, and it still serves.
+    let after: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(server.data_dir.join("server.json")).unwrap())
+            .unwrap();
+    assert_eq!(after, info);
+    server.cli(&["sql", STREAM]).ok();
+
+    server.stop();
+    server.restart();
+    assert_eq!(server.sql_json("SHOW STREAMS")[0]["name"], "telemetry");
+}

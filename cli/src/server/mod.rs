@@ -298,6 +298,8 @@ pub async fn serve(args: ServeArgs) -> Result<std::process::ExitCode> {
     let dir = DataDir::new(&args.data_dir);
     std::fs::create_dir_all(&dir.root)
         .with_context(|| format!("creating the data directory {}", dir.root.display()))?;
+    // Before anything in the directory is opened; held until the server stops.
+    let _one_server = dir.lock()?;
     let admin_token = dir.ensure_admin_token()?;
     let tls = TlsFiles::in_dir(&dir.tls());
     if tls.ensure()? {
