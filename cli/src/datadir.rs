@@ -139,14 +139,15 @@ impl DataDir {
         Ok(token.trim().to_string())
     }
 
-    /// Takes the data directory for one server: an exclusive lock on
-    /// `server.lock`, held while the returned file is open (the kernel
-    /// drops it when the process ends, however it ends). A second server
+    /// Takes the data directory for one process that writes or reads its
+    /// files directly: an exclusive lock on `server.lock`, held while the
+    /// returned file is open (the kernel drops it when the process ends,
+    /// however it ends). `None`: another process holds it. A second server
     /// on the same directory would write the same log, offsets and Parquet
-    /// files; two did, by accident, and the Parquet sinks both stored the
-    /// same 1.2 M events while one's offset commit failed on the other's
+    /// files; two did, by accident, and their Parquet sinks stored the same
+    /// 1.2 M events twice while one's offset commit failed on the other's
     /// rename.
-    pub fn lock(&self) -> Result<std::fs::File> {
+    pub fn lock(&self) -> Result<Option<std::fs::File>> {
         let path = self.root.join("server.lock");
         let file = std::fs::OpenOptions::new()
             .create(true)
@@ -156,21 +157,20 @@ impl DataDir {
             .open(&path)
             .with_context(|| format!("opening {}", path.display()))?;
         match file.try_lock() {
-            Ok(()) => Ok(file),
-            Err(std::fs::TryLockError::WouldBlock) => {
-                let who = match self.read_server_info() {
-                    Some(info) => format!(" (pid {}, HTTP {})", info.pid, info.http),
-                    None => String::new(),
-                };
-                anyhow::bail!(
-                    "another tributary server{who} is using the data directory {}; stop it, \
-                     or give this one its own --data-dir",
-                    self.root.display()
-                )
-            }
+            Ok(()) => Ok(Some(file)),
+            Err(std::fs::TryLockError::WouldBlock) => Ok(None),
             Err(std::fs::TryLockError::Error(e)) => {
                 Err(e).with_context(|| format!("locking {}", path.display()))
             }
+        }
+    }
+
+    /// ` (pid N, HTTP addr)` of the server that wrote `server.json`, or
+    /// nothing, for messages about the server holding the directory.
+    pub fn holder(&self) -> String {
+        match self.read_server_info() {
+            Some(info) => format!(" (pid {}, HTTP {})", info.pid, info.http),
+            None => String::new(),
         }
     }
 

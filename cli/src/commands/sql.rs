@@ -36,17 +36,29 @@ pub async fn query_offline(data_dir: &Path, statement: &str, format: Format) -> 
         }
     };
     let dir = DataDir::new(data_dir);
-    // A running server moves files and offsets underneath us; without a lock
-    // shared between processes the answer could count events twice.
-    if let Some(info) = dir.read_server_info()
-        && Path::new(&format!("/proc/{}", info.pid)).exists()
-    {
-        bail!(
-            "a server (pid {}) is running on {}; use `tributary sql`, which queries it consistently",
-            info.pid,
+    // A running server moves files and offsets underneath us, and the
+    // answer could count events twice: hold the directory's lock, as a
+    // server does, for the query. Where the lock file cannot be made (a
+    // read-only copy), a live pid in server.json is the sign.
+    let busy = || {
+        anyhow::anyhow!(
+            "a server{} is running on {}; use `tributary sql`, which queries it consistently",
+            dir.holder(),
             data_dir.display()
-        );
-    }
+        )
+    };
+    let _no_server = match dir.lock() {
+        Ok(Some(lock)) => Some(lock),
+        Ok(None) => return Err(busy()),
+        Err(_) => {
+            if let Some(info) = dir.read_server_info()
+                && Path::new(&format!("/proc/{}", info.pid)).exists()
+            {
+                return Err(busy());
+            }
+            None
+        }
+    };
     let catalog = Arc::new(Catalog::open(&dir.catalog())?);
     let log: SharedEventStream = Arc::new(EmbeddedLog::open(
         dir.log(),

@@ -299,7 +299,14 @@ pub async fn serve(args: ServeArgs) -> Result<std::process::ExitCode> {
     std::fs::create_dir_all(&dir.root)
         .with_context(|| format!("creating the data directory {}", dir.root.display()))?;
     // Before anything in the directory is opened; held until the server stops.
-    let _one_server = dir.lock()?;
+    let Some(_one_server) = dir.lock()? else {
+        anyhow::bail!(
+            "another tributary server{} is using the data directory {}; stop it, or give this \
+             one its own --data-dir",
+            dir.holder(),
+            dir.root.display()
+        );
+    };
     let admin_token = dir.ensure_admin_token()?;
     let tls = TlsFiles::in_dir(&dir.tls());
     if tls.ensure()? {
