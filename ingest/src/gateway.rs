@@ -550,6 +550,7 @@ impl Gateway {
         let _ = tokio::time::timeout(Duration::from_secs(5), flushed).await;
         recorder.abort();
         let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+        // The endpoint before the thread that drives it.
         drop(endpoint);
         drop(receive);
     }

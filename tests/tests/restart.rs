@@ -66,9 +66,10 @@ fn everything_survives_a_clean_restart_and_a_kill() {
 #[test]
 fn a_second_server_on_the_same_data_directory_is_refused() {
     let mut server = Server::start();
-    let info: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(server.data_dir.join("server.json")).unwrap())
-            .unwrap();
+    let server_json = |dir: &std::path::Path| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(dir.join("server.json")).unwrap()).unwrap()
+    };
+    let info = server_json(&server.data_dir);
     let mut second = std::process::Command::new(tributary_tests::binary())
         .args(["serve", "--data-dir"])
         .arg(&server.data_dir)
@@ -107,10 +108,7 @@ fn a_second_server_on_the_same_data_directory_is_refused() {
         "{stderr}"
     );
     // The first server's record of itself is untouched, and it still serves.
-    let after: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(server.data_dir.join("server.json")).unwrap())
-            .unwrap();
-    assert_eq!(after, info);
+    assert_eq!(server_json(&server.data_dir), info);
     server.cli(&["sql", STREAM]).ok();
 
     server.stop();

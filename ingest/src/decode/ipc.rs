@@ -172,20 +172,19 @@ impl ArrowDecoder {
             }
             None => {
                 let plan = Arc::new(Plan::new(def, &schema)?);
-                if messages[0].metadata.len() > KNOWN_SCHEMA_BYTES {
-                    return convert(def, &batch, &plan, device_id, received_at_ms, payload);
+                if messages[0].metadata.len() <= KNOWN_SCHEMA_BYTES {
+                    self.known.truncate(KNOWN_SCHEMAS - 1);
+                    self.known.insert(
+                        0,
+                        KnownSchema {
+                            stream,
+                            message: messages[0].metadata.into(),
+                            body: messages[0].body.len(),
+                            schema,
+                            plan: Arc::clone(&plan),
+                        },
+                    );
                 }
-                self.known.truncate(KNOWN_SCHEMAS - 1);
-                self.known.insert(
-                    0,
-                    KnownSchema {
-                        stream,
-                        message: messages[0].metadata.into(),
-                        body: messages[0].body.len(),
-                        schema,
-                        plan: Arc::clone(&plan),
-                    },
-                );
                 plan
             }
         };
@@ -430,13 +429,18 @@ fn read_stream(
             batches.push(batch);
         }
     }
-    // One batch, the usual case, is taken as it is rather than copied.
-    let batch = match <[RecordBatch; 1]>::try_from(batches) {
-        Ok([batch]) => batch,
-        Err(batches) => concat_batches(&schema, &batches)
-            .map_err(|err| invalid_arrow(format!("its batches do not concatenate: {err}")))?,
-    };
+    let batch = one_batch(&schema, batches)?;
     Ok((schema, batch))
+}
+
+/// The payload's batches as one; a lone batch, the usual case, is taken as
+/// it is rather than copied.
+fn one_batch(schema: &SchemaRef, batches: Vec<RecordBatch>) -> Result<RecordBatch, PayloadError> {
+    match <[RecordBatch; 1]>::try_from(batches) {
+        Ok([batch]) => Ok(batch),
+        Err(batches) => concat_batches(schema, &batches)
+            .map_err(|err| invalid_arrow(format!("its batches do not concatenate: {err}"))),
+    }
 }
 
 /// Refuses a message with a compressed body: a compressed buffer declares
@@ -483,8 +487,7 @@ fn read_with_dictionaries(
             batches.push(batch);
         }
     }
-    let batch = concat_batches(&schema, &batches)
-        .map_err(|err| invalid_arrow(format!("its batches do not concatenate: {err}")))?;
+    let batch = one_batch(&schema, batches)?;
     Ok((schema, batch))
 }
 
