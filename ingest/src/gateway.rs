@@ -30,7 +30,11 @@
 //! reach the log in the order it sent them; many frames may be in flight,
 //! and their answers go back in the same order. A connection has at most
 //! [`GatewayConfig::max_in_flight`] frames waiting for the disk; past that,
-//! the gateway stops reading and QUIC flow control slows the sender.
+//! the gateway stops reading and QUIC flow control slows the sender. All
+//! connections together hold at most [`GatewayConfig::max_in_flight_bytes`]
+//! ([`InFlightBudget`]): half as their QUIC receive windows, half for
+//! decoded events waiting for the disk; a session whose frame does not fit
+//! waits for room the same way.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
@@ -51,7 +55,9 @@ use tributary_registry::{
 };
 
 use crate::decode::{ArrowDecoder, decode_json};
-use crate::limits::{ConnectionGate, ConnectionLimits, DeviceRate, RateLimits, Slot};
+use crate::limits::{
+    ConnectionGate, ConnectionLimits, DeviceRate, InFlightBudget, RateLimits, Reserved, Slot,
+};
 use crate::metrics::GatewayMetrics;
 use crate::protocol::{
     self, Ack, AckStatus, Command, CommandAck, Desired, Encoding, ErrorBody, ErrorCode, Events,
@@ -76,6 +82,9 @@ pub struct GatewayConfig {
     pub hello_timeout: Duration,
     /// EVENTS frames of one connection waiting for the disk at once.
     pub max_in_flight: usize,
+    /// Memory that the frames of all connections together may hold, from
+    /// their arrival to their answer ([`InFlightBudget`]); 0 is no limit.
+    pub max_in_flight_bytes: u64,
     /// Events and bytes per second each device may send, unless its
     /// registry entry says otherwise (metadata key `limits`).
     pub device_rate: RateLimits,
@@ -100,6 +109,7 @@ impl GatewayConfig {
             max_events_per_frame: protocol::DEFAULT_MAX_EVENTS_PER_FRAME,
             hello_timeout: protocol::HELLO_TIMEOUT,
             max_in_flight: 64,
+            max_in_flight_bytes: DEFAULT_MAX_IN_FLIGHT_BYTES,
             device_rate: DEFAULT_DEVICE_RATE,
             connections: DEFAULT_CONNECTION_LIMITS,
             idle_timeout: crate::tls::IDLE_TIMEOUT,
@@ -107,6 +117,13 @@ impl GatewayConfig {
         }
     }
 }
+
+/// 1 GiB for devices' frames in flight, server-wide ([`InFlightBudget`]).
+/// With 1,000 devices each pipelining 8 Arrow frames of 1,000 events, the
+/// server otherwise held 1.1 to 1.4 GiB; with this budget 0.7 to 0.8, at
+/// the same rate. Smaller budgets held JSON frames back more than they
+/// saved (docs/benchmarks.md).
+pub const DEFAULT_MAX_IN_FLIGHT_BYTES: u64 = 1 << 30;
 
 /// Each device's default rate: 100,000 events and 64 MiB per second. A
 /// field gateway standing for many devices gets more through its registry
@@ -336,6 +353,9 @@ struct Shared {
     stopping: AtomicBool,
     /// Admits new connections within the connection limits.
     gate: Arc<ConnectionGate>,
+    /// The memory that frames waiting for the disk may hold, all
+    /// connections together.
+    in_flight: Arc<InFlightBudget>,
     /// The rate limiters of devices that disconnected while over their
     /// rate, taken up again when they reconnect.
     indebted: Mutex<HashMap<String, Arc<DeviceRate>>>,
@@ -392,6 +412,11 @@ impl GatewayHandle {
         &self.shared.metrics
     }
 
+    /// The server-wide budget of memory for frames waiting for the disk.
+    pub fn in_flight(&self) -> &InFlightBudget {
+        &self.shared.in_flight
+    }
+
     /// Closes every connection of a device with `unauthorized` and `reason`.
     ///
     /// The gateway does this by itself for every change the registry
@@ -421,11 +446,13 @@ impl Gateway {
         // `decode_arrow` catches that and rejects the frame. Such panics
         // are expected, so they print nothing: a device cannot fill the log.
         crate::fuzzing::contain_arrow_panics();
+        let in_flight = Arc::new(InFlightBudget::new(config.max_in_flight_bytes));
         let server = server_config_with(
             &config.tls,
             TransportLimits {
                 idle_timeout: config.idle_timeout,
                 keep_alive: config.keep_alive,
+                receive_window: in_flight.initial_window(),
             },
         )?;
         let bind_err = |source| Error::Bind {
@@ -444,6 +471,7 @@ impl Gateway {
             receive,
             shared: Arc::new(Shared {
                 gate: Arc::new(ConnectionGate::new(config.connections)),
+                in_flight,
                 indebted: Mutex::new(HashMap::new()),
                 metrics: Arc::default(),
                 config,
@@ -903,6 +931,7 @@ async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming, mut slot: Slot) {
         rate,
         rate_refused: HashMap::new(),
         arrow: ArrowDecoder::default(),
+        window: shared.in_flight.initial_window(),
     };
     let reason = session.run(send, recv, decoder).await;
     let stopping = shared.stopping.load(Ordering::Relaxed);
@@ -1382,6 +1411,9 @@ enum Pending {
         future: AppendFuture,
         /// The latest event time, for the connection state.
         latest_event: Option<i64>,
+        /// The run's share of the in-flight budget, given back once it is
+        /// answered.
+        reserved: Reserved,
     },
 }
 
@@ -1477,6 +1509,8 @@ struct Session {
     rate_refused: HashMap<String, std::collections::BTreeSet<u64>>,
     /// Decodes the session's Arrow frames, remembering their schemas.
     arrow: ArrowDecoder,
+    /// The connection's receive window, its share of the in-flight budget.
+    window: u64,
 }
 
 impl Session {
@@ -1497,6 +1531,7 @@ impl Session {
         if send.write_all(&welcome.encode_to_vec()).await.is_err() {
             return "connection lost before WELCOME".into();
         }
+        self.fit_window();
         let (out_tx, out_rx) = mpsc::channel::<Frame>(1024);
         let writer = tokio::spawn(write_frames(send, out_rx));
         let (pending_tx, pending_rx) = mpsc::channel::<Pending>(self.shared.config.max_in_flight);
@@ -1580,6 +1615,7 @@ impl Session {
             self.activity.seen(now_millis());
             match frame {
                 Frame::Events(events) => {
+                    self.fit_window();
                     // This frame, and the EVENTS frames already read behind
                     // it, go to the log as runs.
                     let mut run: Option<Run> = None;
@@ -1595,12 +1631,16 @@ impl Session {
                             Ok(accepted) => match run.as_mut() {
                                 Some(r) if r.takes(&accepted) => r.push(accepted),
                                 _ => {
-                                    answers.extend(run.take().map(|r| self.submit(r)));
+                                    if let Some(r) = run.take() {
+                                        answers.push(self.submit(r).await);
+                                    }
                                     run = Some(Run::new(accepted));
                                 }
                             },
                             Err(refused) => {
-                                answers.extend(run.take().map(|r| self.submit(r)));
+                                if let Some(r) = run.take() {
+                                    answers.push(self.submit(r).await);
+                                }
                                 answers.push(refused);
                             }
                         }
@@ -1620,7 +1660,7 @@ impl Session {
                         }
                     }
                     if let Some(r) = run.take()
-                        && pending_tx.send(self.submit(r)).await.is_err()
+                        && pending_tx.send(self.submit(r).await).await.is_err()
                     {
                         break ("connection lost".into(), None);
                     }
@@ -1945,9 +1985,26 @@ impl Session {
         })
     }
 
-    /// Submits a run of frames to the log. Submission happens here, in the
-    /// reading task, so the device's frames reach the log in order.
-    fn submit(&self, run: Run) -> Pending {
+    /// Gives the connection its share of the budget's receive windows, as
+    /// connections come and go. A smaller window takes effect as the
+    /// device's bytes already allowed are read.
+    fn fit_window(&mut self) {
+        let window = self
+            .shared
+            .in_flight
+            .receive_window(self.shared.gate.open());
+        if window != self.window {
+            self.window = window;
+            self.connection
+                .set_receive_window(quinn::VarInt::from_u64(window).unwrap_or(quinn::VarInt::MAX));
+        }
+    }
+
+    /// Submits a run of frames to the log, once the in-flight budget has
+    /// room for it. Submission happens here, in the reading task, so the
+    /// device's frames reach the log in order, and a session waiting for
+    /// room reads nothing more.
+    async fn submit(&self, run: Run) -> Pending {
         let Run {
             stream,
             frames,
@@ -1955,6 +2012,10 @@ impl Session {
             latest_event,
             ..
         } = run;
+        // The decoded batches, and about as much again for their encoding
+        // in the log's write queue.
+        let memory: usize = batches.iter().map(|b| 2 * b.get_array_memory_size()).sum();
+        let reserved = self.shared.in_flight.reserve(memory).await;
         // A numbered frame the log already holds is acknowledged with
         // count 0 and not stored again.
         let numbered = |seq: u64| if self.idempotent { seq } else { 0 };
@@ -1985,6 +2046,7 @@ impl Session {
             frames,
             future,
             latest_event,
+            reserved,
         }
     }
 
@@ -2029,17 +2091,23 @@ async fn answer_in_order(
                 frames,
                 future,
                 latest_event,
-            } => match future.await {
-                Ok(receipt) => {
-                    if receipt.count > 0
-                        && let Some(t) = latest_event
-                    {
-                        activity.stored_events_until(t);
+                reserved,
+            } => {
+                let appended = future.await;
+                // The log has the run now, or refused it.
+                drop(reserved);
+                match appended {
+                    Ok(receipt) => {
+                        if receipt.count > 0
+                            && let Some(t) = latest_event
+                        {
+                            activity.stored_events_until(t);
+                        }
+                        run_acks(&frames, receipt.count)
                     }
-                    run_acks(&frames, receipt.count)
+                    Err(e) => frames.iter().map(|(seq, _)| not_stored(*seq, &e)).collect(),
                 }
-                Err(e) => frames.iter().map(|(seq, _)| not_stored(*seq, &e)).collect(),
-            },
+            }
         };
         for frame in frames {
             if let Some(unanswered) = &unanswered

@@ -9,14 +9,22 @@
 //!   before its TLS handshake, so a flood of handshakes costs the server
 //!   little and never the sessions already running.
 //!
-//! Both use token buckets that hold one second's worth. A device's bucket
+//! - [`InFlightBudget`]: how much memory the devices' frames may hold,
+//!   all connections together: half for bytes received and not yet read
+//!   (QUIC flow-control windows, shared among the open connections), half
+//!   for decoded events waiting for the disk. A session past its share
+//!   stops reading, and QUIC flow control holds its device back.
+//!
+//! The first two use token buckets that hold one second's worth. A device's bucket
 //! may go into debt by one frame: any frame passes when the bucket is not
 //! in debt, so a frame larger than a second's worth is never refused
 //! outright; the device then waits until the debt is paid.
 
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use tributary_registry::DeviceLimits;
 
@@ -278,7 +286,7 @@ impl ConnectionGate {
 
     /// Admits a new connection, or says which limit refuses it. The slot is
     /// given back when the returned [`Slot`] is dropped.
-    pub fn admit(self: &std::sync::Arc<Self>) -> Result<Slot, Refusal> {
+    pub fn admit(self: &Arc<Self>) -> Result<Slot, Refusal> {
         let within = |n: usize, max: usize| max == 0 || n < max;
         if !within(self.open(), self.limits.max_connections) {
             return Err(Refusal::MaxConnections);
@@ -309,7 +317,7 @@ impl ConnectionGate {
 /// An admitted connection's place; counted until dropped.
 #[derive(Debug)]
 pub struct Slot {
-    gate: std::sync::Arc<ConnectionGate>,
+    gate: Arc<ConnectionGate>,
     pending: bool,
 }
 
@@ -329,10 +337,140 @@ impl Drop for Slot {
     }
 }
 
+/// The memory that devices' frames may hold, server-wide, from their first
+/// byte arriving to their answer. Half of it is shared out as QUIC receive
+/// windows: what each connection may send ahead of what the gateway has
+/// read. The other half holds decoded batches, with their encoding for the
+/// log, while they wait for the disk.
+///
+/// Each connection already has a limit on frames in flight; this one holds
+/// for all of them together, so a thousand devices pipelining large frames
+/// cannot take the server's memory.
+///
+/// - **Windows:** each connection gets an equal part of its half, between
+///   [`InFlightBudget::MIN_WINDOW`] and [`InFlightBudget::MAX_WINDOW`], and
+///   its session moves its window as connections come and go. A few
+///   devices get the largest window; many devices get a part each.
+/// - **Decoded events:** a session reserves its frames' share before it
+///   hands them to the log, and gives it back once they are answered. One
+///   that cannot reserve waits, reading nothing more. Waiters are served in
+///   arrival order, so a large frame is not starved by small ones; one
+///   larger than the whole half waits for all of it and then passes alone.
+#[derive(Debug)]
+pub struct InFlightBudget {
+    bytes: u64,
+    /// The decoded half, one permit per KiB.
+    permits: Arc<Semaphore>,
+    kib: u32,
+    held: AtomicU64,
+    waits: AtomicU64,
+}
+
+/// A share of an [`InFlightBudget`], given back when dropped.
+#[derive(Debug)]
+#[must_use = "the share is given back when this is dropped"]
+pub struct Reserved {
+    budget: Arc<InFlightBudget>,
+    permit: Option<OwnedSemaphorePermit>,
+    bytes: u64,
+}
+
+impl Drop for Reserved {
+    fn drop(&mut self) {
+        self.budget.held.fetch_sub(self.bytes, Ordering::Relaxed);
+        drop(self.permit.take());
+    }
+}
+
+impl InFlightBudget {
+    /// The smallest receive window a connection gets: its frames still
+    /// flow, a few at a time, however many devices are connected.
+    pub const MIN_WINDOW: u64 = 64 * 1024;
+    /// The largest: quinn's default window for a stream, enough for one
+    /// device's full rate on a fast link.
+    pub const MAX_WINDOW: u64 = 1_250_000;
+
+    /// A budget of `bytes` (each half in whole KiB, at least one, at most
+    /// 4 TiB); 0 is no limit.
+    pub fn new(bytes: u64) -> Self {
+        let kib = if bytes == 0 {
+            0
+        } else {
+            u32::try_from(bytes / 2 / 1024).unwrap_or(u32::MAX).max(1)
+        };
+        InFlightBudget {
+            bytes,
+            permits: Arc::new(Semaphore::new(kib as usize)),
+            kib,
+            held: AtomicU64::new(0),
+            waits: AtomicU64::new(0),
+        }
+    }
+
+    /// The budget in bytes; 0 for none.
+    pub fn limit(&self) -> u64 {
+        self.bytes
+    }
+
+    /// The receive window of each connection while `open` are open.
+    pub fn receive_window(&self, open: usize) -> u64 {
+        if self.bytes == 0 {
+            return Self::MAX_WINDOW;
+        }
+        // In steps of the smallest, so a window moves only when the
+        // number of connections has moved by a fair amount.
+        let share = self.bytes / 2 / open.max(1) as u64;
+        (share / Self::MIN_WINDOW * Self::MIN_WINDOW).clamp(Self::MIN_WINDOW, Self::MAX_WINDOW)
+    }
+
+    /// The receive window a connection starts with, before its session
+    /// takes its share.
+    pub fn initial_window(&self) -> u64 {
+        if self.bytes == 0 {
+            Self::MAX_WINDOW
+        } else {
+            Self::MIN_WINDOW
+        }
+    }
+
+    /// Bytes of decoded events reserved now.
+    pub fn held(&self) -> u64 {
+        self.held.load(Ordering::Relaxed)
+    }
+
+    /// Reservations that had to wait for others to be given back.
+    pub fn waits(&self) -> u64 {
+        self.waits.load(Ordering::Relaxed)
+    }
+
+    /// Reserves `bytes` of decoded events, waiting until there is room.
+    pub async fn reserve(self: &Arc<Self>, bytes: usize) -> Reserved {
+        let bytes = bytes as u64;
+        let permit = if self.kib == 0 {
+            None
+        } else {
+            let kib = u32::try_from(bytes.div_ceil(1024))
+                .unwrap_or(u32::MAX)
+                .clamp(1, self.kib);
+            if (self.permits.available_permits() as u64) < u64::from(kib) {
+                self.waits.fetch_add(1, Ordering::Relaxed);
+            }
+            // In line behind earlier reservations, even when enough is free
+            // for this one. The semaphore is never closed.
+            self.permits.clone().acquire_many_owned(kib).await.ok()
+        };
+        self.held.fetch_add(bytes, Ordering::Relaxed);
+        Reserved {
+            budget: self.clone(),
+            permit,
+            bytes,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
 
     #[test]
     fn a_device_within_its_rate_passes_and_one_over_it_waits() {
@@ -416,5 +554,105 @@ mod tests {
         }));
         let _slots = [gate.admit().unwrap(), gate.admit().unwrap()];
         assert_eq!(gate.admit().unwrap_err(), Refusal::ConnectionRate);
+    }
+
+    #[test]
+    fn receive_windows_share_half_the_budget_among_the_connections() {
+        let budget = InFlightBudget::new(256 << 20);
+        assert_eq!(budget.limit(), 256 << 20);
+        // A few devices get the largest window, many a share each, and very
+        // many the smallest.
+        assert_eq!(budget.receive_window(1), InFlightBudget::MAX_WINDOW);
+        assert_eq!(budget.receive_window(100), InFlightBudget::MAX_WINDOW);
+        assert_eq!(budget.receive_window(1_000), 128 * 1024);
+        assert_eq!(budget.receive_window(1_500), 64 * 1024);
+        assert_eq!(budget.receive_window(100_000), InFlightBudget::MIN_WINDOW);
+        // Windows are whole steps and never add up to more than the half,
+        // once each connection has more than the smallest.
+        for open in [1, 2, 7, 101, 150, 999, 1_000, 1_024] {
+            let window = budget.receive_window(open);
+            assert_eq!(
+                window.is_multiple_of(InFlightBudget::MIN_WINDOW),
+                window != InFlightBudget::MAX_WINDOW
+            );
+            assert!(
+                window * open as u64 <= 128 << 20,
+                "{open} connections of {window}"
+            );
+        }
+        assert_eq!(budget.initial_window(), InFlightBudget::MIN_WINDOW);
+
+        let unlimited = InFlightBudget::new(0);
+        assert_eq!(unlimited.limit(), 0);
+        assert_eq!(
+            unlimited.receive_window(100_000),
+            InFlightBudget::MAX_WINDOW
+        );
+        assert_eq!(unlimited.initial_window(), InFlightBudget::MAX_WINDOW);
+    }
+
+    #[tokio::test]
+    async fn a_reservation_past_the_budget_waits_for_an_earlier_one() {
+        // 1 MiB: 512 KiB for decoded events.
+        let budget = Arc::new(InFlightBudget::new(1 << 20));
+        let first = budget.reserve(400 * 1024).await;
+        assert_eq!(budget.held(), 400 * 1024);
+        assert_eq!(budget.waits(), 0);
+
+        let waiting = tokio::spawn({
+            let budget = budget.clone();
+            async move { budget.reserve(200 * 1024).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!waiting.is_finished(), "600 KiB reserved of 512");
+        assert_eq!(budget.waits(), 1);
+        // A small one that would fit waits in line behind it.
+        let small = tokio::spawn({
+            let budget = budget.clone();
+            async move { budget.reserve(1024).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            !small.is_finished(),
+            "a small reservation overtook a waiting one"
+        );
+
+        drop(first);
+        let second = waiting.await.unwrap();
+        let third = small.await.unwrap();
+        assert_eq!(budget.held(), 201 * 1024);
+        drop((second, third));
+        assert_eq!(budget.held(), 0);
+
+        // One frame larger than the whole half passes when nothing else is
+        // held, rather than waiting forever.
+        let huge = tokio::time::timeout(Duration::from_secs(5), budget.reserve(10 << 20))
+            .await
+            .expect("a reservation larger than the budget passes alone");
+        assert_eq!(budget.held(), 10 << 20);
+        drop(huge);
+        assert_eq!(budget.held(), 0);
+    }
+
+    #[tokio::test]
+    async fn without_a_budget_nothing_waits() {
+        let budget = Arc::new(InFlightBudget::new(0));
+        let all: Vec<Reserved> = futures_reserve(&budget, 100, 1 << 30).await;
+        assert_eq!(budget.held(), 100 << 30);
+        assert_eq!(budget.waits(), 0);
+        drop(all);
+        assert_eq!(budget.held(), 0);
+    }
+
+    async fn futures_reserve(
+        budget: &Arc<InFlightBudget>,
+        n: usize,
+        bytes: usize,
+    ) -> Vec<Reserved> {
+        let mut all = Vec::new();
+        for _ in 0..n {
+            all.push(budget.reserve(bytes).await);
+        }
+        all
     }
 }

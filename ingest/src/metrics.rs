@@ -4,9 +4,10 @@
 //! [`GatewayMetrics`] is a handful of atomics the gateway bumps as
 //! connections come and go and frames are answered; it costs an atomic add
 //! per event, nothing per scrape but the scrape itself. [`GatewayMetrics::render`]
-//! writes them out; [`render_connected_devices`] and [`render_commands`]
-//! add the gauges that are read from elsewhere (the gateway's live list,
-//! the command queue) at scrape time. Every metric is described in
+//! writes them out; [`render_connected_devices`], [`render_commands`] and
+//! [`render_in_flight`] add the gauges that are read from elsewhere (the
+//! gateway's live list, the command queue, the in-flight budget) at scrape
+//! time. Every metric is described in
 //! `docs/operations.md`, "Metrics".
 //!
 //! ```
@@ -29,7 +30,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use tributary_engine::commands::CommandStatus;
 
-use crate::limits::Refusal;
+use crate::limits::{InFlightBudget, Refusal};
 
 /// Why a new connection was refused, as the `reason` label says it.
 const REFUSALS: [Refusal; 3] = [
@@ -343,6 +344,28 @@ impl GatewayMetrics {
             get(&self.commands_delivered),
         );
     }
+}
+
+/// Writes the in-flight budget's gauges and its counter of waits.
+pub fn render_in_flight(out: &mut String, budget: &InFlightBudget) {
+    gauge(
+        out,
+        "tributary_in_flight_bytes",
+        "Memory held now by decoded events waiting for the disk, all devices together (the decoded half of the in-flight budget).",
+        budget.held(),
+    );
+    gauge(
+        out,
+        "tributary_in_flight_limit_bytes",
+        "The in-flight budget (--max-in-flight-bytes): half for QUIC receive windows, half for decoded events; 0: no limit.",
+        budget.limit(),
+    );
+    counter(
+        out,
+        "tributary_in_flight_waits_total",
+        "Frames whose session waited for room in the in-flight budget, reading nothing meanwhile.",
+        budget.waits(),
+    );
 }
 
 /// Writes `tributary_devices_connected`: devices with an authenticated

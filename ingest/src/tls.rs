@@ -151,6 +151,10 @@ pub struct TransportLimits {
     pub idle_timeout: Duration,
     /// Keep-alives sent to a quiet peer; `None`: none.
     pub keep_alive: Option<Duration>,
+    /// Bytes a peer may send ahead of what the server has read, on the
+    /// whole connection, until the connection is given another window
+    /// ([`quinn::Connection::set_receive_window`]).
+    pub receive_window: u64,
 }
 
 impl Default for TransportLimits {
@@ -158,6 +162,7 @@ impl Default for TransportLimits {
         TransportLimits {
             idle_timeout: IDLE_TIMEOUT,
             keep_alive: Some(SERVER_KEEP_ALIVE),
+            receive_window: crate::limits::InFlightBudget::MAX_WINDOW,
         }
     }
 }
@@ -206,6 +211,9 @@ pub fn server_config_with(
             Error::Tls(format!("idle timeout {:?}: {e}", limits.idle_timeout))
         })?))
         .keep_alive_interval(limits.keep_alive)
+        .receive_window(
+            quinn::VarInt::from_u64(limits.receive_window).unwrap_or(quinn::VarInt::MAX),
+        )
         // One session stream per connection; refuse more.
         .max_concurrent_bidi_streams(1u32.into())
         .max_concurrent_uni_streams(0u32.into());

@@ -95,6 +95,13 @@ pub struct LimitArgs {
     /// 0: no limit.
     #[arg(long, default_value = "64MiB", value_parser = parse_limit_bytes)]
     pub device_bytes_per_s: u64,
+    /// Memory the devices' frames in flight may hold, all devices together
+    /// (e.g. 1GiB): half as QUIC receive windows shared among the
+    /// connections (64KiB to 1.25MB each), half for decoded events waiting
+    /// for the disk. A device past it waits, held back by QUIC flow
+    /// control. 0: no limit.
+    #[arg(long, default_value = "1GiB", value_parser = parse_limit_bytes)]
+    pub max_in_flight_bytes: u64,
     /// Connections open at once; more are refused before their handshake.
     #[arg(long, default_value_t = DEFAULT_CONNECTION_LIMITS.max_connections)]
     pub max_connections: usize,
@@ -129,6 +136,7 @@ impl LimitArgs {
         let mut config = GatewayConfig::new(listen, tls);
         config.max_frame_bytes = self.max_frame_bytes;
         config.max_events_per_frame = self.max_events_per_frame;
+        config.max_in_flight_bytes = self.max_in_flight_bytes;
         config.device_rate = RateLimits {
             events_per_s: self.device_events_per_s,
             bytes_per_s: self.device_bytes_per_s,

@@ -8,7 +8,7 @@
 use axum::extract::State;
 use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
-use tributary_ingest::metrics::{render_commands, render_connected_devices};
+use tributary_ingest::metrics::{render_commands, render_connected_devices, render_in_flight};
 
 use super::ApiState;
 
@@ -22,6 +22,7 @@ pub(super) async fn metrics(State(state): State<ApiState>) -> Response {
     let mut out = String::with_capacity(4096);
     state.gateway.metrics().render(&mut out);
     render_connected_devices(&mut out, state.gateway.connected_count());
+    render_in_flight(&mut out, state.gateway.in_flight());
     // A scrape still answers when the queue cannot be read: those gauges
     // are left out, and the log says why.
     match state.commands.blocking(|q| q.status_counts()).await {
