@@ -326,6 +326,10 @@ const FATAL_PATIENCE: Duration = Duration::from_millis(300);
 /// session stops reading.
 const REPORTS_IN_FLIGHT: usize = 16;
 
+/// How long the answers of a session whose outbox is full may wait for
+/// the device to read (see [`answer_in_order`]).
+const ANSWER_PATIENCE: Duration = Duration::from_secs(10);
+
 /// A connection-state change for the registry, written in the order the
 /// changes happened by one task ([`record_presence`]).
 enum PresenceWrite {
@@ -1411,9 +1415,9 @@ enum Pending {
         future: AppendFuture,
         /// The latest event time, for the connection state.
         latest_event: Option<i64>,
-        /// The run's share of the in-flight budget, given back once it is
-        /// answered.
-        reserved: Reserved,
+        /// The run's share of the in-flight budget, given back once the
+        /// log has it.
+        reserved: Option<Reserved>,
     },
 }
 
@@ -1541,6 +1545,7 @@ impl Session {
         let acker = tokio::spawn(answer_in_order(
             pending_rx,
             out_tx.clone(),
+            self.connection.clone(),
             self.idempotent.then(|| unanswered.clone()),
             self.activity.clone(),
             self.shared.metrics.clone(),
@@ -1632,14 +1637,14 @@ impl Session {
                                 Some(r) if r.takes(&accepted) => r.push(accepted),
                                 _ => {
                                     if let Some(r) = run.take() {
-                                        answers.push(self.submit(r).await);
+                                        answers.extend(self.submit(r).await);
                                     }
                                     run = Some(Run::new(accepted));
                                 }
                             },
                             Err(refused) => {
                                 if let Some(r) = run.take() {
-                                    answers.push(self.submit(r).await);
+                                    answers.extend(self.submit(r).await);
                                 }
                                 answers.push(refused);
                             }
@@ -1660,7 +1665,8 @@ impl Session {
                         }
                     }
                     if let Some(r) = run.take()
-                        && pending_tx.send(self.submit(r).await).await.is_err()
+                        && let Some(pending) = self.submit(r).await
+                        && pending_tx.send(pending).await.is_err()
                     {
                         break ("connection lost".into(), None);
                     }
@@ -1985,14 +1991,15 @@ impl Session {
         })
     }
 
-    /// Gives the connection its share of the budget's receive windows, as
-    /// connections come and go. A smaller window takes effect as the
-    /// device's bytes already allowed are read.
+    /// Gives the connection its current share of the budget's receive
+    /// windows. A smaller window takes effect as the device's bytes already
+    /// allowed are read.
     fn fit_window(&mut self) {
-        let window = self
-            .shared
-            .in_flight
-            .receive_window(self.shared.gate.open());
+        // Sessions, not connections: a flood of handshakes must not shrink
+        // the windows of the devices already sending.
+        let gate = &self.shared.gate;
+        let sessions = gate.open().saturating_sub(gate.pending());
+        let window = self.shared.in_flight.receive_window(sessions);
         if window != self.window {
             self.window = window;
             self.connection
@@ -2004,7 +2011,11 @@ impl Session {
     /// room for it. Submission happens here, in the reading task, so the
     /// device's frames reach the log in order, and a session waiting for
     /// room reads nothing more.
-    async fn submit(&self, run: Run) -> Pending {
+    ///
+    /// `None` when the device's credentials were revoked while it waited:
+    /// the run is not stored, and the session ends unanswered (the next
+    /// turn of its loop reads the revocation first).
+    async fn submit(&self, run: Run) -> Option<Pending> {
         let Run {
             stream,
             frames,
@@ -2016,6 +2027,9 @@ impl Session {
         // in the log's write queue.
         let memory: usize = batches.iter().map(|b| 2 * b.get_array_memory_size()).sum();
         let reserved = self.shared.in_flight.reserve(memory).await;
+        if !self.revoked.is_empty() {
+            return None;
+        }
         // A numbered frame the log already holds is acknowledged with
         // count 0 and not stored again.
         let numbered = |seq: u64| if self.idempotent { seq } else { 0 };
@@ -2038,16 +2052,24 @@ impl Session {
                 None => Err(tributary_engine::Error::Internal("an empty run".into())),
             }
         };
-        let future = submitted.unwrap_or_else(|e| {
-            tracing::error!(device = %self.device, stream = %stream, error = %e, "append refused");
-            Box::pin(std::future::ready(Err(e)))
-        });
-        Pending::Appending {
+        let future = match submitted {
+            Ok(future) => future,
+            Err(e) => {
+                tracing::error!(device = %self.device, stream = %stream, error = %e, "append refused");
+                return Some(Pending::Appending {
+                    frames,
+                    future: Box::pin(std::future::ready(Err(e))),
+                    latest_event,
+                    reserved: None,
+                });
+            }
+        };
+        Some(Pending::Appending {
             frames,
             future,
             latest_event,
-            reserved,
-        }
+            reserved: Some(reserved),
+        })
     }
 
     async fn fatal(&self, out: &mpsc::Sender<Frame>, e: &ProtocolError) {
@@ -2077,9 +2099,15 @@ fn latest_event_time(batch: &RecordBatch) -> Option<i64> {
 type Unanswered = Arc<Mutex<std::collections::HashSet<u64>>>;
 
 /// Turns finished appends into ACK / REJECT frames, in submission order.
+///
+/// A device that reads none of its answers for [`ANSWER_PATIENCE`], once
+/// they have filled the session's outbox, has its connection closed: the
+/// runs queued behind its answers would otherwise keep their share of the
+/// in-flight budget, and a few such devices could hold back every other.
 async fn answer_in_order(
     mut pending: mpsc::Receiver<Pending>,
     out: mpsc::Sender<Frame>,
+    connection: quinn::Connection,
     unanswered: Option<Unanswered>,
     activity: Arc<Activity>,
     metrics: Arc<GatewayMetrics>,
@@ -2120,8 +2148,23 @@ async fn answer_in_order(
                 Frame::Reject(reject) => metrics.frame_rejected(reject.code.as_str()),
                 _ => {}
             }
-            if out.send(frame).await.is_err() {
-                return;
+            match out.try_send(frame) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Closed(_)) => return,
+                Err(mpsc::error::TrySendError::Full(frame)) => {
+                    match tokio::time::timeout(ANSWER_PATIENCE, out.send(frame)).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(_)) => return,
+                        Err(_) => {
+                            let e = ProtocolError::protocol(format!(
+                                "the device read none of its answers for {} s",
+                                ANSWER_PATIENCE.as_secs()
+                            ));
+                            close(&connection, e.code, &e.message);
+                            return;
+                        }
+                    }
+                }
             }
         }
     }

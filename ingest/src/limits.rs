@@ -11,7 +11,7 @@
 //!
 //! - [`InFlightBudget`]: how much memory the devices' frames may hold,
 //!   all connections together: half for bytes received and not yet read
-//!   (QUIC flow-control windows, shared among the open connections), half
+//!   (QUIC flow-control windows, shared among the sessions), half
 //!   for decoded events waiting for the disk. A session past its share
 //!   stops reading, and QUIC flow control holds its device back.
 //!
@@ -20,8 +20,10 @@
 //! in debt, so a frame larger than a second's worth is never refused
 //! outright; the device then waits until the debt is paid.
 
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -347,13 +349,16 @@ impl Drop for Slot {
 /// for all of them together, so a thousand devices pipelining large frames
 /// cannot take the server's memory.
 ///
-/// - **Windows:** each connection gets an equal part of its half, between
+/// - **Windows:** each session gets an equal part of its half, between
 ///   [`InFlightBudget::MIN_WINDOW`] and [`InFlightBudget::MAX_WINDOW`], and
-///   its session moves its window as connections come and go. A few
-///   devices get the largest window; many devices get a part each.
+///   moves its window to its current part at each EVENTS frame. A few
+///   devices get the largest window; many devices get a part each. Credit
+///   already granted cannot be taken back, so while many devices connect
+///   at once the half may be exceeded until the first ones have used their
+///   larger windows.
 /// - **Decoded events:** a session reserves its frames' share before it
-///   hands them to the log, and gives it back once they are answered. One
-///   that cannot reserve waits, reading nothing more. Waiters are served in
+///   hands them to the log, and gives it back as soon as the log has them.
+///   One that cannot reserve waits, reading nothing more. Waiters are served in
 ///   arrival order, so a large frame is not starved by small ones; one
 ///   larger than the whole half waits for all of it and then passes alone.
 #[derive(Debug)]
@@ -393,10 +398,13 @@ impl InFlightBudget {
     /// A budget of `bytes` (each half in whole KiB, at least one, at most
     /// 4 TiB); 0 is no limit.
     pub fn new(bytes: u64) -> Self {
+        let most = u32::try_from(Semaphore::MAX_PERMITS).unwrap_or(u32::MAX);
         let kib = if bytes == 0 {
             0
         } else {
-            u32::try_from(bytes / 2 / 1024).unwrap_or(u32::MAX).max(1)
+            u32::try_from(bytes / 2 / 1024)
+                .unwrap_or(u32::MAX)
+                .clamp(1, most)
         };
         InFlightBudget {
             bytes,
@@ -412,7 +420,7 @@ impl InFlightBudget {
         self.bytes
     }
 
-    /// The receive window of each connection while `open` are open.
+    /// The receive window of each connection while `open` sessions are.
     pub fn receive_window(&self, open: usize) -> u64 {
         if self.bytes == 0 {
             return Self::MAX_WINDOW;
@@ -438,7 +446,8 @@ impl InFlightBudget {
         self.held.load(Ordering::Relaxed)
     }
 
-    /// Reservations that had to wait for others to be given back.
+    /// Reservations that could not be granted at once: the budget was
+    /// full, or others were waiting before them.
     pub fn waits(&self) -> u64 {
         self.waits.load(Ordering::Relaxed)
     }
@@ -452,12 +461,21 @@ impl InFlightBudget {
             let kib = u32::try_from(bytes.div_ceil(1024))
                 .unwrap_or(u32::MAX)
                 .clamp(1, self.kib);
-            if (self.permits.available_permits() as u64) < u64::from(kib) {
-                self.waits.fetch_add(1, Ordering::Relaxed);
-            }
             // In line behind earlier reservations, even when enough is free
-            // for this one. The semaphore is never closed.
-            self.permits.clone().acquire_many_owned(kib).await.ok()
+            // for this one: polled once, it takes its place in the queue,
+            // and counts as a wait unless it was granted there and then.
+            let acquire = self.permits.clone().acquire_many_owned(kib);
+            tokio::pin!(acquire);
+            let at_once = std::future::poll_fn(|cx| Poll::Ready(acquire.as_mut().poll(cx))).await;
+            let permit = match at_once {
+                Poll::Ready(permit) => permit,
+                Poll::Pending => {
+                    self.waits.fetch_add(1, Ordering::Relaxed);
+                    acquire.await
+                }
+            };
+            // The semaphore is never closed.
+            permit.ok()
         };
         self.held.fetch_add(bytes, Ordering::Relaxed);
         Reserved {
@@ -616,6 +634,7 @@ mod tests {
             !small.is_finished(),
             "a small reservation overtook a waiting one"
         );
+        assert_eq!(budget.waits(), 2, "waiting in line counts as waiting");
 
         drop(first);
         let second = waiting.await.unwrap();

@@ -99,13 +99,20 @@ impl Raw {
     /// Completes the TLS handshake only. `keep_alive: false` sends no QUIC
     /// keep-alives, as a device that went quiet.
     async fn handshake(server: &Server, keep_alive: bool) -> Result<Raw, quinn::ConnectionError> {
-        let addr: SocketAddr = server.quic_addr().parse().unwrap();
-        let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-        let mut config = tributary_ingest::tls::client_config(&server.ca()).unwrap();
         let mut transport = quinn::TransportConfig::default();
         transport
             .max_idle_timeout(Some(Duration::from_secs(60).try_into().unwrap()))
             .keep_alive_interval(keep_alive.then_some(Duration::from_secs(1)));
+        Raw::handshake_with(server, transport).await
+    }
+
+    async fn handshake_with(
+        server: &Server,
+        transport: quinn::TransportConfig,
+    ) -> Result<Raw, quinn::ConnectionError> {
+        let addr: SocketAddr = server.quic_addr().parse().unwrap();
+        let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        let mut config = tributary_ingest::tls::client_config(&server.ca()).unwrap();
         config.transport_config(Arc::new(transport));
         endpoint.set_default_client_config(config);
         let connection = endpoint.connect(addr, "localhost").unwrap().await?;
@@ -552,4 +559,52 @@ fn a_command_too_large_for_the_frame_limit_fails_and_says_why() {
         status["reason"].as_str().unwrap().contains("2048 bytes"),
         "{status}"
     );
+}
+
+/// A device that sends but reads none of its answers is disconnected once
+/// they back up, so the runs queued behind them cannot keep their share of
+/// the in-flight budget; another device goes on meanwhile.
+#[test]
+fn a_device_that_reads_no_answers_is_disconnected_and_others_go_on() {
+    let (server, t1, t2) = setup(&["--device-events-per-s", "0", "--device-bytes-per-s", "0"]);
+    runtime().block_on(async {
+        // A 16 KiB window for the server's answers: they back up after
+        // about a thousand ACKs the device does not read.
+        let mut transport = quinn::TransportConfig::default();
+        transport
+            .max_idle_timeout(Some(Duration::from_secs(60).try_into().unwrap()))
+            .keep_alive_interval(Some(Duration::from_secs(1)))
+            .stream_receive_window(16_384u32.into());
+        let raw = Raw::handshake_with(&server, transport).await.unwrap();
+        let (mut out, _recv, _decoder) = raw.session("d1", &t1).await;
+        // Send until the server closes the connection; never read. A write
+        // waits while the server reads nothing, so the whole loop has a
+        // deadline.
+        let sending = async {
+            let mut seq = 0u64;
+            loop {
+                seq += 1;
+                let frame = Frame::Events(protocol::Events {
+                    seq,
+                    stream: "telemetry".into(),
+                    encoding: protocol::Encoding::Json,
+                    payload: br#"{"temp": 21.5}"#.to_vec().into(),
+                });
+                if out.write_all(&frame.encode_to_vec()).await.is_err() {
+                    return seq - 1;
+                }
+            }
+        };
+        let sent = tokio::time::timeout(Duration::from_secs(60), sending)
+            .await
+            .expect("the server kept a device that reads no answers for 60 s");
+        assert!(sent > 1_024, "closed after only {sent} frames");
+        assert_eq!(
+            raw.close_code(Duration::from_secs(5)).await,
+            Some(ErrorCode::ProtocolError.close_code()),
+        );
+
+        let other = connect(&server, "d2", &t2).await;
+        assert_eq!(acked(send(&other, events(3, 0)).await), 3);
+    });
 }

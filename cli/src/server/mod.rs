@@ -99,7 +99,7 @@ pub struct LimitArgs {
     /// (e.g. 1GiB): half as QUIC receive windows shared among the
     /// connections (64KiB to 1.25MB each), half for decoded events waiting
     /// for the disk. A device past it waits, held back by QUIC flow
-    /// control. 0: no limit.
+    /// control. 0: no limit (each connection then gets 1.25MB).
     #[arg(long, default_value = "1GiB", value_parser = parse_limit_bytes)]
     pub max_in_flight_bytes: u64,
     /// Connections open at once; more are refused before their handshake.
