@@ -278,20 +278,10 @@ fn a_tight_in_flight_budget_holds_devices_back_and_loses_nothing() {
     let before = scrape(&server);
     assert_eq!(get(&before, "tributary_in_flight_limit_bytes"), 262_144.0);
     assert_eq!(get(&before, "tributary_in_flight_bytes"), 0.0);
-    let run = server
-        .cli(&[
-            "simulate",
-            "--json",
-            "--devices",
-            "4",
-            "--rate",
-            "0",
-            "--duration",
-            "1500ms",
-            "--batch",
-            "1000",
-        ])
-        .ok();
+    let args: Vec<&str> = "simulate --json --devices 4 --rate 0 --duration 1500ms --batch 1000"
+        .split(' ')
+        .collect();
+    let run = server.cli(&args).ok();
     let summary: serde_json::Value = serde_json::from_str(run.stdout.trim()).unwrap();
     let sent = summary["sent"].as_u64().unwrap();
     assert!(sent >= 4_000, "{summary}");
