@@ -11,14 +11,14 @@
 //!
 //! - [`InFlightBudget`]: how much memory the devices' frames may hold,
 //!   all connections together: half for bytes received and not yet read
-//!   (QUIC flow-control windows, shared among the sessions), half
-//!   for decoded events waiting for the disk. A session past its share
-//!   stops reading, and QUIC flow control holds its device back.
+//!   (QUIC flow-control windows, shared among the sessions), half for
+//!   decoded events waiting for the disk. A session past its share stops
+//!   reading, and QUIC flow control holds its device back.
 //!
-//! The first two use token buckets that hold one second's worth. A device's bucket
-//! may go into debt by one frame: any frame passes when the bucket is not
-//! in debt, so a frame larger than a second's worth is never refused
-//! outright; the device then waits until the debt is paid.
+//! The first two use token buckets that hold one second's worth. A
+//! device's bucket may go into debt by one frame: any frame passes when the
+//! bucket is not in debt, so a frame larger than a second's worth is never
+//! refused outright; the device then waits until the debt is paid.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -358,9 +358,10 @@ impl Drop for Slot {
 ///   larger windows.
 /// - **Decoded events:** a session reserves its frames' share before it
 ///   hands them to the log, and gives it back as soon as the log has them.
-///   One that cannot reserve waits, reading nothing more. Waiters are served in
-///   arrival order, so a large frame is not starved by small ones; one
-///   larger than the whole half waits for all of it and then passes alone.
+///   One that cannot reserve waits, reading nothing more. Waiters are
+///   served in arrival order, so a large frame is not starved by small
+///   ones; one larger than the whole half waits for all of it and then
+///   passes alone.
 #[derive(Debug)]
 pub struct InFlightBudget {
     bytes: u64,
@@ -426,7 +427,7 @@ impl InFlightBudget {
             return Self::MAX_WINDOW;
         }
         // In steps of the smallest, so a window moves only when the
-        // number of connections has moved by a fair amount.
+        // number of sessions has moved by a fair amount.
         let share = self.bytes / 2 / open.max(1) as u64;
         (share / Self::MIN_WINDOW * Self::MIN_WINDOW).clamp(Self::MIN_WINDOW, Self::MAX_WINDOW)
     }
