@@ -45,6 +45,7 @@ use std::time::Duration;
 use arrow::array::{Array, TimestampMillisecondArray};
 use arrow::record_batch::RecordBatch;
 use chrono::{DateTime, Utc};
+use futures::FutureExt;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tributary_engine::catalog::Catalog;
 use tributary_engine::commands::{Answer, CommandQueue, CommandStatus};
@@ -733,6 +734,9 @@ fn lost(e: &quinn::ReadError) -> String {
     }
 }
 
+/// Most bytes taken from a stream in one read.
+const READ_CHUNK: usize = 64 * 1024;
+
 /// Reads the next whole frame; `Ok(None)` when the peer finished the stream.
 async fn read_frame(
     recv: &mut quinn::RecvStream,
@@ -743,17 +747,56 @@ async fn read_frame(
         if let Some(frame) = decoder.next_frame()? {
             return Ok(Some(frame));
         }
-        match recv.read_chunk(64 * 1024, true).await {
-            Ok(Some(chunk)) => {
-                metrics.bytes_received(chunk.bytes.len());
-                decoder.push(&chunk.bytes)
-            }
-            Ok(None) => {
-                decoder.finish()?;
-                return Ok(None);
-            }
-            Err(e) => return Err(Error::ConnectionLost(lost(&e))),
+        let read = recv.read_chunk(READ_CHUNK, true).await;
+        if let Some(end) = took(read, decoder, metrics) {
+            return end;
         }
+    }
+}
+
+/// The next frame if it can be had without waiting: one the decoder holds
+/// already, or one in what quinn has received for the stream and the
+/// session has not read yet. `None` when it would have to wait.
+///
+/// quinn keeps what arrives as one chunk per packet, so the frames in the
+/// decoder after a read are about one packet's: one or two 700-byte Arrow
+/// frames. Reading on while data is there lets a session join all the
+/// frames its device has pipelined into one run. It reads only until a
+/// frame is whole, so the decoder never holds more than a frame and a
+/// chunk: the rest stays in quinn, under the connection's receive window.
+fn ready_frame(
+    recv: &mut quinn::RecvStream,
+    decoder: &mut FrameDecoder,
+    metrics: &GatewayMetrics,
+) -> Option<Result<Option<Frame>>> {
+    loop {
+        match decoder.next_frame() {
+            Ok(Some(frame)) => return Some(Ok(Some(frame))),
+            Ok(None) => {}
+            Err(e) => return Some(Err(e.into())),
+        }
+        let read = recv.read_chunk(READ_CHUNK, true).now_or_never()?;
+        if let Some(end) = took(read, decoder, metrics) {
+            return Some(end);
+        }
+    }
+}
+
+/// Hands a read's chunk to the decoder. `Some` when the read ended the
+/// stream: `Ok(None)` if it finished cleanly, else why not.
+fn took(
+    read: std::result::Result<Option<quinn::Chunk>, quinn::ReadError>,
+    decoder: &mut FrameDecoder,
+    metrics: &GatewayMetrics,
+) -> Option<Result<Option<Frame>>> {
+    match read {
+        Ok(Some(chunk)) => {
+            metrics.bytes_received(chunk.bytes.len());
+            decoder.push(&chunk.bytes);
+            None
+        }
+        Ok(None) => Some(decoder.finish().map(|()| None).map_err(Error::from)),
+        Err(e) => Some(Err(Error::ConnectionLost(lost(&e)))),
     }
 }
 
@@ -1442,18 +1485,21 @@ struct Run {
     events: usize,
     bytes: usize,
     latest_event: Option<i64>,
+    /// The run's share of the in-flight budget.
+    reserved: Reserved,
 }
 
 /// Most frames in one run.
 const RUN_FRAMES: usize = 256;
-/// Frames join a run while it holds fewer events than this, and fewer
-/// payload bytes than [`RUN_BYTES`]: large frames gain nothing from it,
-/// and a run stays far below the log's largest record.
-const RUN_EVENTS: usize = 4096;
+/// A frame joins a run if the run then holds at most this many events,
+/// and fewer payload bytes than [`RUN_BYTES`] before it. Small frames gain
+/// the most from joining; large ones gain nothing, and joining copies
+/// them.
+const RUN_EVENTS: usize = 1024;
 const RUN_BYTES: usize = 1 << 20;
 
 impl Run {
-    fn new(a: Accepted) -> Run {
+    fn new(a: Accepted, reserved: Reserved) -> Run {
         Run {
             stream: a.stream,
             frames: vec![(a.seq, a.batch.num_rows() as u32)],
@@ -1461,6 +1507,7 @@ impl Run {
             bytes: a.bytes,
             batches: vec![a.batch],
             latest_event: a.latest_event,
+            reserved,
         }
     }
 
@@ -1475,11 +1522,13 @@ impl Run {
     /// frame on its own).
     fn takes(&self, a: &Accepted) -> bool {
         self.has_room()
+            && self.events + a.batch.num_rows() <= RUN_EVENTS
             && self.stream == a.stream
             && self.frames.last().is_some_and(|(last, _)| a.seq > *last)
     }
 
-    fn push(&mut self, a: Accepted) {
+    fn push(&mut self, a: Accepted, reserved: Reserved) {
+        self.reserved.merge(reserved);
         self.frames.push((a.seq, a.batch.num_rows() as u32));
         self.events += a.batch.num_rows();
         self.bytes += a.bytes;
@@ -1626,47 +1675,88 @@ impl Session {
                     let mut run: Option<Run> = None;
                     let mut next = Some(events);
                     let mut broken = None;
+                    // Runs sent to the log so far: once one has gone, only
+                    // frames already read follow it, so a device that never
+                    // stops sending cannot keep the session from checking
+                    // its revocation and expiry.
+                    let mut sent = 0;
                     while let Some(events) = next.take() {
                         if let Err(e) = self.check_seq(events.seq, &mut last_seq, &unanswered) {
                             broken = Some(e);
                             break;
                         }
-                        let mut answers = Vec::new();
-                        match self.accept_events(events) {
-                            Ok(accepted) => match run.as_mut() {
-                                Some(r) if r.takes(&accepted) => r.push(accepted),
-                                _ => {
-                                    if let Some(r) = run.take() {
-                                        answers.extend(self.submit(r).await);
-                                    }
-                                    run = Some(Run::new(accepted));
-                                }
-                            },
-                            Err(refused) => {
-                                if let Some(r) = run.take() {
-                                    answers.extend(self.submit(r).await);
-                                }
-                                answers.push(refused);
+                        let accepted = self.accept_events(events);
+                        // The frame's share of the in-flight budget: its
+                        // batch, and about as much again for its encoding
+                        // in the log's write queue.
+                        let share = accepted
+                            .as_ref()
+                            .map_or(0, |a| 2 * a.batch.get_array_memory_size());
+                        let reserved = accepted
+                            .is_ok()
+                            .then(|| self.shared.in_flight.try_reserve(share))
+                            .flatten();
+                        let joins = matches!((&accepted, &run), (Ok(a), Some(r)) if r.takes(a));
+                        // The run goes to the log before a frame it cannot
+                        // take, and before the session waits for room: what
+                        // a run holds is given back only once the log has it.
+                        if (!joins || (accepted.is_ok() && reserved.is_none()))
+                            && let Some(r) = run.take()
+                        {
+                            sent += 1;
+                            if pending_tx.send(self.submit(r)).await.is_err() {
+                                break 'session ("connection lost".into(), None);
                             }
                         }
-                        for answer in answers {
-                            if pending_tx.send(answer).await.is_err() {
-                                break 'session ("connection lost".into(), None);
+                        match accepted {
+                            Ok(accepted) => {
+                                let reserved = match reserved {
+                                    Some(reserved) => reserved,
+                                    None => {
+                                        // The session reads nothing while
+                                        // it waits, so flow control holds
+                                        // its device back.
+                                        let reserved = self.shared.in_flight.reserve(share).await;
+                                        if !self.revoked.is_empty() {
+                                            // Nothing is stored after a
+                                            // revocation; the loop ends
+                                            // the session.
+                                            break;
+                                        }
+                                        reserved
+                                    }
+                                };
+                                match run.as_mut() {
+                                    Some(r) => r.push(accepted, reserved),
+                                    None => run = Some(Run::new(accepted, reserved)),
+                                }
+                            }
+                            Err(refused) => {
+                                if pending_tx.send(refused).await.is_err() {
+                                    break 'session ("connection lost".into(), None);
+                                }
                             }
                         }
                         if run.as_ref().is_some_and(|r| !r.has_room()) {
                             break;
                         }
-                        match decoder.next_frame() {
-                            Ok(Some(Frame::Events(events))) => next = Some(events),
-                            Ok(Some(other)) => stash = Some(Ok(Some(other))),
-                            Ok(None) => {}
-                            Err(e) => stash = Some(Err(Error::Protocol(e))),
+                        let ready = if sent == 0 {
+                            ready_frame(&mut recv, &mut decoder, &self.shared.metrics)
+                        } else {
+                            decoder
+                                .next_frame()
+                                .map_err(Error::from)
+                                .transpose()
+                                .map(|f| f.map(Some))
+                        };
+                        match ready {
+                            Some(Ok(Some(Frame::Events(events)))) => next = Some(events),
+                            Some(other) => stash = Some(other),
+                            None => {}
                         }
                     }
                     if let Some(r) = run.take()
-                        && let Some(pending) = self.submit(r).await
-                        && pending_tx.send(pending).await.is_err()
+                        && pending_tx.send(self.submit(r)).await.is_err()
                     {
                         break ("connection lost".into(), None);
                     }
@@ -2007,29 +2097,18 @@ impl Session {
         }
     }
 
-    /// Submits a run of frames to the log, once the in-flight budget has
-    /// room for it. Submission happens here, in the reading task, so the
-    /// device's frames reach the log in order, and a session waiting for
-    /// room reads nothing more.
-    ///
-    /// `None` when the device's credentials were revoked while it waited:
-    /// the run is not stored, and the session ends unanswered (the next
-    /// turn of its loop reads the revocation first).
-    async fn submit(&self, run: Run) -> Option<Pending> {
+    /// Submits a run of frames, with their share of the in-flight budget,
+    /// to the log. Submission happens here, in the reading task, so the
+    /// device's frames reach the log in order.
+    fn submit(&self, run: Run) -> Pending {
         let Run {
             stream,
             frames,
             mut batches,
             latest_event,
+            reserved,
             ..
         } = run;
-        // The decoded batches, and about as much again for their encoding
-        // in the log's write queue.
-        let memory: usize = batches.iter().map(|b| 2 * b.get_array_memory_size()).sum();
-        let reserved = self.shared.in_flight.reserve(memory).await;
-        if !self.revoked.is_empty() {
-            return None;
-        }
         // A numbered frame the log already holds is acknowledged with
         // count 0 and not stored again.
         let numbered = |seq: u64| if self.idempotent { seq } else { 0 };
@@ -2056,20 +2135,20 @@ impl Session {
             Ok(future) => future,
             Err(e) => {
                 tracing::error!(device = %self.device, stream = %stream, error = %e, "append refused");
-                return Some(Pending::Appending {
+                return Pending::Appending {
                     frames,
                     future: Box::pin(std::future::ready(Err(e))),
                     latest_event,
                     reserved: None,
-                });
+                };
             }
         };
-        Some(Pending::Appending {
+        Pending::Appending {
             frames,
             future,
             latest_event,
             reserved: Some(reserved),
-        })
+        }
     }
 
     async fn fatal(&self, out: &mpsc::Sender<Frame>, e: &ProtocolError) {

@@ -381,6 +381,18 @@ pub struct Reserved {
     bytes: u64,
 }
 
+impl Reserved {
+    /// Takes `other`'s share into this one: both go back together.
+    pub fn merge(&mut self, mut other: Reserved) {
+        match (&mut self.permit, other.permit.take()) {
+            (Some(mine), Some(theirs)) => mine.merge(theirs),
+            (mine @ None, theirs) => *mine = theirs,
+            (Some(_), None) => {}
+        }
+        self.bytes += std::mem::take(&mut other.bytes);
+    }
+}
+
 impl Drop for Reserved {
     fn drop(&mut self) {
         self.budget.held.fetch_sub(self.bytes, Ordering::Relaxed);
@@ -453,15 +465,41 @@ impl InFlightBudget {
         self.waits.load(Ordering::Relaxed)
     }
 
+    /// The permits (KiB) a reservation of `bytes` takes: at least one,
+    /// and at most the whole half, so a larger one passes alone.
+    fn permits_for(&self, bytes: u64) -> u32 {
+        u32::try_from(bytes.div_ceil(1024))
+            .unwrap_or(u32::MAX)
+            .clamp(1, self.kib)
+    }
+
+    /// Reserves `bytes` of decoded events if that can be done without
+    /// waiting: there is room, and nobody waits before it.
+    pub fn try_reserve(self: &Arc<Self>, bytes: usize) -> Option<Reserved> {
+        let bytes = bytes as u64;
+        let permit = if self.kib == 0 {
+            None
+        } else {
+            let kib = self.permits_for(bytes);
+            // Permits given back go to the first waiter until it has all
+            // it asked for, so none are free while anyone waits.
+            Some(self.permits.clone().try_acquire_many_owned(kib).ok()?)
+        };
+        self.held.fetch_add(bytes, Ordering::Relaxed);
+        Some(Reserved {
+            budget: self.clone(),
+            permit,
+            bytes,
+        })
+    }
+
     /// Reserves `bytes` of decoded events, waiting until there is room.
     pub async fn reserve(self: &Arc<Self>, bytes: usize) -> Reserved {
         let bytes = bytes as u64;
         let permit = if self.kib == 0 {
             None
         } else {
-            let kib = u32::try_from(bytes.div_ceil(1024))
-                .unwrap_or(u32::MAX)
-                .clamp(1, self.kib);
+            let kib = self.permits_for(bytes);
             // In line behind earlier reservations, even when enough is free
             // for this one: polled once, it takes its place in the queue,
             // and counts as a wait unless it was granted there and then.
@@ -652,6 +690,50 @@ mod tests {
         assert_eq!(budget.held(), 10 << 20);
         drop(huge);
         assert_eq!(budget.held(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_reservation_without_waiting_takes_no_place_in_line_and_merged_shares_go_back_together()
+     {
+        let budget = Arc::new(InFlightBudget::new(1 << 20));
+        let mut run = budget.try_reserve(300 * 1024).expect("room for 300 KiB");
+        let frame = budget
+            .try_reserve(100 * 1024)
+            .expect("room for 100 KiB more");
+        run.merge(frame);
+        assert_eq!(budget.held(), 400 * 1024);
+        assert!(
+            budget.try_reserve(200 * 1024).is_none(),
+            "600 KiB reserved of 512"
+        );
+        assert_eq!(budget.waits(), 0, "a refused try is not a wait");
+
+        // Someone waiting goes first, even for a try that would fit.
+        let waiting = tokio::spawn({
+            let budget = budget.clone();
+            async move { budget.reserve(200 * 1024).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!waiting.is_finished());
+        assert!(
+            budget.try_reserve(1024).is_none(),
+            "a try overtook a waiting reservation"
+        );
+
+        // Both merged shares go back with the run, and the waiter gets in.
+        drop(run);
+        let second = waiting.await.unwrap();
+        assert_eq!(budget.held(), 200 * 1024);
+        drop(second);
+        assert_eq!(budget.held(), 0);
+        assert_eq!(budget.permits.available_permits(), 512);
+
+        let unlimited = Arc::new(InFlightBudget::new(0));
+        let mut all = unlimited.try_reserve(1 << 30).expect("no limit");
+        all.merge(unlimited.try_reserve(1 << 30).expect("no limit"));
+        assert_eq!(unlimited.held(), 2 << 30);
+        drop(all);
+        assert_eq!(unlimited.held(), 0);
     }
 
     #[tokio::test]

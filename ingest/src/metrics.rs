@@ -363,7 +363,7 @@ pub fn render_in_flight(out: &mut String, budget: &InFlightBudget) {
     counter(
         out,
         "tributary_in_flight_waits_total",
-        "Reservations (runs of frames) that could not be granted at once by the decoded half of the in-flight budget; their session read nothing meanwhile.",
+        "Reservations (one decoded frame each) that could not be granted at once by the decoded half of the in-flight budget; their session read nothing meanwhile.",
         budget.waits(),
     );
 }
