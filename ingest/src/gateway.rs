@@ -759,11 +759,11 @@ async fn read_frame(
 /// session has not read yet. `None` when it would have to wait.
 ///
 /// quinn keeps what arrives as one chunk per packet, so the frames in the
-/// decoder after a read are about one packet's: one or two 700-byte Arrow
+/// decoder after a read are about one packet's: one or two 760-byte Arrow
 /// frames. Reading on while data is there lets a session join all the
 /// frames its device has pipelined into one run. It reads only until a
-/// frame is whole, so the decoder never holds more than a frame and a
-/// chunk: the rest stays in quinn, under the connection's receive window.
+/// frame is whole, and no further once the decoder holds 64 KiB: the rest
+/// stays in quinn, under the connection's receive window.
 fn ready_frame(
     recv: &mut quinn::RecvStream,
     decoder: &mut FrameDecoder,
@@ -774,6 +774,10 @@ fn ready_frame(
             Ok(Some(frame)) => return Some(Ok(Some(frame))),
             Ok(None) => {}
             Err(e) => return Some(Err(e.into())),
+        }
+        if decoder.buffered() >= READ_CHUNK {
+            // Part of a large frame: the rest can wait for the next read.
+            return None;
         }
         let read = recv.read_chunk(READ_CHUNK, true).now_or_never()?;
         if let Some(end) = took(read, decoder, metrics) {
@@ -1516,6 +1520,18 @@ impl Run {
         self.frames.len() < RUN_FRAMES && self.events < RUN_EVENTS && self.bytes < RUN_BYTES
     }
 
+    /// Whether another frame like the last would join the run: only then is
+    /// it worth reading on from what quinn holds. A large frame read ahead
+    /// would not join, and would wait decoded, outside the receive window
+    /// it was in.
+    fn wants_more(&self) -> bool {
+        self.has_room()
+            && self
+                .frames
+                .last()
+                .is_some_and(|(_, rows)| self.events + *rows as usize <= RUN_EVENTS)
+    }
+
     /// Whether the run can take this frame: room, the same stream, and a
     /// higher frame number (a run's numbers increase, as the log wants; a
     /// device that goes back starts a new run, and the log judges that
@@ -1675,10 +1691,10 @@ impl Session {
                     let mut run: Option<Run> = None;
                     let mut next = Some(events);
                     let mut broken = None;
-                    // Runs sent to the log so far: once one has gone, only
-                    // frames already read follow it, so a device that never
-                    // stops sending cannot keep the session from checking
-                    // its revocation and expiry.
+                    // Answers sent so far (runs and refusals): once one has
+                    // gone, only frames already read follow it, so a device
+                    // that never stops sending cannot keep the session from
+                    // checking its revocation and expiry.
                     let mut sent = 0;
                     while let Some(events) = next.take() {
                         if let Err(e) = self.check_seq(events.seq, &mut last_seq, &unanswered) {
@@ -1703,6 +1719,11 @@ impl Session {
                         if (!joins || (accepted.is_ok() && reserved.is_none()))
                             && let Some(r) = run.take()
                         {
+                            if !self.revoked.is_empty() {
+                                // Nothing is stored after a revocation; the
+                                // loop ends the session.
+                                break;
+                            }
                             sent += 1;
                             if pending_tx.send(self.submit(r)).await.is_err() {
                                 break 'session ("connection lost".into(), None);
@@ -1732,6 +1753,7 @@ impl Session {
                                 }
                             }
                             Err(refused) => {
+                                sent += 1;
                                 if pending_tx.send(refused).await.is_err() {
                                     break 'session ("connection lost".into(), None);
                                 }
@@ -1740,7 +1762,7 @@ impl Session {
                         if run.as_ref().is_some_and(|r| !r.has_room()) {
                             break;
                         }
-                        let ready = if sent == 0 {
+                        let ready = if sent == 0 && run.as_ref().is_some_and(Run::wants_more) {
                             ready_frame(&mut recv, &mut decoder, &self.shared.metrics)
                         } else {
                             decoder
@@ -1756,6 +1778,7 @@ impl Session {
                         }
                     }
                     if let Some(r) = run.take()
+                        && self.revoked.is_empty()
                         && pending_tx.send(self.submit(r)).await.is_err()
                     {
                         break ("connection lost".into(), None);
