@@ -770,10 +770,8 @@ fn ready_frame(
     metrics: &GatewayMetrics,
 ) -> Option<Result<Option<Frame>>> {
     loop {
-        match decoder.next_frame() {
-            Ok(Some(frame)) => return Some(Ok(Some(frame))),
-            Ok(None) => {}
-            Err(e) => return Some(Err(e.into())),
+        if let Some(frame) = buffered_frame(decoder) {
+            return Some(frame);
         }
         if decoder.buffered() >= READ_CHUNK {
             // Part of a large frame: the rest can wait for the next read.
@@ -784,6 +782,15 @@ fn ready_frame(
             return Some(end);
         }
     }
+}
+
+/// The next frame the decoder already holds whole, if any.
+fn buffered_frame(decoder: &mut FrameDecoder) -> Option<Result<Option<Frame>>> {
+    decoder
+        .next_frame()
+        .map_err(Error::from)
+        .transpose()
+        .map(|frame| frame.map(Some))
 }
 
 /// Hands a read's chunk to the decoder. `Some` when the read ended the
@@ -1765,11 +1772,7 @@ impl Session {
                         let ready = if sent == 0 && run.as_ref().is_some_and(Run::wants_more) {
                             ready_frame(&mut recv, &mut decoder, &self.shared.metrics)
                         } else {
-                            decoder
-                                .next_frame()
-                                .map_err(Error::from)
-                                .transpose()
-                                .map(|f| f.map(Some))
+                            buffered_frame(&mut decoder)
                         };
                         match ready {
                             Some(Ok(Some(Frame::Events(events)))) => next = Some(events),

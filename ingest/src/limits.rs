@@ -485,12 +485,7 @@ impl InFlightBudget {
             // it asked for, so none are free while anyone waits.
             Some(self.permits.clone().try_acquire_many_owned(kib).ok()?)
         };
-        self.held.fetch_add(bytes, Ordering::Relaxed);
-        Some(Reserved {
-            budget: self.clone(),
-            permit,
-            bytes,
-        })
+        Some(self.granted(permit, bytes))
     }
 
     /// Reserves `bytes` of decoded events, waiting until there is room.
@@ -516,6 +511,11 @@ impl InFlightBudget {
             // The semaphore is never closed.
             permit.ok()
         };
+        self.granted(permit, bytes)
+    }
+
+    /// A reservation of `bytes` holding `permit` (none without a limit).
+    fn granted(self: &Arc<Self>, permit: Option<OwnedSemaphorePermit>, bytes: u64) -> Reserved {
         self.held.fetch_add(bytes, Ordering::Relaxed);
         Reserved {
             budget: self.clone(),
