@@ -51,14 +51,47 @@ impl FrameDecoder {
 
     /// Appends received bytes. Bytes after a failure are dropped.
     pub fn push(&mut self, data: &[u8]) {
-        if self.failed.is_none() {
-            self.buf.extend_from_slice(data);
+        if self.failed.is_some() {
+            return;
         }
+        if self.buf.capacity() - self.buf.len() < data.len() && !self.buf.try_reclaim(data.len()) {
+            self.grow(self.buf.len() + data.len());
+        }
+        self.buf.extend_from_slice(data);
+    }
+
+    /// Moves the buffer to one with room for at least `needed` bytes:
+    /// twice that, as a growing buffer would be, but for a large frame no
+    /// more than the frame. A session holds its frame here while the rest
+    /// of it arrives, and doubling past the frame's end left each session
+    /// holding up to twice its frame.
+    fn grow(&mut self, needed: usize) {
+        /// Frames up to this size share a buffer; it grows as any would.
+        const SMALL: usize = 8 * 1024;
+        let mut capacity = needed.saturating_mul(2).max(SMALL);
+        if let Some(header) = self.buf.first_chunk::<LENGTH_PREFIX_BYTES>() {
+            let len = u32::from_be_bytes(*header);
+            let frame = LENGTH_PREFIX_BYTES + len as usize;
+            // Still at most twice what has arrived: a length field alone
+            // reserves nothing.
+            if len <= self.max_frame_bytes && frame > SMALL {
+                capacity = capacity.min(frame.max(needed));
+            }
+        }
+        let mut grown = BytesMut::with_capacity(capacity);
+        grown.extend_from_slice(&self.buf);
+        self.buf = grown;
     }
 
     /// Bytes received but not yet returned as frames.
     pub fn buffered(&self) -> usize {
         self.buf.len()
+    }
+
+    /// Bytes the buffer has room for.
+    #[cfg(test)]
+    pub(super) fn capacity(&self) -> usize {
+        self.buf.capacity()
     }
 
     /// The next complete frame, `Ok(None)` if more bytes are needed.

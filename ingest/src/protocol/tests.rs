@@ -381,6 +381,57 @@ fn decoder_fed_one_byte_at_a_time() {
 }
 
 #[test]
+fn a_large_frame_is_held_in_a_buffer_no_larger_than_itself() {
+    // Two 80 KB frames arriving in QUIC-sized pieces: the buffer grows to
+    // the frame, not past it (doubling took it to 128 KiB and more).
+    let frames: Vec<Frame> = (1..=2)
+        .map(|seq| {
+            Frame::Events(Events {
+                seq,
+                stream: "sim".into(),
+                encoding: Encoding::Json,
+                payload: Bytes::from(vec![b' '; 80_000]),
+            })
+        })
+        .collect();
+    let mut stream = Vec::new();
+    for frame in &frames {
+        frame.encode(&mut stream);
+    }
+    let frame_len = stream.len() / 2;
+    let piece = 1_200;
+    let mut decoder = FrameDecoder::default();
+    let mut out = Vec::new();
+    let mut most = 0;
+    for chunk in stream.chunks(piece) {
+        decoder.push(chunk);
+        most = most.max(decoder.capacity());
+        while let Some(frame) = decoder.next_frame().unwrap() {
+            out.push(frame);
+        }
+    }
+    assert_eq!(out, frames);
+    assert!(
+        most <= frame_len + piece,
+        "the buffer grew to {most} bytes for frames of {frame_len}"
+    );
+
+    // A length field alone reserves nothing: a header announcing a large
+    // frame gets room for what has arrived, not for what it announces.
+    let mut decoder = FrameDecoder::default();
+    let mut header = frame_bytes(frames[0].frame_type().as_u8(), &[]);
+    header[..4].copy_from_slice(&3_000_000u32.to_be_bytes());
+    decoder.push(&header);
+    decoder.push(&[0; 10_000]);
+    assert!(
+        decoder.capacity() <= 2 * decoder.buffered(),
+        "{} bytes of room for {} received",
+        decoder.capacity(),
+        decoder.buffered()
+    );
+}
+
+#[test]
 fn oversize_frame_is_refused_from_the_header_alone() {
     let mut decoder = FrameDecoder::new(100);
     decoder.push(&[0, 0, 0, 100]);
