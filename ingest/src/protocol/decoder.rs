@@ -54,7 +54,8 @@ impl FrameDecoder {
         if self.failed.is_some() {
             return;
         }
-        if self.buf.capacity() - self.buf.len() < data.len() && !self.buf.try_reclaim(data.len()) {
+        // Room left, or the memory of frames already taken and dropped.
+        if !self.buf.try_reclaim(data.len()) {
             self.grow(self.buf.len() + data.len());
         }
         self.buf.extend_from_slice(data);
