@@ -1698,11 +1698,11 @@ impl Session {
                     let mut run: Option<Run> = None;
                     let mut next = Some(events);
                     let mut broken = None;
-                    // Answers sent so far (runs and refusals): once one has
-                    // gone, only frames already read follow it, so a device
-                    // that never stops sending cannot keep the session from
+                    // Whether an answer (a run or a refusal) has gone: then
+                    // only frames already read follow it, so a device that
+                    // never stops sending cannot keep the session from
                     // checking its revocation and expiry.
-                    let mut sent = 0;
+                    let mut answered = false;
                     while let Some(events) = next.take() {
                         if let Err(e) = self.check_seq(events.seq, &mut last_seq, &unanswered) {
                             broken = Some(e);
@@ -1726,12 +1726,10 @@ impl Session {
                         if (!joins || (accepted.is_ok() && reserved.is_none()))
                             && let Some(r) = run.take()
                         {
-                            if !self.revoked.is_empty() {
-                                // Nothing is stored after a revocation; the
-                                // loop ends the session.
+                            if !self.may_store() {
                                 break;
                             }
-                            sent += 1;
+                            answered = true;
                             if pending_tx.send(self.submit(r)).await.is_err() {
                                 break 'session ("connection lost".into(), None);
                             }
@@ -1745,10 +1743,7 @@ impl Session {
                                         // it waits, so flow control holds
                                         // its device back.
                                         let reserved = self.shared.in_flight.reserve(share).await;
-                                        if !self.revoked.is_empty() {
-                                            // Nothing is stored after a
-                                            // revocation; the loop ends
-                                            // the session.
+                                        if !self.may_store() {
                                             break;
                                         }
                                         reserved
@@ -1760,7 +1755,7 @@ impl Session {
                                 }
                             }
                             Err(refused) => {
-                                sent += 1;
+                                answered = true;
                                 if pending_tx.send(refused).await.is_err() {
                                     break 'session ("connection lost".into(), None);
                                 }
@@ -1769,7 +1764,7 @@ impl Session {
                         if run.as_ref().is_some_and(|r| !r.has_room()) {
                             break;
                         }
-                        let ready = if sent == 0 && run.as_ref().is_some_and(Run::wants_more) {
+                        let ready = if !answered && run.as_ref().is_some_and(Run::wants_more) {
                             ready_frame(&mut recv, &mut decoder, &self.shared.metrics)
                         } else {
                             buffered_frame(&mut decoder)
@@ -1781,7 +1776,7 @@ impl Session {
                         }
                     }
                     if let Some(r) = run.take()
-                        && self.revoked.is_empty()
+                        && self.may_store()
                         && pending_tx.send(self.submit(r)).await.is_err()
                     {
                         break ("connection lost".into(), None);
@@ -2121,6 +2116,13 @@ impl Session {
             self.connection
                 .set_receive_window(quinn::VarInt::from_u64(window).unwrap_or(quinn::VarInt::MAX));
         }
+    }
+
+    /// Whether the session may still store events: not once its device's
+    /// credentials are revoked. The session loop reads the revocation next
+    /// and ends the session.
+    fn may_store(&self) -> bool {
+        self.revoked.is_empty()
     }
 
     /// Submits a run of frames, with their share of the in-flight budget,
