@@ -1366,30 +1366,35 @@ impl EventStream for EmbeddedLog {
         Ok(self.stream(stream)?.appended.subscribe())
     }
 
-    async fn commit(
-        &self,
-        consumer: &str,
-        stream: &str,
-        partition: u32,
-        offset: u64,
-    ) -> Result<()> {
+    async fn commit(&self, consumer: &str, stream: &str, offsets: &[(u32, u64)]) -> Result<()> {
         if self.options.read_only {
             return Err(Error::User("the log is open read-only".into()));
         }
         let s = self.stream(stream)?;
+        if let Some((p, _)) = offsets
+            .iter()
+            .find(|(p, _)| *p as usize >= s.partitions.len())
+        {
+            return Err(Error::User(format!(
+                "stream '{stream}' has no partition {p}"
+            )));
+        }
         let consumer = consumer.to_string();
+        let offsets = offsets.to_vec();
         tokio::task::spawn_blocking(move || {
             // One writer at a time; readers of `offsets` are not held up by the fsync.
             let _writing = lock(&s.offsets_write);
             let mut next = lock(&s.offsets).clone();
-            let slot = next.entry(consumer).or_default().entry(partition);
-            // A first commit is written even at offset 0: from then on the
-            // consumer holds its events back from retention.
-            if matches!(&slot, std::collections::btree_map::Entry::Occupied(o) if *o.get() == offset)
-            {
+            let slots = next.entry(consumer).or_default();
+            let mut changed = false;
+            for (partition, offset) in offsets {
+                // A first commit is written even at offset 0: from then on the
+                // consumer holds its events back from retention.
+                changed |= slots.insert(partition, offset) != Some(offset);
+            }
+            if !changed {
                 return Ok(());
             }
-            *slot.or_insert(offset) = offset;
             let bytes = serde_json::to_vec(&next).map_err(|e| Error::Internal(e.to_string()))?;
             // Disk first: memory never claims an offset the file does not hold.
             write_atomic(&s.offsets_path, &bytes)?;
@@ -1455,6 +1460,32 @@ mod tests {
             partitions,
         )
         .unwrap()
+    }
+
+    /// A consumer's offsets on several partitions are committed in one
+    /// write and read back after a restart; a partition the stream does not
+    /// have is refused, and nothing of that commit is kept.
+    #[tokio::test]
+    async fn offsets_of_several_partitions_commit_together() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let log = EmbeddedLog::open(dir.path(), LogOptions::default()).unwrap();
+            log.create_stream(&def(3)).await.unwrap();
+            log.commit("rule", "telemetry", &[(0, 4), (2, 9)])
+                .await
+                .unwrap();
+            let wrong = log
+                .commit("rule", "telemetry", &[(1, 5), (3, 1)])
+                .await
+                .unwrap_err();
+            assert!(wrong.to_string().contains("no partition 3"), "{wrong}");
+        }
+        let log = EmbeddedLog::open(dir.path(), LogOptions::default()).unwrap();
+        let mut committed = Vec::new();
+        for p in 0..3 {
+            committed.push(log.committed("rule", "telemetry", p).await.unwrap());
+        }
+        assert_eq!(committed, [Some(4), None, Some(9)]);
     }
 
     fn batch(device: &str, temps: &[f64]) -> RecordBatch {
@@ -1859,8 +1890,8 @@ mod tests {
             // Nobody has committed: everything stays.
             tokio::time::sleep(Duration::from_millis(1500)).await;
             assert_eq!(segment_files(&p0), [0, 1, 2, 3, 4]);
-            log.commit("reader", "telemetry", 0, 3).await.unwrap();
-            log.commit("other", "telemetry", 0, 5).await.unwrap();
+            log.commit("reader", "telemetry", &[(0, 3)]).await.unwrap();
+            log.commit("other", "telemetry", &[(0, 5)]).await.unwrap();
             until("segments before offset 3 deleted", || {
                 segment_files(&p0) == [3, 4]
             })
@@ -1900,7 +1931,7 @@ mod tests {
         )
         .unwrap();
         log.create_stream(&def(1)).await.unwrap();
-        log.commit("slow", "telemetry", 0, 0).await.unwrap();
+        log.commit("slow", "telemetry", &[(0, 0)]).await.unwrap();
         let temps_of = |i: u32| vec![f64::from(i); 20];
         let mut stored = 0u32;
         let refusal = loop {
@@ -1923,7 +1954,7 @@ mod tests {
                 .is_err()
         );
         let end = log.end_offset("telemetry", 0).unwrap();
-        log.commit("slow", "telemetry", 0, end).await.unwrap();
+        log.commit("slow", "telemetry", &[(0, end)]).await.unwrap();
         log.append("telemetry", "d", batch("d", &temps_of(stored)))
             .await
             .unwrap();
@@ -1952,8 +1983,8 @@ mod tests {
         other.name = "other".into();
         log.create_stream(&def(1)).await.unwrap();
         log.create_stream(&other).await.unwrap();
-        log.commit("reader", "telemetry", 0, 0).await.unwrap();
-        log.commit("reader", "other", 0, 0).await.unwrap();
+        log.commit("reader", "telemetry", &[(0, 0)]).await.unwrap();
+        log.commit("reader", "other", &[(0, 0)]).await.unwrap();
         // Fill the log from one stream, and read all of it.
         let full = loop {
             if let Err(e) = log.append("telemetry", "d", batch("d", &[1.0; 20])).await {
@@ -1962,7 +1993,9 @@ mod tests {
         };
         assert!(matches!(full, Error::Unavailable(_)), "{full}");
         let end = log.end_offset("telemetry", 0).unwrap();
-        log.commit("reader", "telemetry", 0, end).await.unwrap();
+        log.commit("reader", "telemetry", &[(0, end)])
+            .await
+            .unwrap();
         // The other stream gets room within a retention pass or two.
         let deadline = Instant::now() + Duration::from_secs(20);
         let other_batch =
@@ -2083,7 +2116,7 @@ mod tests {
                     .unwrap(),
                 None
             );
-            log.commit("sink", "telemetry", a.partition, 2)
+            log.commit("sink", "telemetry", &[(a.partition, 2)])
                 .await
                 .unwrap();
         }

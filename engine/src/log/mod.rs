@@ -225,9 +225,9 @@ pub trait EventStream: Send + Sync + 'static {
     /// A receiver that changes whenever anything is appended to `stream`.
     fn watch(&self, stream: &str) -> Result<watch::Receiver<u64>>;
 
-    /// Records that `consumer` has durably handled everything before `offset`.
-    async fn commit(&self, consumer: &str, stream: &str, partition: u32, offset: u64)
-    -> Result<()>;
+    /// Records that `consumer` has durably handled everything before each
+    /// `(partition, offset)`: all of them at once, in one durable write.
+    async fn commit(&self, consumer: &str, stream: &str, offsets: &[(u32, u64)]) -> Result<()>;
 
     /// Forgets `consumer` (a dropped rule): it no longer holds events back
     /// from retention.

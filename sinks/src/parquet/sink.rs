@@ -206,17 +206,18 @@ impl Worker {
         let partitions = self.log.partitions(&self.stream)?;
         let mut appended = self.log.watch(&self.stream)?;
         let mut committed = Vec::with_capacity(partitions as usize);
+        let mut first = Vec::new();
         for p in 0..partitions {
-            let at = match self.log.committed(SINK_CONSUMER, &self.stream, p).await? {
-                Some(at) => at,
-                None => {
-                    // Say so before the first flush: from now on the log
-                    // keeps every event until the sink has stored it.
-                    self.log.commit(SINK_CONSUMER, &self.stream, p, 0).await?;
-                    0
-                }
-            };
-            committed.push(at);
+            let at = self.log.committed(SINK_CONSUMER, &self.stream, p).await?;
+            if at.is_none() {
+                first.push((p, 0));
+            }
+            committed.push(at.unwrap_or(0));
+        }
+        if !first.is_empty() {
+            // Say so before the first flush: from now on the log keeps
+            // every event until the sink has stored it.
+            self.log.commit(SINK_CONSUMER, &self.stream, &first).await?;
         }
         self.recover(&mut committed).await?;
         let mut read = committed.clone();
@@ -314,11 +315,11 @@ impl Worker {
             rows_bytes += bytes.len();
             self.storage.store().put(path, bytes.into()).await?;
         }
-        for (p, [_, end]) in &offsets {
-            self.log
-                .commit(SINK_CONSUMER, &self.stream, *p as u32, *end)
-                .await?;
-        }
+        let ends: Vec<(u32, u64)> = offsets
+            .iter()
+            .map(|(p, [_, end])| (*p as u32, *end))
+            .collect();
+        self.log.commit(SINK_CONSUMER, &self.stream, &ends).await?;
         tracing::debug!(stream = %self.stream, files = files.len(), bytes = rows_bytes, "flushed parquet");
         Ok(())
     }
@@ -366,16 +367,16 @@ impl Worker {
         for (id, (info, paths)) in pending {
             if paths.len() == info.files {
                 tracing::warn!(stream = %self.stream, flush = %id, "a flush finished before a crash; committing its offsets");
+                let mut ends = Vec::new();
                 for (p, [_, end]) in &info.offsets {
                     if let Some(c) = committed.get_mut(*p as usize)
                         && *end > *c
                     {
-                        self.log
-                            .commit(SINK_CONSUMER, &self.stream, *p, *end)
-                            .await?;
+                        ends.push((*p, *end));
                         *c = *end;
                     }
                 }
+                self.log.commit(SINK_CONSUMER, &self.stream, &ends).await?;
             } else {
                 tracing::warn!(stream = %self.stream, flush = %id, found = paths.len(), expected = info.files, "deleting the files of a flush a crash cut short");
                 for path in paths {
