@@ -1195,15 +1195,15 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_row_the_queue_refuses_is_counted_and_the_rule_goes_on() {
+    /// Stream `s` (one text column, `label`) in `log`, and a runtime running
+    /// the rule `echo` (an [`Echo`]) on it from its end, into `queue`.
+    async fn echo_rule(
+        log: SharedEventStream,
+        dir: &std::path::Path,
+    ) -> (crate::event::StreamDef, Arc<CommandQueue>, RuleRuntime) {
         use crate::catalog::{RuleDef, RuleTarget};
         use crate::event::{ColumnDef, ColumnType, StreamDef};
-        use crate::log::{EmbeddedLog, LogOptions, SharedEventStream};
 
-        let dir = tempfile::tempdir().unwrap();
-        let log: SharedEventStream =
-            Arc::new(EmbeddedLog::open(dir.path(), LogOptions::default()).unwrap());
         let def = StreamDef::new(
             "s",
             vec![ColumnDef {
@@ -1215,7 +1215,7 @@ mod tests {
         .unwrap();
         log.create_stream(&def).await.unwrap();
         let queue = Arc::new(CommandQueue::open_in_memory().unwrap());
-        let runtime = RuleRuntime::new(log.clone(), queue.clone(), dir.path().join("checkpoints"));
+        let runtime = RuleRuntime::new(log, queue.clone(), dir.join("checkpoints"));
         let rule = RuleDef {
             name: "echo".into(),
             sql: String::new(),
@@ -1227,6 +1227,17 @@ mod tests {
         };
         runtime.position_at_end(&rule).await.unwrap();
         runtime.start(&rule, Box::new(Echo)).unwrap();
+        (def, queue, runtime)
+    }
+
+    #[tokio::test]
+    async fn a_row_the_queue_refuses_is_counted_and_the_rule_goes_on() {
+        use crate::log::{EmbeddedLog, LogOptions, SharedEventStream};
+
+        let dir = tempfile::tempdir().unwrap();
+        let log: SharedEventStream =
+            Arc::new(EmbeddedLog::open(dir.path(), LogOptions::default()).unwrap());
+        let (def, queue, runtime) = echo_rule(log.clone(), dir.path()).await;
 
         let too_big = "x".repeat(crate::commands::MAX_PAYLOAD_BYTES + 1);
         let ts = arrow::array::TimestampMillisecondArray::from(vec![0i64, 0]).with_timezone("UTC");
@@ -1403,8 +1414,6 @@ mod tests {
     /// Once the commit goes through, it covers what the checkpoint took.
     #[tokio::test]
     async fn a_rule_answers_events_while_its_checkpoint_is_written() {
-        use crate::catalog::{RuleDef, RuleTarget};
-        use crate::event::{ColumnDef, ColumnType, StreamDef};
         use crate::log::{EmbeddedLog, LogOptions};
 
         let dir = tempfile::tempdir().unwrap();
@@ -1412,29 +1421,7 @@ mod tests {
             EmbeddedLog::open(dir.path().join("log"), LogOptions::default()).unwrap(),
         )));
         let log: SharedEventStream = flaky.clone();
-        let def = StreamDef::new(
-            "s",
-            vec![ColumnDef {
-                name: "label".into(),
-                ty: ColumnType::Utf8,
-            }],
-            1,
-        )
-        .unwrap();
-        log.create_stream(&def).await.unwrap();
-        let queue = Arc::new(CommandQueue::open_in_memory().unwrap());
-        let runtime = RuleRuntime::new(log.clone(), queue.clone(), dir.path().join("checkpoints"));
-        let rule = RuleDef {
-            name: "echo".into(),
-            sql: String::new(),
-            source: "s".into(),
-            target: RuleTarget::Commands,
-            created_at: 0,
-            paused: false,
-            late_stream: None,
-        };
-        runtime.position_at_end(&rule).await.unwrap();
-        runtime.start(&rule, Box::new(Echo)).unwrap();
+        let (def, queue, runtime) = echo_rule(log.clone(), dir.path()).await;
         let send = |label: &'static str| {
             let log = log.clone();
             let schema = def.schema();
