@@ -568,8 +568,9 @@ struct Worker {
 /// A checkpoint being written in the background: the file, then the rows it
 /// sealed, then the commits of its offsets. The rule's state, offsets and
 /// rows were taken when it began, so the worker reads and answers events
-/// meanwhile instead of waiting for about ten fsyncs once a second (which
-/// were a large part of event → command's p99). Commands need none of it:
+/// meanwhile instead of waiting for those fsyncs once a second (ten of
+/// them before the offsets went in one write; a large part of
+/// event → command's p99). Commands need none of it:
 /// they are queued durably, with ids that make a replay harmless, as they
 /// are made.
 struct Saving {
