@@ -24,14 +24,12 @@
 //! command volume the same at 10k and 50k events/s: 1,000 samples (the
 //! least for a p99.9) in 5 s, 3,000 in 15 s.
 //!
-//! Why so few commands: the command queue (SQLite, then one fsync per
-//! change) kept up with about 500 commands/s on the 2-core machine, before
-//! deliveries and answers were recorded a batch per transaction (not
-//! measured again since); at 1,000/s commands
-//! pile up and the latency measured is the queue's backlog, seconds, at any
-//! event rate (measured: 200/s p50 2.9 ms, 400/s p50 2.7 ms p99 46 ms, 600/s
-//! p50 29 ms, 1,000/s p50 1.5 s). 200/s measures the event path, not that
-//! limit.
+//! Why so few commands: 200/s measures the event path, not the command
+//! queue's limit. The queue is one SQLite connection; at 2,000 commands/s
+//! its p50 was 78–90 ms while every device's answer held the connection
+//! through its fsync, and 11–40 ms once the queue fsynced outside it
+//! (2026-11-29, docs/benchmarks.md). Above that, commands pile up and the
+//! latency measured is the queue's backlog.
 //!
 //! The devices wait [`SETTLE`] after connecting (their enrollment writes to
 //! the registry), then send for [`WARM_UP`] plus `duration`; only hot events

@@ -22,7 +22,9 @@
 //! reads the clock.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arrow::array::{ArrayRef, BooleanArray, RecordBatch, StringArray, TimestampMillisecondArray};
@@ -187,6 +189,15 @@ pub fn random_id() -> String {
 /// The durable command queue.
 pub struct CommandQueue {
     conn: Mutex<Connection>,
+    /// The SQLite write-ahead log, which the queue fsyncs itself (the
+    /// connection commits with `synchronous = NORMAL`); `None` for a queue
+    /// in memory.
+    wal: Option<PathBuf>,
+    /// Commits so far, counted as each one finishes.
+    written: AtomicU64,
+    /// Commits known to be durable: held while the WAL is fsynced, so calls
+    /// that wait for the disk share one fsync, and none holds `conn`.
+    synced: Mutex<u64>,
     /// Per device: fired when a command is queued for it.
     waiters: Mutex<HashMap<String, Arc<Notify>>>,
     /// Per command id: fired when the command may have settled.
@@ -238,15 +249,17 @@ impl CommandQueue {
             std::fs::create_dir_all(dir)
                 .map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
         }
-        Self::init(Connection::open(path)?)
+        let mut wal = path.as_os_str().to_owned();
+        wal.push("-wal");
+        Self::init(Connection::open(path)?, Some(PathBuf::from(wal)))
     }
 
     /// A queue that lives only in memory, for tests.
     pub fn open_in_memory() -> Result<Self> {
-        Self::init(Connection::open_in_memory()?)
+        Self::init(Connection::open_in_memory()?, None)
     }
 
-    fn init(mut conn: Connection) -> Result<Self> {
+    fn init(mut conn: Connection, wal: Option<PathBuf>) -> Result<Self> {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         let tx = conn.transaction()?;
@@ -263,8 +276,15 @@ impl CommandQueue {
         }
         tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         tx.commit()?;
+        // From here on commits are written, not fsynced, under the lock;
+        // the calls that promise durability fsync the WAL after letting
+        // go of it (`write_durably`).
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
         Ok(CommandQueue {
             conn: Mutex::new(conn),
+            wal,
+            written: AtomicU64::new(0),
+            synced: Mutex::new(0),
             waiters: Mutex::new(HashMap::new()),
             answers: Mutex::new(HashMap::new()),
         })
@@ -362,19 +382,38 @@ impl CommandQueue {
     /// Commands whose id, or idempotency key for their device, is already
     /// known are skipped. Returns how many were new.
     pub fn enqueue(&self, commands: &[NewCommand], now: i64) -> Result<usize> {
+        self.enqueue_with(commands, now, true)
+    }
+
+    /// [`enqueue`](CommandQueue::enqueue) without waiting for the disk:
+    /// the commands are written to the queue's file, so they survive a
+    /// crash of the process, but a power cut may lose them until the next
+    /// [`sync`](CommandQueue::sync) (or the next change that is fsynced).
+    ///
+    /// For a rule's commands, which sit on the path from event to command:
+    /// the rule syncs the queue before its checkpoint moves past the events
+    /// they came from. Commands a power cut took are then queued again when
+    /// the rule replays those events, with the same ids.
+    pub fn enqueue_unsynced(&self, commands: &[NewCommand], now: i64) -> Result<usize> {
+        self.enqueue_with(commands, now, false)
+    }
+
+    fn enqueue_with(&self, commands: &[NewCommand], now: i64, fsync: bool) -> Result<usize> {
         for c in commands {
             Self::validate(c)?;
         }
-        let inserted = {
-            let mut conn = self.conn();
+        let (inserted, ticket) = self.write(|conn| {
             let tx = conn.transaction()?;
             let mut inserted = 0;
             for c in commands {
                 inserted += usize::from(Self::insert(&tx, c, "queued", now)?);
             }
             tx.commit()?;
-            inserted
-        };
+            Ok(inserted)
+        })?;
+        if fsync {
+            self.sync_to(ticket)?;
+        }
         self.wake_devices(commands.iter().map(|c| c.device_id.as_str()));
         if commands.iter().any(|c| c.latest_wins) {
             self.wake_all_answers();
@@ -382,12 +421,65 @@ impl CommandQueue {
         Ok(inserted)
     }
 
+    /// Runs a write with the connection, and returns what it returned with
+    /// the number of its commit, for [`sync_to`](CommandQueue::sync_to).
+    fn write<T>(&self, f: impl FnOnce(&mut Connection) -> Result<T>) -> Result<(T, u64)> {
+        let mut conn = self.conn();
+        let out = f(&mut conn)?;
+        Ok((out, self.written.fetch_add(1, Ordering::SeqCst) + 1))
+    }
+
+    /// [`write`](CommandQueue::write), then waits until it is durable.
+    fn write_durably<T>(&self, f: impl FnOnce(&mut Connection) -> Result<T>) -> Result<T> {
+        let (out, ticket) = self.write(f)?;
+        self.sync_to(ticket)?;
+        Ok(out)
+    }
+
+    /// Waits until commit `ticket` is durable: fsyncs the WAL unless an
+    /// fsync that began after that commit already did. One fsync covers
+    /// every commit before it, so callers waiting together share one.
+    fn sync_to(&self, ticket: u64) -> Result<()> {
+        let mut synced = self.synced.lock().unwrap_or_else(|p| p.into_inner());
+        if *synced >= ticket {
+            return Ok(());
+        }
+        // Every commit counted here has been written to the WAL.
+        let target = self.written.load(Ordering::SeqCst);
+        if let Some(wal) = &self.wal {
+            // An fsync through any handle of the file flushes all of it.
+            // SQLite removes its WAL only when the last connection closes,
+            // after copying it into the database file and syncing that.
+            match File::open(wal) {
+                Ok(f) => f.sync_data(),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(e),
+            }
+            .map_err(|e| Error::io(format!("fsync {}", wal.display()), e))?;
+        }
+        *synced = target;
+        Ok(())
+    }
+
+    /// Makes every change so far durable, including commands queued by
+    /// [`enqueue_unsynced`](CommandQueue::enqueue_unsynced). Cheap when
+    /// there is nothing to sync.
+    pub fn sync(&self) -> Result<()> {
+        self.sync_to(self.written.load(Ordering::SeqCst))
+    }
+
+    /// Whether the queue holds changes a power cut could lose (commands
+    /// queued since the last [`sync`](CommandQueue::sync), say).
+    pub fn has_unsynced(&self) -> bool {
+        let synced = *self.synced.lock().unwrap_or_else(|p| p.into_inner());
+        self.written.load(Ordering::SeqCst) > synced
+    }
+
     /// Queues one command, or finds the one its id or idempotency key
     /// already names (for the same device).
     pub fn submit(&self, command: &NewCommand, now: i64) -> Result<Submitted> {
         Self::validate(command)?;
-        let submitted = {
-            let mut conn = self.conn();
+        let submitted = self.write_durably(|conn| {
             let tx = conn.transaction()?;
             let created = Self::insert(&tx, command, "queued", now)?;
             let found = if created {
@@ -409,8 +501,8 @@ impl CommandQueue {
             tx.commit()?;
             let command = found
                 .ok_or_else(|| Error::Internal(format!("command {} was not stored", command.id)))?;
-            Submitted { command, created }
-        };
+            Ok(Submitted { command, created })
+        })?;
         if submitted.created {
             self.wake_devices([command.device_id.as_str()]);
             if command.latest_wins {
@@ -425,15 +517,17 @@ impl CommandQueue {
     /// and never delivered.
     pub fn record_failed(&self, command: &NewCommand, reason: &str, now: i64) -> Result<Command> {
         Self::validate(command)?;
-        let mut conn = self.conn();
-        let tx = conn.transaction()?;
-        Self::insert(&tx, command, "failed", now)?;
-        tx.execute(
-            "UPDATE commands SET reason = ?2 WHERE id = ?1 AND status = 'failed' AND reason IS NULL",
-            params![command.id, reason],
-        )?;
-        let stored = get_in(&tx, "id = ?1", params![command.id])?;
-        tx.commit()?;
+        let stored = self.write_durably(|conn| {
+            let tx = conn.transaction()?;
+            Self::insert(&tx, command, "failed", now)?;
+            tx.execute(
+                "UPDATE commands SET reason = ?2 WHERE id = ?1 AND status = 'failed' AND reason IS NULL",
+                params![command.id, reason],
+            )?;
+            let stored = get_in(&tx, "id = ?1", params![command.id])?;
+            tx.commit()?;
+            Ok(stored)
+        })?;
         stored.ok_or_else(|| Error::Internal(format!("command {} was not stored", command.id)))
     }
 
@@ -480,10 +574,9 @@ impl CommandQueue {
     /// it goes out again, as it does after any reconnect (delivery is at
     /// least once; the device knows a repeat by its id). A process crash
     /// loses nothing: SQLite has written it to the file by then. The next
-    /// fsynced change makes it durable too.
+    /// fsync makes it durable too.
     pub fn mark_all_delivered(&self, ids: &[&str], now: i64) -> Result<Vec<bool>> {
-        let mut conn = self.conn();
-        without_fsync(&mut conn, |conn| {
+        let (out, _) = self.write(|conn| {
             let tx = conn.transaction()?;
             let mut out = Vec::with_capacity(ids.len());
             {
@@ -497,7 +590,8 @@ impl CommandQueue {
             }
             tx.commit()?;
             Ok(out)
-        })
+        })?;
+        Ok(out)
     }
 
     /// Records the device's acknowledgement; see [`CommandQueue::answer`].
@@ -515,7 +609,9 @@ impl CommandQueue {
     }
 
     /// [`answer`](CommandQueue::answer) for several of a device's answers
-    /// in one transaction (one fsync), in order: whether each was taken.
+    /// in one transaction, in order: whether each was taken. It returns once
+    /// they are durable; the fsync is shared with any other call waiting
+    /// for one, and holds nobody else up.
     pub fn answer_all(
         &self,
         device: &str,
@@ -547,8 +643,7 @@ impl CommandQueue {
             }
             rows.push((*id, status, reason, response));
         }
-        let taken = {
-            let mut conn = self.conn();
+        let taken = self.write_durably(|conn| {
             let tx = conn.transaction()?;
             let mut taken = Vec::with_capacity(rows.len());
             {
@@ -570,8 +665,8 @@ impl CommandQueue {
                 }
             }
             tx.commit()?;
-            taken
-        };
+            Ok(taken)
+        })?;
         for ((id, ..), taken) in rows.iter().zip(&taken) {
             if *taken {
                 self.wake_answer(id);
@@ -582,13 +677,16 @@ impl CommandQueue {
 
     /// Marks every command past its time-to-live as expired; returns how many.
     pub fn expire(&self, now: i64) -> Result<usize> {
-        let expired = self.conn().execute(
-            &format!(
-                "UPDATE commands SET status = 'expired' WHERE status IN {OPEN} AND expires_at <= ?1"
-            ),
-            params![now],
-        )?;
+        let (expired, ticket) = self.write(|conn| {
+            Ok(conn.execute(
+                &format!(
+                    "UPDATE commands SET status = 'expired' WHERE status IN {OPEN} AND expires_at <= ?1"
+                ),
+                params![now],
+            )?)
+        })?;
         if expired > 0 {
+            self.sync_to(ticket)?;
             self.wake_all_answers();
         }
         Ok(expired)
@@ -597,14 +695,17 @@ impl CommandQueue {
     /// Expires one open command now (a call whose caller stopped waiting).
     /// Returns false when it had already settled.
     pub fn expire_now(&self, id: &str, now: i64) -> Result<bool> {
-        let changed = self.conn().execute(
-            &format!(
-                "UPDATE commands SET status = 'expired', expires_at = MIN(expires_at, ?2)
-                 WHERE id = ?1 AND status IN {OPEN}"
-            ),
-            params![id, now],
-        )?;
+        let (changed, ticket) = self.write(|conn| {
+            Ok(conn.execute(
+                &format!(
+                    "UPDATE commands SET status = 'expired', expires_at = MIN(expires_at, ?2)
+                     WHERE id = ?1 AND status IN {OPEN}"
+                ),
+                params![id, now],
+            )?)
+        })?;
         if changed > 0 {
+            self.sync_to(ticket)?;
             self.wake_answer(id);
         }
         Ok(changed > 0)
@@ -674,14 +775,17 @@ impl CommandQueue {
 
     /// Drops every open command of a device (when it is removed): they expire now.
     pub fn expire_device(&self, device: &str, now: i64) -> Result<usize> {
-        let expired = self.conn().execute(
-            &format!(
-                "UPDATE commands SET status = 'expired', expires_at = MIN(expires_at, ?2)
-                 WHERE device_id = ?1 AND status IN {OPEN}"
-            ),
-            params![device, now],
-        )?;
+        let (expired, ticket) = self.write(|conn| {
+            Ok(conn.execute(
+                &format!(
+                    "UPDATE commands SET status = 'expired', expires_at = MIN(expires_at, ?2)
+                     WHERE device_id = ?1 AND status IN {OPEN}"
+                ),
+                params![device, now],
+            )?)
+        })?;
         if expired > 0 {
+            self.sync_to(ticket)?;
             self.wake_all_answers();
         }
         Ok(expired)
@@ -748,18 +852,6 @@ impl CommandQueue {
             n.notify_waiters();
         }
     }
-}
-
-/// Runs `f` with the connection's commits written but not fsynced (WAL,
-/// `synchronous = NORMAL`), then puts `synchronous = FULL` back.
-fn without_fsync<T>(
-    conn: &mut Connection,
-    f: impl FnOnce(&mut Connection) -> Result<T>,
-) -> Result<T> {
-    conn.pragma_update(None, "synchronous", "NORMAL")?;
-    let out = f(conn);
-    conn.pragma_update(None, "synchronous", "FULL")?;
-    out
 }
 
 fn release(map: &Mutex<HashMap<String, Arc<Notify>>>, key: &str) {
@@ -907,6 +999,49 @@ mod tests {
 
     fn ids(commands: &[Command]) -> Vec<&str> {
         commands.iter().map(|c| c.id.as_str()).collect()
+    }
+
+    /// Commands queued without an fsync are in the file at once (a crash
+    /// of the process loses none of them), and `sync` is what the queue
+    /// waits for before it says they are durable.
+    #[test]
+    fn commands_queued_without_fsync_are_written_and_synced_later() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("commands.db");
+        let q = CommandQueue::open(&path).unwrap();
+        q.enqueue(&[cmd("synced", "d", 1000)], 0).unwrap();
+        assert!(!q.has_unsynced());
+        assert_eq!(
+            q.enqueue_unsynced(&[cmd("a", "d", 1000), cmd("b", "d", 1000)], 0)
+                .unwrap(),
+            2
+        );
+        assert!(q.has_unsynced());
+        // Read from another connection, as after a restart: they are there.
+        let other = CommandQueue::open(&path).unwrap();
+        let ids: Vec<String> = other
+            .pending("d", 1)
+            .unwrap()
+            .into_iter()
+            .map(|c| c.id)
+            .collect();
+        assert_eq!(ids, ["synced", "a", "b"]);
+        // Replayed by a rule after a power cut, they are not queued twice.
+        assert_eq!(q.enqueue_unsynced(&[cmd("a", "d", 1000)], 0).unwrap(), 0);
+        q.sync().unwrap();
+        assert!(!q.has_unsynced());
+        q.sync().unwrap();
+        drop(other);
+        drop(q);
+        let reopened = CommandQueue::open(&path).unwrap();
+        assert_eq!(reopened.pending("d", 1).unwrap().len(), 3);
+        // A queue in memory has no file to fsync.
+        let in_memory = CommandQueue::open_in_memory().unwrap();
+        in_memory
+            .enqueue_unsynced(&[cmd("m", "d", 1000)], 0)
+            .unwrap();
+        in_memory.sync().unwrap();
+        assert!(!in_memory.has_unsynced());
     }
 
     #[test]
@@ -1231,30 +1366,73 @@ mod tests {
         assert_eq!(q.pending("d", 1).unwrap()[0].id, "keep");
     }
 
+    /// The connection commits without an fsync; the calls that promise
+    /// durability fsync the WAL themselves, after letting go of it. A
+    /// delivery mark waits for none, and the next durable change covers it.
     #[test]
-    fn a_delivery_mark_is_kept_and_later_changes_are_fsynced_again() {
+    fn a_delivery_mark_waits_for_no_fsync_and_the_next_answer_covers_it() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("commands.db");
-        let synchronous = |q: &CommandQueue| -> i64 {
-            q.conn()
-                .query_row("PRAGMA synchronous", [], |r| r.get(0))
-                .unwrap()
-        };
         {
             let q = CommandQueue::open(&path).unwrap();
-            q.enqueue(&[cmd("a", "d", DEFAULT_TTL_MS)], 0).unwrap();
-            assert_eq!(synchronous(&q), 2, "FULL after opening");
+            let synchronous: i64 = q
+                .conn()
+                .query_row("PRAGMA synchronous", [], |r| r.get(0))
+                .unwrap();
+            assert_eq!(synchronous, 1, "NORMAL: the queue fsyncs on its own");
+            q.enqueue(
+                &[cmd("a", "d", DEFAULT_TTL_MS), cmd("b", "d", DEFAULT_TTL_MS)],
+                0,
+            )
+            .unwrap();
+            assert!(!q.has_unsynced(), "enqueue returned before its fsync");
             assert_eq!(
                 q.mark_all_delivered(&["a", "gone"], 5).unwrap(),
                 [true, false]
             );
-            // The mark alone skips the fsync; everything after has it again.
-            assert_eq!(synchronous(&q), 2, "FULL again after the mark");
+            assert!(q.has_unsynced(), "the mark waited for an fsync");
+            assert!(q.acknowledge("d", "b", 6).unwrap());
+            assert!(!q.has_unsynced(), "the answer returned before its fsync");
         }
         let q = CommandQueue::open(&path).unwrap();
         let a = q.get("a").unwrap().unwrap();
         assert_eq!(a.status, CommandStatus::Delivered);
         assert_eq!(a.delivered_at, Some(5));
+        assert_eq!(status(&q, "b"), CommandStatus::Acknowledged);
+    }
+
+    /// Answers recorded from many threads at once, sharing fsyncs, are each
+    /// durable when their call returns.
+    #[test]
+    fn answers_from_many_threads_are_durable_when_they_return() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = Arc::new(CommandQueue::open(&dir.path().join("commands.db")).unwrap());
+        let ids: Vec<String> = (0..64).map(|i| format!("c{i}")).collect();
+        let commands: Vec<NewCommand> = ids.iter().map(|id| cmd(id, "d", DEFAULT_TTL_MS)).collect();
+        q.enqueue(&commands, 0).unwrap();
+        let threads: Vec<_> = ids
+            .chunks(8)
+            .map(|chunk| {
+                let (q, chunk) = (q.clone(), chunk.to_vec());
+                std::thread::spawn(move || {
+                    for id in chunk {
+                        // Its commit is numbered after every one before the call.
+                        let before = q.written.load(Ordering::SeqCst);
+                        assert!(q.acknowledge("d", &id, 1).unwrap());
+                        let synced = *q.synced.lock().unwrap();
+                        assert!(synced > before, "answer {id} returned before its fsync");
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert!(!q.has_unsynced());
+        assert!(
+            ids.iter()
+                .all(|id| status(&q, id) == CommandStatus::Acknowledged)
+        );
     }
 
     #[test]

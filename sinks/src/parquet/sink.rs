@@ -315,6 +315,7 @@ impl Worker {
             rows_bytes += bytes.len();
             self.storage.store().put(path, bytes.into()).await?;
         }
+        self.storage.make_durable(&files).await?;
         let ends: Vec<(u32, u64)> = offsets
             .iter()
             .map(|(p, [_, end])| (*p as u32, *end))
@@ -367,6 +368,8 @@ impl Worker {
         for (id, (info, paths)) in pending {
             if paths.len() == info.files {
                 tracing::warn!(stream = %self.stream, flush = %id, "a flush finished before a crash; committing its offsets");
+                // A crash of the process can come between the put and its fsync.
+                self.storage.make_durable(&paths).await?;
                 let mut ends = Vec::new();
                 for (p, [_, end]) in &info.offsets {
                     if let Some(c) = committed.get_mut(*p as usize)

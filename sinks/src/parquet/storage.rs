@@ -1,5 +1,6 @@
 //! Where Parquet files live, and consistent snapshots of a stream for queries.
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -24,6 +25,16 @@ pub struct Storage {
     /// Held for writing while the sink publishes files and commits offsets,
     /// for reading while a query takes its snapshot.
     pub(crate) visibility: Arc<RwLock<()>>,
+}
+
+/// fsyncs a file or folder.
+fn fsync(path: &Path) -> Result<()> {
+    std::fs::File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })
 }
 
 /// What a query of one stream reads: the Parquet files, and the events in
@@ -63,6 +74,33 @@ impl Storage {
 
     pub(crate) fn store(&self) -> &Arc<dyn ObjectStore> {
         &self.store
+    }
+
+    /// Makes files just put durable, with the folders that name them. The
+    /// object store writes a file and renames it into place but fsyncs
+    /// neither, so until this returns a power cut can leave a file empty or
+    /// gone. A flush commits its offsets only after it: otherwise the log
+    /// would count events as stored in files that lost them, and delete
+    /// them.
+    pub(crate) async fn make_durable(&self, paths: &[ObjectPath]) -> Result<()> {
+        let root = self.root.clone();
+        let files: Vec<PathBuf> = paths.iter().map(|p| root.join(p.as_ref())).collect();
+        tokio::task::spawn_blocking(move || {
+            let mut folders = BTreeSet::new();
+            for file in &files {
+                fsync(file)?;
+                // A flush may have made its hour's folder, and its day's.
+                let mut folder = file.parent();
+                while let Some(f) = folder.filter(|f| f.starts_with(&root)) {
+                    folders.insert(f.to_path_buf());
+                    folder = f.parent();
+                }
+            }
+            // Deepest first: a folder's entry goes after what it holds.
+            folders.iter().rev().try_for_each(|f| fsync(f))
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("fsync task failed: {e}")))?
     }
 
     /// The Parquet files of a stream, sorted by path.
@@ -144,5 +182,29 @@ impl Storage {
             }
         }
         Ok(StreamSnapshot { files, tail })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Files just put are fsynced with their folders; one that is not
+    /// there fails the flush, naming it, so its offsets are not committed.
+    #[tokio::test]
+    async fn files_are_made_durable_or_the_missing_one_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::local(dir.path().join("parquet")).unwrap();
+        let path = ObjectPath::from("s/date=2026-01-05/hour=08/0000000000001-000001.parquet");
+        let bytes = bytes::Bytes::from_static(b"PAR1");
+        storage.store().put(&path, bytes.into()).await.unwrap();
+        storage.make_durable(&[path]).await.unwrap();
+
+        let gone = ObjectPath::from("s/date=2026-01-05/hour=09/0000000000002-000002.parquet");
+        let err = storage.make_durable(&[gone]).await.unwrap_err().to_string();
+        assert!(
+            err.contains("hour=09/0000000000002-000002.parquet"),
+            "{err}"
+        );
     }
 }
