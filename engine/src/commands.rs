@@ -436,6 +436,15 @@ impl CommandQueue {
         Ok(out)
     }
 
+    /// Runs one UPDATE; if it changed rows, waits until they are durable.
+    fn update_durably(&self, sql: &str, params: impl rusqlite::Params) -> Result<usize> {
+        let (changed, ticket) = self.write(|conn| Ok(conn.execute(sql, params)?))?;
+        if changed > 0 {
+            self.sync_to(ticket)?;
+        }
+        Ok(changed)
+    }
+
     /// Waits until commit `ticket` is durable: fsyncs the WAL unless an
     /// fsync that began after that commit already did. One fsync covers
     /// every commit before it, so callers waiting together share one.
@@ -677,16 +686,13 @@ impl CommandQueue {
 
     /// Marks every command past its time-to-live as expired; returns how many.
     pub fn expire(&self, now: i64) -> Result<usize> {
-        let (expired, ticket) = self.write(|conn| {
-            Ok(conn.execute(
-                &format!(
-                    "UPDATE commands SET status = 'expired' WHERE status IN {OPEN} AND expires_at <= ?1"
-                ),
-                params![now],
-            )?)
-        })?;
+        let expired = self.update_durably(
+            &format!(
+                "UPDATE commands SET status = 'expired' WHERE status IN {OPEN} AND expires_at <= ?1"
+            ),
+            params![now],
+        )?;
         if expired > 0 {
-            self.sync_to(ticket)?;
             self.wake_all_answers();
         }
         Ok(expired)
@@ -695,17 +701,14 @@ impl CommandQueue {
     /// Expires one open command now (a call whose caller stopped waiting).
     /// Returns false when it had already settled.
     pub fn expire_now(&self, id: &str, now: i64) -> Result<bool> {
-        let (changed, ticket) = self.write(|conn| {
-            Ok(conn.execute(
-                &format!(
-                    "UPDATE commands SET status = 'expired', expires_at = MIN(expires_at, ?2)
-                     WHERE id = ?1 AND status IN {OPEN}"
-                ),
-                params![id, now],
-            )?)
-        })?;
+        let changed = self.update_durably(
+            &format!(
+                "UPDATE commands SET status = 'expired', expires_at = MIN(expires_at, ?2)
+                 WHERE id = ?1 AND status IN {OPEN}"
+            ),
+            params![id, now],
+        )?;
         if changed > 0 {
-            self.sync_to(ticket)?;
             self.wake_answer(id);
         }
         Ok(changed > 0)
@@ -775,17 +778,14 @@ impl CommandQueue {
 
     /// Drops every open command of a device (when it is removed): they expire now.
     pub fn expire_device(&self, device: &str, now: i64) -> Result<usize> {
-        let (expired, ticket) = self.write(|conn| {
-            Ok(conn.execute(
-                &format!(
-                    "UPDATE commands SET status = 'expired', expires_at = MIN(expires_at, ?2)
-                     WHERE device_id = ?1 AND status IN {OPEN}"
-                ),
-                params![device, now],
-            )?)
-        })?;
+        let expired = self.update_durably(
+            &format!(
+                "UPDATE commands SET status = 'expired', expires_at = MIN(expires_at, ?2)
+                 WHERE device_id = ?1 AND status IN {OPEN}"
+            ),
+            params![device, now],
+        )?;
         if expired > 0 {
-            self.sync_to(ticket)?;
             self.wake_all_answers();
         }
         Ok(expired)
