@@ -1026,7 +1026,7 @@ mod tests {
             .map(|c| c.id)
             .collect();
         assert_eq!(ids, ["synced", "a", "b"]);
-        // Replayed by a rule after a power cut, they are not queued twice.
+        // A rule that reads their events again queues none of them twice.
         assert_eq!(q.enqueue_unsynced(&[cmd("a", "d", 1000)], 0).unwrap(), 0);
         q.sync().unwrap();
         assert!(!q.has_unsynced());

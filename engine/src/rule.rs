@@ -864,7 +864,8 @@ impl Worker {
         let (rule, source) = (d.def.name.clone(), d.def.source.clone());
         let (log, consumer) = (d.log.clone(), consumer_name(&d.def.name));
         let checkpoints = self.checkpoints.clone();
-        let commands = d.commands.clone();
+        // Only a rule that queues commands has any to make durable.
+        let commands = matches!(d.def.target, RuleTarget::Commands).then(|| d.commands.clone());
         let progress = self.progress_mut()?;
         progress.seal()?;
         let rows = progress.sealed.clone();
@@ -881,7 +882,9 @@ impl Worker {
         let task = tokio::spawn(async move {
             // The commands of the events this checkpoint moves past are
             // durable before it is.
-            commands.blocking(CommandQueue::sync).await?;
+            if let Some(commands) = commands {
+                commands.blocking(CommandQueue::sync).await?;
+            }
             checkpoints.save(checkpoint).await?;
             append_rows(log.as_ref(), &producer, &rows).await?;
             log.commit(&consumer, &source, &commits).await
