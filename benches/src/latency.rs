@@ -26,7 +26,7 @@
 //!
 //! Why so few commands: 200/s measures the event path, not the command
 //! queue's limit. The queue is one SQLite connection; at 2,000 commands/s
-//! its p50 was 78–90 ms while every device's answer held the connection
+//! its p50 was 78–116 ms while every device's answer held the connection
 //! through its fsync, and 11–40 ms once the queue fsynced outside it
 //! (2026-11-29, docs/benchmarks.md). Above that, commands pile up and the
 //! latency measured is the queue's backlog.
