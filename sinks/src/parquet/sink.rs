@@ -6,15 +6,16 @@ use std::time::Duration;
 
 use arrow::array::{Array, TimestampMillisecondArray, UInt32Array};
 use arrow::compute::{concat_batches, take_record_batch};
-use arrow::datatypes::SchemaRef;
+use arrow::datatypes::{DataType, SchemaRef};
 use arrow::record_batch::RecordBatch;
 use bytes::Bytes;
 use object_store::ObjectStoreExt;
 use object_store::path::Path as ObjectPath;
 use parquet::arrow::ArrowWriter;
-use parquet::basic::{Compression, ZstdLevel};
+use parquet::basic::{Compression, Encoding, ZstdLevel};
 use parquet::file::metadata::KeyValue;
 use parquet::file::properties::WriterProperties;
+use parquet::schema::types::ColumnPath;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -315,13 +316,13 @@ impl Worker {
             rows_bytes += bytes.len();
             self.storage.store().put(path, bytes.into()).await?;
         }
-        self.storage.make_durable(&files).await?;
+        let folders = self.storage.make_durable(&files).await?;
         let ends: Vec<(u32, u64)> = offsets
             .iter()
             .map(|(p, [_, end])| (*p as u32, *end))
             .collect();
         self.log.commit(SINK_CONSUMER, &self.stream, &ends).await?;
-        tracing::debug!(stream = %self.stream, files = files.len(), bytes = rows_bytes, "flushed parquet");
+        tracing::debug!(stream = %self.stream, files = files.len(), bytes = rows_bytes, folders_synced = folders, "flushed parquet");
         Ok(())
     }
 }
@@ -417,10 +418,25 @@ pub(crate) fn encode_parquet(
     metadata: Vec<KeyValue>,
 ) -> Result<Bytes> {
     let batch = concat_batches(schema, batches)?;
-    let props = WriterProperties::builder()
+    let mut props = WriterProperties::builder()
         .set_compression(Compression::ZSTD(ZstdLevel::try_new(zstd_level)?))
-        .set_key_value_metadata(Some(metadata))
-        .build();
+        .set_key_value_metadata(Some(metadata));
+    // Integers are stored as deltas rather than through a dictionary:
+    // counters and sequence numbers are all distinct, so their dictionary
+    // is as large as the column and costs a hash per value, and a small
+    // range of codes packs into as few bits either way. Floats, times and
+    // strings keep the dictionary, which falls back to plain values by
+    // itself once it grows too large (sensor readings are often few
+    // distinct values; docs/benchmarks.md, "Parquet encodings").
+    for field in schema.fields() {
+        if matches!(field.data_type(), DataType::Int32 | DataType::Int64) {
+            let column = ColumnPath::from(field.name().as_str());
+            props = props
+                .set_column_dictionary_enabled(column.clone(), false)
+                .set_column_encoding(column, Encoding::DELTA_BINARY_PACKED);
+        }
+    }
+    let props = props.build();
     let mut writer = ArrowWriter::try_new(Vec::new(), schema.clone(), Some(props))?;
     writer.write(&batch)?;
     Ok(Bytes::from(writer.into_inner()?))

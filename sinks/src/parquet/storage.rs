@@ -1,8 +1,9 @@
 //! Where Parquet files live, and consistent snapshots of a stream for queries.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use arrow::record_batch::RecordBatch;
 use futures::TryStreamExt;
@@ -25,6 +26,30 @@ pub struct Storage {
     /// Held for writing while the sink publishes files and commits offsets,
     /// for reading while a query takes its snapshot.
     pub(crate) visibility: Arc<RwLock<()>>,
+    /// Folders whose own entry in their parent this process has made
+    /// durable, with what tells them apart from a folder deleted and made
+    /// again under the same name ([`FolderId`]).
+    durable_folders: Arc<Mutex<HashMap<PathBuf, FolderId>>>,
+}
+
+/// A folder's inode number and birth time. The number alone is not
+/// enough: a folder made right after another was deleted can get its
+/// number back. Where the file system keeps no birth time, folders have no
+/// id, and every flush syncs the whole chain of folders above its files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FolderId {
+    inode: u64,
+    born: std::time::SystemTime,
+}
+
+impl FolderId {
+    fn of(folder: &Path) -> Option<FolderId> {
+        let meta = std::fs::metadata(folder).ok()?;
+        Some(FolderId {
+            inode: meta.ino(),
+            born: meta.created().ok()?,
+        })
+    }
 }
 
 /// fsyncs a file or folder.
@@ -64,6 +89,7 @@ impl Storage {
             root,
             store: Arc::new(store),
             visibility: Arc::new(RwLock::new(())),
+            durable_folders: Arc::default(),
         })
     }
 
@@ -76,28 +102,49 @@ impl Storage {
         &self.store
     }
 
-    /// Makes files just put durable, with the folders that name them. The
-    /// object store writes a file and renames it into place but fsyncs
-    /// neither, so until this returns a power cut can leave a file empty or
-    /// gone. A flush commits its offsets only after it: otherwise the log
-    /// would count events as stored in files that lost them, and delete
-    /// them.
-    pub(crate) async fn make_durable(&self, paths: &[ObjectPath]) -> Result<()> {
+    /// Makes files just put durable, with the folders that name them, and
+    /// returns how many folders it fsynced. The object store writes a file
+    /// and renames it into place but fsyncs neither, so until this returns
+    /// a power cut can leave a file empty or gone. A flush commits its
+    /// offsets only after it: otherwise the log would count events as
+    /// stored in files that lost them, and delete them.
+    ///
+    /// Each file's folder is fsynced (it holds a new entry), and so is each
+    /// folder above it until one whose own entry is known to be durable: a
+    /// flush into an hour's folder an earlier flush made durable fsyncs
+    /// that folder alone, not its day's, the stream's and the root.
+    pub(crate) async fn make_durable(&self, paths: &[ObjectPath]) -> Result<usize> {
         let root = self.root.clone();
+        let known = self.durable_folders.clone();
         let files: Vec<PathBuf> = paths.iter().map(|p| root.join(p.as_ref())).collect();
         tokio::task::spawn_blocking(move || {
+            let is_known = |f: &Path| {
+                let known = known.lock().unwrap_or_else(PoisonError::into_inner);
+                known.get(f).is_some_and(|id| Some(*id) == FolderId::of(f))
+            };
             let mut folders = BTreeSet::new();
             for file in &files {
                 fsync(file)?;
-                // A flush may have made its hour's folder, and its day's.
                 let mut folder = file.parent();
                 while let Some(f) = folder.filter(|f| f.starts_with(&root)) {
                     folders.insert(f.to_path_buf());
+                    if f == root || is_known(f) {
+                        break;
+                    }
                     folder = f.parent();
                 }
             }
             // Deepest first: a folder's entry goes after what it holds.
-            folders.iter().rev().try_for_each(|f| fsync(f))
+            folders.iter().rev().try_for_each(|f| fsync(f))?;
+            // Each folder synced here has its own entry durable now: either
+            // its parent was synced too, or it was known already.
+            let mut known = known.lock().unwrap_or_else(PoisonError::into_inner);
+            for f in &folders {
+                if let Some(id) = FolderId::of(f) {
+                    known.insert(f.clone(), id);
+                }
+            }
+            Ok(folders.len())
         })
         .await
         .map_err(|e| Error::Internal(format!("fsync task failed: {e}")))?
@@ -189,21 +236,66 @@ impl Storage {
 mod tests {
     use super::*;
 
-    /// Files just put are fsynced with their folders; one that is not
+    /// Files just put are fsynced with their folder, and with the folders
+    /// above it up to one whose entry is already durable; one that is not
     /// there fails the flush, naming it, so its offsets are not committed.
     #[tokio::test]
-    async fn files_are_made_durable_or_the_missing_one_is_named() {
+    async fn files_are_made_durable_with_their_new_folders_or_the_missing_one_is_named() {
         let dir = tempfile::tempdir().unwrap();
         let storage = Storage::local(dir.path().join("parquet")).unwrap();
         let path = ObjectPath::from("s/date=2026-01-05/hour=08/0000000000001-000001.parquet");
         let bytes = bytes::Bytes::from_static(b"PAR1");
-        storage.store().put(&path, bytes.into()).await.unwrap();
-        storage.make_durable(&[path]).await.unwrap();
+        storage
+            .store()
+            .put(&path, bytes.clone().into())
+            .await
+            .unwrap();
+        // The hour's folder, the day's, the stream's and the root: all new.
+        assert_eq!(storage.make_durable(&[path]).await.unwrap(), 4);
+        // Without birth times (some file systems keep none), folders cannot
+        // be told apart, and every flush syncs all four.
+        let tracked = std::fs::metadata(dir.path())
+            .and_then(|m| m.created())
+            .is_ok();
+        let expect = |n: usize| if tracked { n } else { 4 };
 
-        let gone = ObjectPath::from("s/date=2026-01-05/hour=09/0000000000002-000002.parquet");
+        // The same hour again: only its folder has a new entry.
+        let again = ObjectPath::from("s/date=2026-01-05/hour=08/0000000000002-000002.parquet");
+        storage
+            .store()
+            .put(&again, bytes.clone().into())
+            .await
+            .unwrap();
+        assert_eq!(storage.make_durable(&[again]).await.unwrap(), expect(1));
+
+        // A new hour of the same day: its folder and the day's, which
+        // holds it. Two files of one flush share them.
+        let next: Vec<ObjectPath> = ["000003", "000004"]
+            .iter()
+            .map(|n| {
+                ObjectPath::from(format!(
+                    "s/date=2026-01-05/hour=09/0000000000003-{n}.parquet"
+                ))
+            })
+            .collect();
+        for p in &next {
+            storage.store().put(p, bytes.clone().into()).await.unwrap();
+        }
+        assert_eq!(storage.make_durable(&next).await.unwrap(), expect(2));
+
+        // A folder deleted and made again under the same name is another
+        // folder, even when it gets the old one's inode number back: its
+        // entry is synced again.
+        let hour8 = dir.path().join("parquet/s/date=2026-01-05/hour=08");
+        std::fs::remove_dir_all(&hour8).unwrap();
+        let remade = ObjectPath::from("s/date=2026-01-05/hour=08/0000000000005-000005.parquet");
+        storage.store().put(&remade, bytes.into()).await.unwrap();
+        assert_eq!(storage.make_durable(&[remade]).await.unwrap(), expect(2));
+
+        let gone = ObjectPath::from("s/date=2026-01-05/hour=10/0000000000006-000006.parquet");
         let err = storage.make_durable(&[gone]).await.unwrap_err().to_string();
         assert!(
-            err.contains("hour=09/0000000000002-000002.parquet"),
+            err.contains("hour=10/0000000000006-000006.parquet"),
             "{err}"
         );
     }
