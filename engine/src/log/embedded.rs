@@ -6,9 +6,8 @@
 //! Each stream has one writer thread. Appends queue up for it; it takes every
 //! append waiting, writes them, fsyncs each touched partition once (all at
 //! once, on threads of their own), and only then answers them all (group
-//! commit). Readers share an index of record
-//! positions and a cache of the newest batches, so consumers following the
-//! tail never touch the disk.
+//! commit). Readers share an index of record positions and a cache of the
+//! newest batches, so consumers following the tail never touch the disk.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::fs::{self, File, OpenOptions};

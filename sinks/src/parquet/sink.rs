@@ -427,7 +427,7 @@ pub(crate) fn encode_parquet(
     // range of codes packs into as few bits either way. Floats, times and
     // strings keep the dictionary, which falls back to plain values by
     // itself once it grows too large (sensor readings are often few
-    // distinct values; docs/benchmarks.md, "Parquet encodings").
+    // distinct values; docs/benchmarks.md, "Parquet: integers as deltas").
     for field in schema.fields() {
         if matches!(field.data_type(), DataType::Int32 | DataType::Int64) {
             let column = ColumnPath::from(field.name().as_str());
