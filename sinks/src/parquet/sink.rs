@@ -496,6 +496,78 @@ mod tests {
         assert_eq!(sizes, [(0, 2), (1, 1), (2, 1)]);
     }
 
+    /// Integer columns are written as deltas, without a dictionary; the
+    /// others keep theirs. The values read back as they went in.
+    #[test]
+    fn integers_are_stored_as_deltas_and_the_rest_with_a_dictionary() {
+        use arrow::array::{Int32Array, Int64Array};
+        use parquet::file::reader::{FileReader, SerializedFileReader};
+        let columns = [
+            ("seq", ColumnType::Int64),
+            ("code", ColumnType::Int32),
+            ("temp", ColumnType::Float64),
+            ("status", ColumnType::Utf8),
+        ];
+        let def = StreamDef::new(
+            "t",
+            columns
+                .iter()
+                .map(|(name, ty)| ColumnDef {
+                    name: (*name).into(),
+                    ty: *ty,
+                })
+                .collect(),
+            1,
+        )
+        .unwrap();
+        let n = 1_000;
+        let seq: Vec<i64> = (1..=n).collect();
+        let code: Vec<i32> = (0..n as i32).map(|i| i % 4).collect();
+        let batch = RecordBatch::try_new(
+            def.schema(),
+            vec![
+                Arc::new(StringArray::from(vec!["d"; n as usize])),
+                Arc::new(TimestampMillisecondArray::from(seq.clone()).with_timezone("UTC")),
+                Arc::new(TimestampMillisecondArray::from(seq.clone()).with_timezone("UTC")),
+                Arc::new(Int64Array::from(seq.clone())),
+                Arc::new(Int32Array::from(code.clone())),
+                Arc::new(Float64Array::from(vec![21.5; n as usize])),
+                Arc::new(StringArray::from(vec!["ok"; n as usize])),
+            ],
+        )
+        .unwrap();
+        let bytes =
+            encode_parquet(&def.schema(), std::slice::from_ref(&batch), 3, Vec::new()).unwrap();
+
+        let reader = SerializedFileReader::new(bytes.clone()).unwrap();
+        let row_group = reader.metadata().row_group(0);
+        let encodings = |name: &str| {
+            let column = row_group
+                .columns()
+                .iter()
+                .find(|c| c.column_path().string() == name)
+                .unwrap_or_else(|| panic!("no column {name}"));
+            column.encodings().collect::<Vec<Encoding>>()
+        };
+        for name in ["seq", "code"] {
+            let e = encodings(name);
+            assert!(e.contains(&Encoding::DELTA_BINARY_PACKED), "{name}: {e:?}");
+            assert!(!e.contains(&Encoding::RLE_DICTIONARY), "{name}: {e:?}");
+        }
+        for name in ["device_id", "ts", "temp", "status"] {
+            let e = encodings(name);
+            assert!(e.contains(&Encoding::RLE_DICTIONARY), "{name}: {e:?}");
+        }
+
+        let read: Vec<RecordBatch> = ParquetRecordBatchReaderBuilder::try_new(bytes)
+            .unwrap()
+            .build()
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(concat_batches(&def.schema(), &read).unwrap(), batch);
+    }
+
     #[test]
     fn paths_follow_the_documented_layout() {
         let p = file_path("telemetry", 491_000, 5, 1).unwrap();
