@@ -1355,6 +1355,9 @@ mod tests {
         async fn committed(&self, c: &str, stream: &str, p: u32) -> Result<Option<u64>> {
             self.inner.committed(c, stream, p).await
         }
+        fn lag(&self, stream: &str) -> Result<Vec<crate::log::ConsumerLag>> {
+            self.inner.lag(stream)
+        }
     }
 
     /// Numbers the events it sees, 1, 2, 3, ..., as rows of stream `out`;

@@ -4,10 +4,10 @@
 //! [`GatewayMetrics`] is a handful of atomics the gateway bumps as
 //! connections come and go and frames are answered; it costs an atomic add
 //! per event, nothing per scrape but the scrape itself. [`GatewayMetrics::render`]
-//! writes them out; [`render_connected_devices`], [`render_commands`] and
-//! [`render_in_flight`] add the gauges that are read from elsewhere (the
-//! gateway's live list, the command queue, the in-flight budget) at scrape
-//! time. Every metric is described in
+//! writes them out; [`render_connected_devices`], [`render_commands`],
+//! [`render_in_flight`] and [`render_consumer_lag`] add the gauges that are
+//! read from elsewhere (the gateway's live list, the command queue, the
+//! in-flight budget, the event stream's offsets) at scrape time. Every metric is described in
 //! `docs/operations.md`, "Metrics".
 //!
 //! ```
@@ -29,6 +29,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use tributary_engine::commands::CommandStatus;
+use tributary_engine::log::ConsumerLag;
 
 use crate::limits::{InFlightBudget, Refusal};
 
@@ -398,6 +399,28 @@ pub fn render_commands(out: &mut String, counts: &[(CommandStatus, u64)]) {
     }
 }
 
+/// Writes `tributary_consumer_lag_events{stream, consumer}`: per stream,
+/// the events each consumer (the Parquet sink `parquet`, a rule
+/// `rule:<name>`) has not committed yet.
+pub fn render_consumer_lag(out: &mut String, streams: &[(String, Vec<ConsumerLag>)]) {
+    family(
+        out,
+        "tributary_consumer_lag_events",
+        "gauge",
+        "Events of a stream's log that a consumer (the Parquet sink, a rule) has not committed yet.",
+    );
+    for (stream, lags) in streams {
+        for lag in lags {
+            sample(
+                out,
+                "tributary_consumer_lag_events",
+                &[("stream", stream), ("consumer", &lag.consumer)],
+                lag.events,
+            );
+        }
+    }
+}
+
 fn family(out: &mut String, name: &str, kind: &str, help: &str) {
     // Writing to a String cannot fail.
     let _ = writeln!(out, "# HELP {name} {}", escape_help(help));
@@ -504,6 +527,20 @@ mod tests {
         m.render(&mut text);
         render_connected_devices(&mut text, 1);
         render_commands(&mut text, &[(CommandStatus::Queued, 2)]);
+        let lag = |consumer: &str, events| ConsumerLag {
+            consumer: consumer.to_string(),
+            events,
+        };
+        render_consumer_lag(
+            &mut text,
+            &[
+                (
+                    "sim".to_string(),
+                    vec![lag("parquet", 7), lag("rule:hot", 0)],
+                ),
+                ("a\"b".to_string(), vec![lag("parquet", 1)]),
+            ],
+        );
         let s = parse(&text);
         assert_eq!(value(&s, "tributary_connections_open", ""), 1.0);
         assert_eq!(value(&s, "tributary_connections_accepted_total", ""), 2.0);
@@ -553,6 +590,30 @@ mod tests {
         assert_eq!(value(&s, "tributary_devices_connected", ""), 1.0);
         assert_eq!(value(&s, "tributary_commands", "status=\"queued\""), 2.0);
         assert_eq!(value(&s, "tributary_commands", "status=\"expired\""), 0.0);
+        assert_eq!(
+            value(
+                &s,
+                "tributary_consumer_lag_events",
+                "stream=\"sim\",consumer=\"parquet\""
+            ),
+            7.0
+        );
+        assert_eq!(
+            value(
+                &s,
+                "tributary_consumer_lag_events",
+                "stream=\"sim\",consumer=\"rule:hot\""
+            ),
+            0.0
+        );
+        assert_eq!(
+            value(
+                &s,
+                "tributary_consumer_lag_events",
+                "stream=\"a\\\"b\",consumer=\"parquet\""
+            ),
+            1.0
+        );
     }
 
     #[test]

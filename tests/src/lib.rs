@@ -99,10 +99,12 @@ impl Server {
                 "127.0.0.1:0",
                 "--http-listen",
                 "127.0.0.1:0",
-                "--flush-interval",
-                "200ms",
-            ])
-            .args(&self.extra_args)
+            ]);
+        // Events reach Parquet quickly, unless the test says otherwise.
+        if !self.extra_args.iter().any(|a| a == "--flush-interval") {
+            cmd.args(["--flush-interval", "200ms"]);
+        }
+        cmd.args(&self.extra_args)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

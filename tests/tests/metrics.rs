@@ -10,7 +10,7 @@ use serde_json::json;
 use tributary_ingest::client::{Client, ClientOptions, Outcome};
 use tributary_tests::{Server, eventually, random_key, sign_token, unix_now};
 
-use crate::e2e::STREAM;
+use crate::e2e::{RULE, STREAM};
 
 /// Samples by `name{labels}` (labels as written, `name` alone without).
 type Samples = BTreeMap<String, f64>;
@@ -266,6 +266,94 @@ fn metrics_count_what_devices_did() {
         .map(|(series, v)| v - before.get(series).copied().unwrap_or(0.0))
         .sum();
     assert_eq!(ended, 1.0, "one session ended, once");
+}
+
+/// `tributary_consumer_lag_events`: the Parquet sink holds events until it
+/// has `--flush-rows` of them, so its lag is exactly what it has not
+/// written yet, and 0 once the last event fills its flush; a rule catches
+/// up on its own.
+#[test]
+fn consumer_lag_is_what_the_sink_and_a_rule_have_not_committed() {
+    let server = Server::start_with(&["--flush-interval", "1h", "--flush-rows", "5"]);
+    server.cli(&["sql", STREAM]).ok();
+    server.cli(&["sql", RULE]).ok();
+    let token = server
+        .add_device_with_keys("d1")
+        .primary_token(unix_now() + 3600);
+    let sink = "tributary_consumer_lag_events{stream=\"telemetry\",consumer=\"parquet\"}";
+    let rule = "tributary_consumer_lag_events{stream=\"telemetry\",consumer=\"rule:hot\"}";
+    // The sink says it is there before it has anything to write.
+    eventually(Duration::from_secs(10), || {
+        let s = scrape(&server);
+        (s.get(sink) == Some(&0.0)).then_some(())
+    });
+
+    runtime().block_on(async {
+        let client = Client::connect(ClientOptions::new(
+            server.quic_addr().parse().unwrap(),
+            server.ca(),
+            "d1",
+            &token,
+        ))
+        .await
+        .unwrap();
+        let send = |payload: &'static str| {
+            let client = &client;
+            async move {
+                let outcome = client
+                    .send("telemetry", payload.as_bytes().to_vec())
+                    .await
+                    .unwrap();
+                assert!(matches!(outcome, Outcome::Acked(_)), "{outcome:?}");
+            }
+        };
+        send(r#"[{"temp": 1}, {"temp": 2}, {"temp": 3}]"#).await;
+        let waiting = tokio::task::block_in_place(|| {
+            eventually(Duration::from_secs(10), || {
+                let s = scrape(&server);
+                (s.get(rule) == Some(&0.0)).then_some(s)
+            })
+        });
+        assert_eq!(get(&waiting, sink), 3.0, "{waiting:#?}");
+        send(r#"[{"temp": 4}, {"temp": 5}]"#).await;
+        tokio::task::block_in_place(|| {
+            eventually(Duration::from_secs(10), || {
+                let s = scrape(&server);
+                (get(&s, sink) == 0.0 && get(&s, rule) == 0.0).then_some(())
+            })
+        });
+        client.close().await;
+    });
+    // The five events are in Parquet (one file, or two if the flush
+    // straddled an hour), read back by parquet's own reader.
+    let rows: i64 = walk(&server.data_dir.join("storage").join("telemetry"))
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "parquet"))
+        .map(|p| {
+            let file = std::fs::File::open(&p).unwrap();
+            use parquet::file::reader::FileReader;
+            parquet::file::reader::SerializedFileReader::new(file)
+                .unwrap()
+                .metadata()
+                .file_metadata()
+                .num_rows()
+        })
+        .sum();
+    assert_eq!(rows, 5);
+}
+
+/// Every file under `dir`, at any depth.
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            files.extend(walk(&path));
+        } else {
+            files.push(path);
+        }
+    }
+    files
 }
 
 /// A server whose in-flight budget is smaller than one frame's decoded

@@ -31,8 +31,8 @@ use tokio::sync::{oneshot, watch};
 
 use super::segment::{self, Entry, Format};
 use super::{
-    AppendFuture, AppendReceipt, DEFAULT_RETENTION_MS, EventStream, RETENTION, RETENTION_BYTES,
-    Record,
+    AppendFuture, AppendReceipt, ConsumerLag, DEFAULT_RETENTION_MS, EventStream, RETENTION,
+    RETENTION_BYTES, Record,
 };
 use crate::event::StreamDef;
 use crate::fsutil::{sync_dir, write_atomic};
@@ -1480,6 +1480,23 @@ impl EventStream for EmbeddedLog {
             .and_then(|m| m.get(&partition))
             .copied())
     }
+
+    fn lag(&self, stream: &str) -> Result<Vec<ConsumerLag>> {
+        let s = self.stream(stream)?;
+        let ends: Vec<u64> = s.partitions.iter().map(|p| lock(p).end).collect();
+        let offsets = lock(&s.offsets);
+        Ok(offsets
+            .iter()
+            .map(|(consumer, committed)| ConsumerLag {
+                consumer: consumer.clone(),
+                events: ends
+                    .iter()
+                    .zip(0u32..)
+                    .map(|(end, p)| end.saturating_sub(committed.get(&p).copied().unwrap_or(0)))
+                    .sum(),
+            })
+            .collect())
+    }
 }
 
 impl std::fmt::Debug for EmbeddedLog {
@@ -1596,6 +1613,63 @@ mod tests {
             committed.push(log.committed("rule", "telemetry", p).await.unwrap());
         }
         assert_eq!(committed, [Some(4), None, Some(9)]);
+    }
+
+    /// A consumer's lag is what its partitions hold past its commits, a
+    /// partition it never committed counted whole; it survives a restart,
+    /// `forget` drops the consumer, and an unknown stream is named.
+    #[tokio::test]
+    async fn each_consumer_lags_by_the_events_it_has_not_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let lag = |log: &EmbeddedLog| -> Vec<(String, u64)> {
+            log.lag("telemetry")
+                .unwrap()
+                .into_iter()
+                .map(|l| (l.consumer, l.events))
+                .collect()
+        };
+        // Two devices on two different partitions of two.
+        let (a, b) = ("dev-a", "dev-b");
+        let (pa, pb) = (
+            crate::log::partition_for(a, 2),
+            crate::log::partition_for(b, 2),
+        );
+        assert_ne!(pa, pb);
+        {
+            let log = EmbeddedLog::open(dir.path(), LogOptions::default()).unwrap();
+            log.create_stream(&def(2)).await.unwrap();
+            assert_eq!(lag(&log), []);
+            log.append("telemetry", a, batch(a, &[1.0, 2.0, 3.0]))
+                .await
+                .unwrap();
+            log.append("telemetry", b, batch(b, &[4.0, 5.0]))
+                .await
+                .unwrap();
+            log.commit("parquet", "telemetry", &[(pa, 1), (pb, 2)])
+                .await
+                .unwrap();
+            log.commit("rule:hot", "telemetry", &[(pa, 3)])
+                .await
+                .unwrap();
+            assert_eq!(
+                lag(&log),
+                [("parquet".to_string(), 2), ("rule:hot".to_string(), 2)]
+            );
+            log.append("telemetry", a, batch(a, &[6.0])).await.unwrap();
+            assert_eq!(
+                lag(&log),
+                [("parquet".to_string(), 3), ("rule:hot".to_string(), 3)]
+            );
+        }
+        let log = EmbeddedLog::open(dir.path(), LogOptions::default()).unwrap();
+        assert_eq!(
+            lag(&log),
+            [("parquet".to_string(), 3), ("rule:hot".to_string(), 3)]
+        );
+        log.forget("rule:hot", "telemetry").await.unwrap();
+        assert_eq!(lag(&log), [("parquet".to_string(), 3)]);
+        let unknown = log.lag("nope").unwrap_err();
+        assert!(unknown.to_string().contains("nope"), "{unknown}");
     }
 
     fn batch(device: &str, temps: &[f64]) -> RecordBatch {

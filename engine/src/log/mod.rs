@@ -25,6 +25,7 @@
 //! | `submit_sequenced` (device resends) | `Nats-Msg-Id: <device>/<seq>` within the stream's duplicate window, and the highest `seq` per device kept beside it for resends older than the window | an idempotent producer per gateway (its own sequence covers the gateway's retries), plus the highest `seq` per device, checked before producing; `submit_to` names the partition (the subject `<stream>.p<p>`, the record's partition) |
 //! | `commit` / `committed` | a durable pull consumer per Tributary consumer, acked up to the offset (`AckAll`) | a consumer group per Tributary consumer, offsets committed after the output is durable |
 //! | `forget` | delete the durable consumer | delete the consumer group's offsets |
+//! | `lag` | each durable consumer's pending count (`num_pending`) | each consumer group's lag: the end offsets less its committed ones |
 //! | retention after every consumer read | `Interest` retention, or `Limits` with `MaxAge`/`MaxBytes` | `retention.ms` / `retention.bytes` (Kafka does not wait for consumers) |
 //! | a full store: `Error::Unavailable` (`crate::Error`) | publish fails with "insufficient resources" or "maximum bytes exceeded" | `NOT_ENOUGH_REPLICAS`, a broker's full disk: retriable errors |
 //! | `watch` | a consumer's pending count or an ordered push consumer | polling the end offsets |
@@ -235,6 +236,19 @@ pub trait EventStream: Send + Sync + 'static {
 
     /// The committed offset of `consumer` on a partition; `None` if it never committed.
     async fn committed(&self, consumer: &str, stream: &str, partition: u32) -> Result<Option<u64>>;
+
+    /// How far each consumer of `stream` that has committed is behind its
+    /// end: the events appended that it has not committed yet, all
+    /// partitions together (a partition it never committed counts from
+    /// 0). Sorted by consumer.
+    fn lag(&self, stream: &str) -> Result<Vec<ConsumerLag>>;
+}
+
+/// Events of a stream a consumer has not committed yet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsumerLag {
+    pub consumer: String,
+    pub events: u64,
 }
 
 /// Resolves when a submitted batch is durable.

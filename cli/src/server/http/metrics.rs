@@ -8,7 +8,9 @@
 use axum::extract::State;
 use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
-use tributary_ingest::metrics::{render_commands, render_connected_devices, render_in_flight};
+use tributary_ingest::metrics::{
+    render_commands, render_connected_devices, render_consumer_lag, render_in_flight,
+};
 
 use super::ApiState;
 
@@ -17,7 +19,8 @@ const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// The server's metrics as Prometheus text: connections, sessions, frames
 /// and events through the QUIC gateway since the server started, the
-/// devices connected now, and the command queue by status.
+/// devices connected now, the command queue by status, and how far each
+/// stream's consumers are behind its log.
 pub(super) async fn metrics(State(state): State<ApiState>) -> Response {
     let mut out = String::with_capacity(4096);
     state.gateway.metrics().render(&mut out);
@@ -29,6 +32,20 @@ pub(super) async fn metrics(State(state): State<ApiState>) -> Response {
         Ok(counts) => render_commands(&mut out, &counts),
         Err(e) => tracing::warn!(error = %e, "could not count the command queue for /metrics"),
     }
+    let lags: Vec<_> = state
+        .sql
+        .catalog
+        .streams()
+        .into_iter()
+        .filter_map(|def| match state.sql.log.lag(&def.name) {
+            Ok(lag) => Some((def.name, lag)),
+            Err(e) => {
+                tracing::warn!(stream = %def.name, error = %e, "could not read the stream's consumer offsets for /metrics");
+                None
+            }
+        })
+        .collect();
+    render_consumer_lag(&mut out, &lags);
     let mut response = out.into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,
