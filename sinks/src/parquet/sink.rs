@@ -2,6 +2,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use arrow::array::{Array, TimestampMillisecondArray, UInt32Array};
@@ -12,6 +13,9 @@ use bytes::Bytes;
 use object_store::ObjectStoreExt;
 use object_store::path::Path as ObjectPath;
 use parquet::arrow::ArrowWriter;
+use parquet::arrow::arrow_writer::{
+    ArrowColumnChunk, ArrowColumnWriter, ArrowLeafColumn, compute_leaves,
+};
 use parquet::basic::{Compression, Encoding, ZstdLevel};
 use parquet::file::metadata::KeyValue;
 use parquet::file::properties::WriterProperties;
@@ -204,6 +208,23 @@ impl Worker {
     }
 
     async fn run_until_error(&mut self, stop: &mut watch::Receiver<bool>) -> Result<()> {
+        let mut in_flight = None;
+        let result = self.pump(stop, &mut in_flight).await;
+        // Never leave a flush running: after an error the sink recovers
+        // from the files and offsets, which that flush may still be writing.
+        let settled = settle(&mut in_flight).await;
+        result.and(settled)
+    }
+
+    /// Reads the stream into buffers and flushes them, one flush writing
+    /// while the next buffer fills (`in_flight`). A flush starts only once
+    /// the one before it has committed, so the files past the committed
+    /// offsets are always those of one flush, as recovery expects.
+    async fn pump(
+        &mut self,
+        stop: &mut watch::Receiver<bool>,
+        in_flight: &mut Option<JoinHandle<Result<()>>>,
+    ) -> Result<()> {
         let partitions = self.log.partitions(&self.stream)?;
         let mut appended = self.log.watch(&self.stream)?;
         let mut committed = Vec::with_capacity(partitions as usize);
@@ -249,13 +270,14 @@ impl Worker {
             if buffer.rows > 0
                 && (stopping || buffer.full(&self.options) || buffer.due(&self.options))
             {
-                self.flush(std::mem::take(&mut buffer), &committed, &read)
-                    .await?;
+                let flush = self.prepare_flush(std::mem::take(&mut buffer), &committed, &read)?;
+                settle(in_flight).await?;
+                *in_flight = Some(tokio::spawn(flush.write()));
                 committed.clone_from(&read);
                 continue;
             }
             if stopping {
-                return Ok(());
+                return settle(in_flight).await;
             }
             if got {
                 continue;
@@ -267,12 +289,15 @@ impl Worker {
                 changed = appended.changed() => if changed.is_err() { return Ok(()) },
                 _ = sleep_until(deadline) => {}
                 _ = stop.changed() => {}
+                // A failed flush ends the run now, not at the next flush.
+                done = finished(in_flight) => done?,
             }
         }
     }
 
-    /// Writes one file per hour, then commits the offsets they cover.
-    async fn flush(&mut self, buffer: Buffer, from: &[u64], to: &[u64]) -> Result<()> {
+    /// Names the files of one flush (one per event hour) and what they
+    /// record about it.
+    fn prepare_flush(&mut self, buffer: Buffer, from: &[u64], to: &[u64]) -> Result<Flush> {
         let offsets: BTreeMap<usize, [u64; 2]> = from
             .iter()
             .zip(to)
@@ -281,7 +306,7 @@ impl Worker {
             .map(|(p, (a, b))| (p, [*a, *b]))
             .collect();
         let now = now_millis();
-        let flush = FlushInfo {
+        let info = FlushInfo {
             id: format!("{now}-{}", self.files_written),
             files: buffer.hours.len(),
             offsets: offsets.iter().map(|(p, r)| (*p as u32, *r)).collect(),
@@ -290,7 +315,7 @@ impl Worker {
             KeyValue::new(STREAM_KEY.to_string(), self.stream.clone()),
             KeyValue::new(
                 FLUSH_KEY.to_string(),
-                serde_json::to_string(&flush).map_err(|e| Error::Internal(e.to_string()))?,
+                serde_json::to_string(&info).map_err(|e| Error::Internal(e.to_string()))?,
             ),
         ];
         let mut files = Vec::with_capacity(buffer.hours.len());
@@ -298,32 +323,97 @@ impl Worker {
             self.files_written += 1;
             files.push(file_path(&self.stream, *hour, now, self.files_written)?);
         }
-        let schema = self.schema.clone();
-        let level = self.options.zstd_level;
+        Ok(Flush {
+            stream: self.stream.clone(),
+            schema: self.schema.clone(),
+            storage: self.storage.clone(),
+            log: self.log.clone(),
+            zstd_level: self.options.zstd_level,
+            buffer,
+            files,
+            metadata,
+            ends: offsets
+                .iter()
+                .map(|(p, [_, end])| (*p as u32, *end))
+                .collect(),
+        })
+    }
+}
+
+/// One flush, ready to write: its buffer, its files' paths and metadata,
+/// and the offsets to commit once the files are durable.
+struct Flush {
+    stream: String,
+    schema: SchemaRef,
+    storage: Storage,
+    log: SharedEventStream,
+    zstd_level: i32,
+    buffer: Buffer,
+    files: Vec<ObjectPath>,
+    metadata: Vec<KeyValue>,
+    ends: Vec<(u32, u64)>,
+}
+
+impl Flush {
+    /// Encodes one file per hour, puts them, makes them durable, then
+    /// commits the offsets they cover.
+    async fn write(self) -> Result<()> {
+        let Flush {
+            stream,
+            schema,
+            storage,
+            log,
+            zstd_level,
+            buffer,
+            files,
+            metadata,
+            ends,
+        } = self;
         let encoded: Vec<Bytes> = tokio::task::spawn_blocking(move || {
             buffer
                 .hours
                 .into_values()
-                .map(|batches| encode_parquet(&schema, &batches, level, metadata.clone()))
+                .map(|batches| encode_parquet(&schema, &batches, zstd_level, metadata.clone()))
                 .collect::<Result<Vec<_>>>()
         })
         .await
         .map_err(|e| Error::Internal(format!("parquet encoder task failed: {e}")))??;
 
-        let _publishing = self.storage.visibility.write().await;
+        let _publishing = storage.visibility.write().await;
         let mut rows_bytes = 0;
         for (path, bytes) in files.iter().zip(encoded) {
             rows_bytes += bytes.len();
-            self.storage.store().put(path, bytes.into()).await?;
+            storage.store().put(path, bytes.into()).await?;
         }
-        let folders = self.storage.make_durable(&files).await?;
-        let ends: Vec<(u32, u64)> = offsets
-            .iter()
-            .map(|(p, [_, end])| (*p as u32, *end))
-            .collect();
-        self.log.commit(SINK_CONSUMER, &self.stream, &ends).await?;
-        tracing::debug!(stream = %self.stream, files = files.len(), bytes = rows_bytes, folders_synced = folders, "flushed parquet");
+        let folders = storage.make_durable(&files).await?;
+        log.commit(SINK_CONSUMER, &stream, &ends).await?;
+        tracing::debug!(stream = %stream, files = files.len(), bytes = rows_bytes, folders_synced = folders, "flushed parquet");
         Ok(())
+    }
+}
+
+/// Waits for the flush in flight, if any, and takes it.
+async fn settle(in_flight: &mut Option<JoinHandle<Result<()>>>) -> Result<()> {
+    match in_flight.take() {
+        Some(flush) => flush
+            .await
+            .map_err(|e| Error::Internal(format!("parquet flush task failed: {e}")))?,
+        None => Ok(()),
+    }
+}
+
+/// Resolves when the flush in flight has finished (taking it); never if
+/// there is none.
+async fn finished(in_flight: &mut Option<JoinHandle<Result<()>>>) -> Result<()> {
+    match in_flight {
+        Some(flush) => {
+            let done = flush
+                .await
+                .map_err(|e| Error::Internal(format!("parquet flush task failed: {e}")));
+            *in_flight = None;
+            done?
+        }
+        None => std::future::pending().await,
     }
 }
 
@@ -437,9 +527,93 @@ pub(crate) fn encode_parquet(
         }
     }
     let props = props.build();
-    let mut writer = ArrowWriter::try_new(Vec::new(), schema.clone(), Some(props))?;
-    writer.write(&batch)?;
-    Ok(Bytes::from(writer.into_inner()?))
+    let row_group_rows = props.max_row_group_row_count().unwrap_or(usize::MAX);
+    write_row_groups(schema, &batch, props, row_group_rows)
+}
+
+/// Writes `batch` as row groups of at most `row_group_rows` rows, encoding
+/// the columns of each row group at once, one column per thread up to the
+/// machine's cores. The same file `ArrowWriter` writes (its Arrow schema in
+/// the key-value metadata included), which encodes one column after
+/// another: a flush of the simulator's telemetry spends most of its time
+/// there (docs/benchmarks.md, "The Parquet sink encodes columns at once").
+fn write_row_groups(
+    schema: &SchemaRef,
+    batch: &RecordBatch,
+    props: WriterProperties,
+    row_group_rows: usize,
+) -> Result<Bytes> {
+    let writer = ArrowWriter::try_new(Vec::new(), schema.clone(), Some(props))?;
+    let (mut file, columns) = writer.into_serialized_writer()?;
+    let rows = batch.num_rows();
+    let step = row_group_rows.max(1);
+    for (index, start) in (0..rows).step_by(step).enumerate() {
+        let part = batch.slice(start, step.min(rows - start));
+        let mut jobs = Vec::new();
+        let mut writers = columns.create_column_writers(index)?.into_iter();
+        for (field, array) in schema.fields().iter().zip(part.columns()) {
+            for leaf in compute_leaves(field, array)? {
+                let writer = writers.next().ok_or_else(|| {
+                    Error::Internal(format!("no Parquet column writer for '{}'", field.name()))
+                })?;
+                jobs.push(Mutex::new(Some((writer, leaf))));
+            }
+        }
+        let mut group = file.next_row_group()?;
+        for chunk in encode_columns(&jobs) {
+            chunk?.append_to_row_group(&mut group)?;
+        }
+        group.close()?;
+    }
+    Ok(Bytes::from(file.into_inner()?))
+}
+
+/// Encodes each column chunk, in order: the calling thread and up to one
+/// more thread per core take the next column until none is left. Threads
+/// that cannot be had leave their share to the others.
+fn encode_columns(
+    jobs: &[Mutex<Option<(ArrowColumnWriter, ArrowLeafColumn)>>],
+) -> Vec<Result<ArrowColumnChunk>> {
+    let results: Vec<Mutex<Option<Result<ArrowColumnChunk>>>> =
+        jobs.iter().map(|_| Mutex::new(None)).collect();
+    let next = AtomicUsize::new(0);
+    let work = || {
+        loop {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            let Some(job) = jobs.get(i) else { return };
+            let taken = job.lock().unwrap_or_else(|p| p.into_inner()).take();
+            if let Some((mut writer, leaf)) = taken {
+                let chunk = writer
+                    .write(&leaf)
+                    .and_then(|()| writer.close())
+                    .map_err(Error::from);
+                *results[i].lock().unwrap_or_else(|p| p.into_inner()) = Some(chunk);
+            }
+        }
+    };
+    let helpers = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(jobs.len())
+        .saturating_sub(1);
+    std::thread::scope(|scope| {
+        for _ in 0..helpers {
+            let spawned = std::thread::Builder::new()
+                .name("parquet-encode".into())
+                .spawn_scoped(scope, work);
+            if spawned.is_err() {
+                break;
+            }
+        }
+        work();
+    });
+    results
+        .into_iter()
+        .map(|r| {
+            r.into_inner()
+                .unwrap_or_else(|p| p.into_inner())
+                .unwrap_or_else(|| Err(Error::Internal("a Parquet column was not encoded".into())))
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -477,6 +651,106 @@ mod tests {
             ],
         )
         .unwrap()
+    }
+
+    /// Flush after flush lands, and a flush that fails is written again
+    /// once the store takes it: the sink's lag holds meanwhile, the flushes
+    /// before it stay, and every event lands once.
+    #[tokio::test]
+    async fn a_failed_flush_is_written_again_and_every_event_lands_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let log: SharedEventStream =
+            Arc::new(EmbeddedLog::open(dir.path().join("log"), LogOptions::default()).unwrap());
+        log.create_stream(&def()).await.unwrap();
+        let storage = Storage::local(dir.path().join("storage")).unwrap();
+        // A file where the second hour's folder goes: its puts fail.
+        let blocker = dir.path().join("storage/telemetry/date=1970-01-01/hour=01");
+        std::fs::create_dir_all(blocker.parent().unwrap()).unwrap();
+        std::fs::write(&blocker, b"not a folder").unwrap();
+        let parquet_lag = || {
+            log.lag("telemetry")
+                .unwrap()
+                .into_iter()
+                .find(|l| l.consumer == SINK_CONSUMER)
+                .map(|l| l.events)
+        };
+        let settles = |what: &'static str, events: u64| {
+            let parquet_lag = &parquet_lag;
+            async move {
+                let deadline = std::time::Instant::now() + Duration::from_secs(20);
+                while parquet_lag() != Some(events) {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "{what}: lag {:?}",
+                        parquet_lag()
+                    );
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        };
+
+        let sinks = ParquetSinks::new(
+            storage.clone(),
+            log.clone(),
+            SinkOptions {
+                flush_rows: 10,
+                flush_interval: Duration::from_secs(3600),
+                ..SinkOptions::default()
+            },
+        );
+        sinks.start(&def()).unwrap();
+        let mut sent: Vec<i64> = Vec::new();
+        // Hour 00, ten events at a time: a flush each.
+        for i in 0..5 {
+            let ts: Vec<i64> = (0..10).map(|j| 1_000 + i * 10 + j).collect();
+            sent.extend(&ts);
+            log.append("telemetry", "a", batch("a", &ts)).await.unwrap();
+        }
+        settles("hour 00", 0).await;
+        // Hour 01 cannot be written.
+        for i in 0..3 {
+            let ts: Vec<i64> = (0..10).map(|j| 3_601_000 + i * 10 + j).collect();
+            sent.extend(&ts);
+            log.append("telemetry", "a", batch("a", &ts)).await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        assert_eq!(parquet_lag(), Some(30));
+        std::fs::remove_file(&blocker).unwrap();
+        settles("hour 01", 0).await;
+        sinks.shutdown().await;
+
+        let files = storage
+            .snapshot(log.as_ref(), "telemetry")
+            .await
+            .unwrap()
+            .files;
+        let hour = |h: &str| {
+            files
+                .iter()
+                .filter(|f| f.to_string_lossy().contains(h))
+                .count()
+        };
+        assert!(hour("hour=00") >= 1 && hour("hour=01") >= 1, "{files:?}");
+        let mut stored: Vec<i64> = Vec::new();
+        for f in &files {
+            let file = std::fs::File::open(f).unwrap();
+            for b in ParquetRecordBatchReaderBuilder::try_new(file)
+                .unwrap()
+                .build()
+                .unwrap()
+            {
+                let b = b.unwrap();
+                let ts = b
+                    .column_by_name(TS)
+                    .unwrap()
+                    .as_any()
+                    .downcast_ref::<TimestampMillisecondArray>()
+                    .unwrap();
+                stored.extend(ts.values().iter());
+            }
+        }
+        stored.sort_unstable();
+        assert_eq!(stored, sent);
     }
 
     fn read_rows(path: &std::path::Path) -> usize {
@@ -566,6 +840,55 @@ mod tests {
             .map(Result::unwrap)
             .collect();
         assert_eq!(concat_batches(&def.schema(), &read).unwrap(), batch);
+    }
+
+    /// Columns encoded at once make the very file `ArrowWriter` makes one
+    /// column after another, byte for byte, row groups split the same way;
+    /// parquet's reader reads back the rows written, and their Arrow types.
+    #[test]
+    fn columns_encoded_at_once_make_the_file_arrow_writer_makes() {
+        use parquet::file::reader::{FileReader, SerializedFileReader};
+        let n = 2_500;
+        let ts: Vec<i64> = (0..n).map(|i| 1_700_000_000_000 + i * 7).collect();
+        let devices: Vec<String> = (0..n).map(|i| format!("dev-{}", i % 13)).collect();
+        let temps: Vec<f64> = (0..n).map(|i| (i % 50) as f64 / 4.0).collect();
+        let batch = RecordBatch::try_new(
+            def().schema(),
+            vec![
+                Arc::new(StringArray::from(devices)),
+                Arc::new(TimestampMillisecondArray::from(ts.clone()).with_timezone("UTC")),
+                Arc::new(TimestampMillisecondArray::from(ts).with_timezone("UTC")),
+                Arc::new(Float64Array::from(temps)),
+            ],
+        )
+        .unwrap();
+        let metadata = vec![KeyValue::new("k".to_string(), "v".to_string())];
+        for row_group_rows in [1_000, 10_000] {
+            let props = || {
+                WriterProperties::builder()
+                    .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).unwrap()))
+                    .set_key_value_metadata(Some(metadata.clone()))
+                    .set_max_row_group_row_count(Some(row_group_rows))
+                    .build()
+            };
+            let ours = write_row_groups(&def().schema(), &batch, props(), row_group_rows).unwrap();
+            let mut one_by_one =
+                ArrowWriter::try_new(Vec::new(), def().schema(), Some(props())).unwrap();
+            one_by_one.write(&batch).unwrap();
+            let theirs = one_by_one.into_inner().unwrap();
+            assert!(ours[..] == theirs[..], "{row_group_rows} rows per group");
+
+            let reader = SerializedFileReader::new(ours.clone()).unwrap();
+            let groups = reader.metadata().num_row_groups();
+            assert_eq!(groups, (n as usize).div_ceil(row_group_rows));
+            let read: Vec<RecordBatch> = ParquetRecordBatchReaderBuilder::try_new(ours)
+                .unwrap()
+                .build()
+                .unwrap()
+                .map(Result::unwrap)
+                .collect();
+            assert_eq!(concat_batches(&def().schema(), &read).unwrap(), batch);
+        }
     }
 
     #[test]
