@@ -615,10 +615,14 @@ fn ingest_run(
         Duration::from_secs_f64(o.duration_s) + Duration::from_secs(180),
     );
     let wall_s = started.elapsed().as_secs_f64();
+    let behind = sink_lag(server);
     let peak = sampler.finish();
     let sim_peak = sim_sampler.finish();
     server.check_alive()?;
     let hwm = status_kb(server.pid(), "VmHWM:");
+    // The next row starts once this one's events are all in Parquet, so it
+    // does not share the machine with this row's leftover work.
+    let stored_after = wait_stored(server, STORED_WITHIN);
     let mut row = match outcome {
         Ok((true, stdout, _)) => match serde_json::from_str::<Value>(stdout.trim()) {
             Ok(v) if v.is_object() => v,
@@ -640,7 +644,59 @@ fn ingest_run(
     m.insert("server_hwm_bytes".into(), json!(hwm));
     m.insert("simulator_peak_rss_bytes".into(), json!(sim_peak));
     m.insert("wall_s".into(), json!(wall_s));
+    m.insert("parquet_lag_at_end".into(), json!(behind));
+    m.insert(
+        "parquet_caught_up_s".into(),
+        json!(stored_after.map(|d| d.as_secs_f64())),
+    );
     Ok(row)
+}
+
+/// An ingest row's "Parquet behind, caught up" cell: `1.2 M, 3.4 s`.
+fn parquet_behind(row: &Value) -> String {
+    let behind = row["parquet_lag_at_end"]
+        .as_f64()
+        .map_or_else(|| "?".to_string(), |n| format!("{:.1} M", n / 1e6));
+    let after = row["parquet_caught_up_s"].as_f64().map_or_else(
+        || format!("not within {} s", STORED_WITHIN.as_secs()),
+        |t| format!("{t:.1} s"),
+    );
+    format!("{behind}, {after}")
+}
+
+/// The longest an ingest run waits for the Parquet sink to store the
+/// events of the run before it.
+const STORED_WITHIN: Duration = Duration::from_secs(120);
+
+/// The Parquet sink's lag on the simulator's stream, from `/metrics`
+/// (`tributary_consumer_lag_events`); `None` if the scrape fails or the
+/// sink has not committed on the stream yet.
+fn sink_lag(server: &Server) -> Option<u64> {
+    let api = server.http().ok()?;
+    let (status, body) = queries::http(&api, "GET", "/metrics", None, None, None).ok()?;
+    if status != 200 {
+        return None;
+    }
+    let series =
+        format!("tributary_consumer_lag_events{{stream=\"{STREAM}\",consumer=\"parquet\"}} ");
+    String::from_utf8_lossy(&body)
+        .lines()
+        .find_map(|l| l.strip_prefix(&series)?.trim().parse().ok())
+}
+
+/// Waits until the Parquet sink has stored every event acknowledged so far
+/// (its lag is 0); how long that took, or `None` if not within `limit`.
+fn wait_stored(server: &Server, limit: Duration) -> Option<Duration> {
+    let start = Instant::now();
+    loop {
+        if sink_lag(server) == Some(0) {
+            return Some(start.elapsed());
+        }
+        if start.elapsed() >= limit {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -1517,18 +1573,23 @@ fn markdown(r: &Value) -> String {
          acknowledgement latency per frame, and the server's peak resident memory during \
          the run (sampled every 100 ms). Idle server: {:.0} MiB. Each device keeps as many \
          events unacknowledged as a mosquitto_pub client below has messages ({}), in at \
-         least {} frames (*frames in flight*).\n",
+         least {} frames (*frames in flight*). *Parquet behind, caught up*: the events \
+         acknowledged but not yet in Parquet when the run ended (the sink's \
+         `tributary_consumer_lag_events`), and how long the sink took to store them; it \
+         writes a file per 100,000 events, or 5 s after an event came (`--flush-rows`, \
+         `--flush-interval`), so a few seconds is it keeping up. The next run starts once \
+         the sink has caught up.\n",
         f(r, "server_idle_rss_bytes") / MIB,
         MQTT_INFLIGHT,
         SIM_MIN_WINDOW
     );
     let _ = writeln!(
         s,
-        "| payload | devices | events/frame | frames in flight | acked events/s | p50 ms | p99 ms | p99.9 ms | server peak MiB | rejected | errors | target |"
+        "| payload | devices | events/frame | frames in flight | acked events/s | p50 ms | p99 ms | p99.9 ms | server peak MiB | Parquet behind, caught up | rejected | errors | target |"
     );
     let _ = writeln!(
         s,
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"
     );
     let mut peak_all = 0.0f64;
     let mut hwm_all = 0.0f64;
@@ -1539,7 +1600,7 @@ fn markdown(r: &Value) -> String {
         if let Some(e) = row["error"].as_str() {
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {} | failed: {} | | | | {:.0} | | | |",
+                "| {} | {} | {} | {} | failed: {} | | | | {:.0} | | | | |",
                 row["encoding"].as_str().unwrap_or("?"),
                 row["devices"],
                 row["batch"],
@@ -1553,7 +1614,7 @@ fn markdown(r: &Value) -> String {
         let rejected = row["rejected"].as_u64().unwrap_or(0);
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {:.0} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {:.0} | {} | {} | {} | {} |",
             if row["encoding"] == "json" {
                 "JSON"
             } else {
@@ -1567,6 +1628,7 @@ fn markdown(r: &Value) -> String {
             fmt_ms(lat["p99"].as_f64()),
             fmt_ms(lat["p999"].as_f64()),
             peak,
+            parquet_behind(row),
             if rejected > 0 {
                 format!("{rejected} {}", row["rejections"])
             } else {
