@@ -101,7 +101,9 @@ impl Server {
                 "127.0.0.1:0",
             ]);
         // Events reach Parquet quickly, unless the test says otherwise.
-        if !self.extra_args.iter().any(|a| a == "--flush-interval") {
+        let own_interval =
+            |a: &String| a == "--flush-interval" || a.starts_with("--flush-interval=");
+        if !self.extra_args.iter().any(own_interval) {
             cmd.args(["--flush-interval", "200ms"]);
         }
         cmd.args(&self.extra_args)

@@ -616,13 +616,14 @@ fn ingest_run(
     );
     let wall_s = started.elapsed().as_secs_f64();
     let behind = sink_lag(server);
-    let peak = sampler.finish();
     let sim_peak = sim_sampler.finish();
+    // The next row starts once this one's events are all in Parquet, so it
+    // does not share the machine with this row's leftover work. The
+    // server's memory while it catches up counts for this row.
+    let stored_after = wait_stored(server, STORED_WITHIN);
+    let peak = sampler.finish();
     server.check_alive()?;
     let hwm = status_kb(server.pid(), "VmHWM:");
-    // The next row starts once this one's events are all in Parquet, so it
-    // does not share the machine with this row's leftover work.
-    let stored_after = wait_stored(server, STORED_WITHIN);
     let mut row = match outcome {
         Ok((true, stdout, _)) => match serde_json::from_str::<Value>(stdout.trim()) {
             Ok(v) if v.is_object() => v,
@@ -652,11 +653,17 @@ fn ingest_run(
     Ok(row)
 }
 
-/// An ingest row's "Parquet behind, caught up" cell: `1.2 M, 3.4 s`.
+/// An ingest row's "Parquet behind, caught up" cell: `1.2 M, 3.4 s`,
+/// `85 k, 4.6 s`.
 fn parquet_behind(row: &Value) -> String {
-    let behind = row["parquet_lag_at_end"]
-        .as_f64()
-        .map_or_else(|| "?".to_string(), |n| format!("{:.1} M", n / 1e6));
+    let behind = row["parquet_lag_at_end"].as_f64().map_or_else(
+        || "?".to_string(),
+        |n| match n {
+            n if n >= 1e6 => format!("{:.1} M", n / 1e6),
+            n if n >= 1e3 => format!("{:.0} k", n / 1e3),
+            n => format!("{n:.0}"),
+        },
+    );
     let after = row["parquet_caught_up_s"].as_f64().map_or_else(
         || format!("not within {} s", STORED_WITHIN.as_secs()),
         |t| format!("{t:.1} s"),
@@ -1575,13 +1582,15 @@ fn markdown(r: &Value) -> String {
          events unacknowledged as a mosquitto_pub client below has messages ({}), in at \
          least {} frames (*frames in flight*). *Parquet behind, caught up*: the events \
          acknowledged but not yet in Parquet when the run ended (the sink's \
-         `tributary_consumer_lag_events`), and how long the sink took to store them; it \
-         writes a file per 100,000 events, or 5 s after an event came (`--flush-rows`, \
-         `--flush-interval`), so a few seconds is it keeping up. The next run starts once \
-         the sink has caught up.\n",
+         `tributary_consumer_lag_events`), and how long the sink took to store them. It \
+         flushes every 100,000 events, or 5 s after an event came (`--flush-rows`, \
+         `--flush-interval`), so a few seconds means it kept up. The next run starts once \
+         the sink has caught up (or after {} s), and the server's peak memory includes \
+         that wait.\n",
         f(r, "server_idle_rss_bytes") / MIB,
         MQTT_INFLIGHT,
-        SIM_MIN_WINDOW
+        SIM_MIN_WINDOW,
+        STORED_WITHIN.as_secs()
     );
     let _ = writeln!(
         s,

@@ -188,8 +188,11 @@ fn split_by_hour(batch: RecordBatch) -> Result<Vec<(i64, RecordBatch)>> {
 
 impl Worker {
     async fn run(mut self, mut stop: watch::Receiver<bool>) {
-        let mut backoff = Duration::from_millis(200);
+        const FIRST_PAUSE: Duration = Duration::from_millis(200);
+        let mut backoff = FIRST_PAUSE;
+        let mut failed_at: Option<Instant> = None;
         loop {
+            let started = Instant::now();
             match self.run_until_error(&mut stop).await {
                 Ok(()) => return,
                 Err(e) => {
@@ -197,6 +200,12 @@ impl Worker {
                     if *stop.borrow() {
                         return;
                     }
+                    // A sink that ran for a minute since its last failure
+                    // starts over with short pauses.
+                    if failed_at.is_some_and(|_| started.elapsed() >= Duration::from_secs(60)) {
+                        backoff = FIRST_PAUSE;
+                    }
+                    failed_at = Some(Instant::now());
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
                         _ = stop.changed() => {}
@@ -381,11 +390,32 @@ impl Flush {
 
         let _publishing = storage.visibility.write().await;
         let mut rows_bytes = 0;
+        let mut put = 0;
+        let mut stored = Ok(0);
         for (path, bytes) in files.iter().zip(encoded) {
             rows_bytes += bytes.len();
-            storage.store().put(path, bytes.into()).await?;
+            if let Err(e) = storage.store().put(path, bytes.into()).await {
+                stored = Err(e.into());
+                break;
+            }
+            put += 1;
         }
-        let folders = storage.make_durable(&files).await?;
+        if stored.is_ok() {
+            stored = storage.make_durable(&files).await;
+        }
+        let folders = match stored {
+            Ok(folders) => folders,
+            Err(e) => {
+                // Queries would see these events twice, in the files and
+                // in the log, until the sink recovers: take them back.
+                for path in &files[..put] {
+                    if let Err(gone) = storage.store().delete(path).await {
+                        tracing::warn!(stream = %stream, file = %path, error = %gone, "could not delete a file of a failed flush; recovery will");
+                    }
+                }
+                return Err(e);
+            }
+        };
         log.commit(SINK_CONSUMER, &stream, &ends).await?;
         tracing::debug!(stream = %stream, files = files.len(), bytes = rows_bytes, folders_synced = folders, "flushed parquet");
         Ok(())
@@ -526,23 +556,27 @@ pub(crate) fn encode_parquet(
                 .set_column_encoding(column, Encoding::DELTA_BINARY_PACKED);
         }
     }
-    let props = props.build();
-    let row_group_rows = props.max_row_group_row_count().unwrap_or(usize::MAX);
-    write_row_groups(schema, &batch, props, row_group_rows)
+    write_row_groups(schema, &batch, props.build())
 }
 
-/// Writes `batch` as row groups of at most `row_group_rows` rows, encoding
-/// the columns of each row group at once, one column per thread up to the
-/// machine's cores. The same file `ArrowWriter` writes (its Arrow schema in
-/// the key-value metadata included), which encodes one column after
-/// another: a flush of the simulator's telemetry spends most of its time
-/// there (docs/benchmarks.md, "The Parquet sink encodes columns at once").
+/// Writes `batch` as row groups of at most the properties' row count,
+/// encoding the columns of each row group at once, one column per thread
+/// up to the machine's cores. The same file `ArrowWriter` writes (its
+/// Arrow schema in the key-value metadata included), which encodes one
+/// column after another; encoding is most of a flush's work
+/// (docs/benchmarks.md, "The Parquet sink falls behind less"). Row groups
+/// are split by rows only: a limit in bytes is not supported.
 fn write_row_groups(
     schema: &SchemaRef,
     batch: &RecordBatch,
     props: WriterProperties,
-    row_group_rows: usize,
 ) -> Result<Bytes> {
+    if props.max_row_group_bytes().is_some() {
+        return Err(Error::Internal(
+            "Parquet row groups are split by rows only, not by bytes".into(),
+        ));
+    }
+    let row_group_rows = props.max_row_group_row_count().unwrap_or(usize::MAX);
     let writer = ArrowWriter::try_new(Vec::new(), schema.clone(), Some(props))?;
     let (mut file, columns) = writer.into_serialized_writer()?;
     let rows = batch.num_rows();
@@ -620,8 +654,14 @@ fn encode_columns(
 mod tests {
     use super::*;
     use arrow::array::{Float64Array, StringArray};
+    use futures::stream::BoxStream;
+    use object_store::{
+        CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore,
+        PutMultipartOptions, PutOptions, PutPayload, PutResult,
+    };
     use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
     use std::sync::Arc;
+    use std::sync::atomic::AtomicBool;
     use tributary_engine::event::{ColumnDef, ColumnType};
     use tributary_engine::log::{EmbeddedLog, LogOptions};
 
@@ -659,10 +699,7 @@ mod tests {
     #[tokio::test]
     async fn a_failed_flush_is_written_again_and_every_event_lands_once() {
         let dir = tempfile::tempdir().unwrap();
-        let log: SharedEventStream =
-            Arc::new(EmbeddedLog::open(dir.path().join("log"), LogOptions::default()).unwrap());
-        log.create_stream(&def()).await.unwrap();
-        let storage = Storage::local(dir.path().join("storage")).unwrap();
+        let (log, storage) = log_and_storage(dir.path()).await;
         // A file where the second hour's folder goes: its puts fail.
         let blocker = dir.path().join("storage/telemetry/date=1970-01-01/hour=01");
         std::fs::create_dir_all(blocker.parent().unwrap()).unwrap();
@@ -700,21 +737,36 @@ mod tests {
         );
         sinks.start(&def()).unwrap();
         let mut sent: Vec<i64> = Vec::new();
-        // Hour 00, ten events at a time: a flush each.
+        // Hour 00, ten events at a time: a flush each, or a few together.
         for i in 0..5 {
             let ts: Vec<i64> = (0..10).map(|j| 1_000 + i * 10 + j).collect();
             sent.extend(&ts);
             log.append("telemetry", "a", batch("a", &ts)).await.unwrap();
         }
         settles("hour 00", 0).await;
-        // Hour 01 cannot be written.
+        let hour_00_files = storage
+            .snapshot(log.as_ref(), "telemetry")
+            .await
+            .unwrap()
+            .files
+            .len();
+        // Hour 01 cannot be written; these flushes put their hour 00 file
+        // first, then fail.
         for i in 0..3 {
-            let ts: Vec<i64> = (0..10).map(|j| 3_601_000 + i * 10 + j).collect();
+            let ts: Vec<i64> = (0..10)
+                .map(|j| if j < 5 { 100_000 } else { 3_601_000 } + i * 10 + j)
+                .collect();
             sent.extend(&ts);
             log.append("telemetry", "a", batch("a", &ts)).await.unwrap();
         }
         tokio::time::sleep(Duration::from_millis(700)).await;
         assert_eq!(parquet_lag(), Some(30));
+        // A query sees each event once: the failed flushes' files are gone.
+        let seen = storage.snapshot(log.as_ref(), "telemetry").await.unwrap();
+        assert_eq!(seen.files.len(), hour_00_files, "{:?}", seen.files);
+        let rows: usize = seen.files.iter().map(|f| read_rows(f)).sum::<usize>()
+            + seen.tail.iter().map(|b| b.num_rows()).sum::<usize>();
+        assert_eq!(rows, sent.len());
         std::fs::remove_file(&blocker).unwrap();
         settles("hour 01", 0).await;
         sinks.shutdown().await;
@@ -730,7 +782,10 @@ mod tests {
                 .filter(|f| f.to_string_lossy().contains(h))
                 .count()
         };
-        assert!(hour("hour=00") >= 1 && hour("hour=01") >= 1, "{files:?}");
+        assert!(
+            hour("hour=00") > hour_00_files && hour("hour=01") >= 1,
+            "{files:?}"
+        );
         let mut stored: Vec<i64> = Vec::new();
         for f in &files {
             let file = std::fs::File::open(f).unwrap();
@@ -750,7 +805,203 @@ mod tests {
             }
         }
         stored.sort_unstable();
+        sent.sort_unstable();
         assert_eq!(stored, sent);
+    }
+
+    /// A flush writes only once the one before it has committed, while the
+    /// next buffer fills. The first flush's put is held while the second
+    /// flush is ready; then the first fails. The second must not commit
+    /// past it: after the retry, every event lands once.
+    #[tokio::test]
+    async fn a_flush_writes_only_after_the_one_before_has_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, storage) = log_and_storage(dir.path()).await;
+        let held = Arc::new(HeldPuts {
+            inner: Mutex::new(None),
+            permits: tokio::sync::Semaphore::new(0),
+            begun: AtomicUsize::new(0),
+            fail_next: AtomicBool::new(false),
+        });
+        let storage = storage.wrapped(|inner| {
+            *held.inner.lock().unwrap() = Some(inner);
+            held.clone()
+        });
+        let parquet_lag = || {
+            log.lag("telemetry")
+                .unwrap()
+                .into_iter()
+                .find(|l| l.consumer == SINK_CONSUMER)
+                .map(|l| l.events)
+        };
+        let sinks = ParquetSinks::new(
+            storage.clone(),
+            log.clone(),
+            SinkOptions {
+                flush_rows: 10,
+                flush_interval: Duration::from_secs(3600),
+                ..SinkOptions::default()
+            },
+        );
+        sinks.start(&def()).unwrap();
+        let mut sent: Vec<i64> = (0..10).map(|j| 1_000 + j).collect();
+        log.append("telemetry", "a", batch("a", &sent))
+            .await
+            .unwrap();
+        until("the first put", || held.begun() == 1).await;
+        let ts: Vec<i64> = (0..10).map(|j| 2_000 + j).collect();
+        sent.extend(&ts);
+        log.append("telemetry", "a", batch("a", &ts)).await.unwrap();
+        // Time for the sink to read the second buffer and make it a flush.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(
+            held.begun(),
+            1,
+            "the second flush put before the first committed"
+        );
+        assert_eq!(parquet_lag(), Some(20));
+        held.fail_next.store(true, Ordering::SeqCst);
+        held.release(1_000);
+        until("every event stored", || parquet_lag() == Some(0)).await;
+        sinks.shutdown().await;
+
+        let mut stored: Vec<i64> = Vec::new();
+        for f in storage
+            .snapshot(log.as_ref(), "telemetry")
+            .await
+            .unwrap()
+            .files
+        {
+            let rows = read_back(std::fs::read(f).unwrap().into(), &def().schema());
+            let ts = rows
+                .column_by_name(TS)
+                .unwrap()
+                .as_any()
+                .downcast_ref::<TimestampMillisecondArray>()
+                .unwrap();
+            stored.extend(ts.values().iter());
+        }
+        stored.sort_unstable();
+        assert_eq!(stored, sent);
+    }
+
+    /// Waits until `done`, failing after 20 s with `what`.
+    async fn until(what: &str, done: impl Fn() -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !done() {
+            assert!(std::time::Instant::now() < deadline, "{what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// An object store whose puts each wait for a permit
+    /// ([`release`](HeldPuts::release)) and can be made to fail;
+    /// everything else goes straight to the store it wraps.
+    #[derive(Debug)]
+    struct HeldPuts {
+        inner: Mutex<Option<Arc<dyn ObjectStore>>>,
+        permits: tokio::sync::Semaphore,
+        begun: AtomicUsize,
+        /// The next put to get its permit fails.
+        fail_next: AtomicBool,
+    }
+
+    impl HeldPuts {
+        fn store(&self) -> Arc<dyn ObjectStore> {
+            self.inner.lock().unwrap().clone().expect("a wrapped store")
+        }
+        fn begun(&self) -> usize {
+            self.begun.load(Ordering::SeqCst)
+        }
+        fn release(&self, puts: usize) {
+            self.permits.add_permits(puts);
+        }
+    }
+
+    impl std::fmt::Display for HeldPuts {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "HeldPuts")
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl ObjectStore for HeldPuts {
+        async fn put_opts(
+            &self,
+            location: &ObjectPath,
+            payload: PutPayload,
+            opts: PutOptions,
+        ) -> object_store::Result<PutResult> {
+            self.begun.fetch_add(1, Ordering::SeqCst);
+            self.permits.acquire().await.expect("never closed").forget();
+            if self.fail_next.swap(false, Ordering::SeqCst) {
+                return Err(object_store::Error::Generic {
+                    store: "HeldPuts",
+                    source: "the put was made to fail".into(),
+                });
+            }
+            self.store().put_opts(location, payload, opts).await
+        }
+        async fn put_multipart_opts(
+            &self,
+            location: &ObjectPath,
+            opts: PutMultipartOptions,
+        ) -> object_store::Result<Box<dyn MultipartUpload>> {
+            self.store().put_multipart_opts(location, opts).await
+        }
+        async fn get_opts(
+            &self,
+            location: &ObjectPath,
+            options: GetOptions,
+        ) -> object_store::Result<GetResult> {
+            self.store().get_opts(location, options).await
+        }
+        fn delete_stream(
+            &self,
+            locations: BoxStream<'static, object_store::Result<ObjectPath>>,
+        ) -> BoxStream<'static, object_store::Result<ObjectPath>> {
+            self.store().delete_stream(locations)
+        }
+        fn list(
+            &self,
+            prefix: Option<&ObjectPath>,
+        ) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+            self.store().list(prefix)
+        }
+        async fn list_with_delimiter(
+            &self,
+            prefix: Option<&ObjectPath>,
+        ) -> object_store::Result<ListResult> {
+            self.store().list_with_delimiter(prefix).await
+        }
+        async fn copy_opts(
+            &self,
+            from: &ObjectPath,
+            to: &ObjectPath,
+            options: CopyOptions,
+        ) -> object_store::Result<()> {
+            self.store().copy_opts(from, to, options).await
+        }
+    }
+
+    /// A Parquet file's rows, read by parquet's own reader, as one batch.
+    fn read_back(file: Bytes, schema: &SchemaRef) -> RecordBatch {
+        let read: Vec<RecordBatch> = ParquetRecordBatchReaderBuilder::try_new(file)
+            .unwrap()
+            .build()
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        concat_batches(schema, &read).unwrap()
+    }
+
+    /// A log under `dir` with the `telemetry` stream, and the Parquet
+    /// storage beside it.
+    async fn log_and_storage(dir: &std::path::Path) -> (SharedEventStream, Storage) {
+        let log: SharedEventStream =
+            Arc::new(EmbeddedLog::open(dir.join("log"), LogOptions::default()).unwrap());
+        log.create_stream(&def()).await.unwrap();
+        (log, Storage::local(dir.join("storage")).unwrap())
     }
 
     fn read_rows(path: &std::path::Path) -> usize {
@@ -833,13 +1084,7 @@ mod tests {
             assert!(e.contains(&Encoding::RLE_DICTIONARY), "{name}: {e:?}");
         }
 
-        let read: Vec<RecordBatch> = ParquetRecordBatchReaderBuilder::try_new(bytes)
-            .unwrap()
-            .build()
-            .unwrap()
-            .map(Result::unwrap)
-            .collect();
-        assert_eq!(concat_batches(&def.schema(), &read).unwrap(), batch);
+        assert_eq!(read_back(bytes, &def.schema()), batch);
     }
 
     /// Columns encoded at once make the very file `ArrowWriter` makes one
@@ -871,7 +1116,7 @@ mod tests {
                     .set_max_row_group_row_count(Some(row_group_rows))
                     .build()
             };
-            let ours = write_row_groups(&def().schema(), &batch, props(), row_group_rows).unwrap();
+            let ours = write_row_groups(&def().schema(), &batch, props()).unwrap();
             let mut one_by_one =
                 ArrowWriter::try_new(Vec::new(), def().schema(), Some(props())).unwrap();
             one_by_one.write(&batch).unwrap();
@@ -881,13 +1126,7 @@ mod tests {
             let reader = SerializedFileReader::new(ours.clone()).unwrap();
             let groups = reader.metadata().num_row_groups();
             assert_eq!(groups, (n as usize).div_ceil(row_group_rows));
-            let read: Vec<RecordBatch> = ParquetRecordBatchReaderBuilder::try_new(ours)
-                .unwrap()
-                .build()
-                .unwrap()
-                .map(Result::unwrap)
-                .collect();
-            assert_eq!(concat_batches(&def().schema(), &read).unwrap(), batch);
+            assert_eq!(read_back(ours, &def().schema()), batch);
         }
     }
 
@@ -903,10 +1142,7 @@ mod tests {
     #[tokio::test]
     async fn sink_writes_files_commits_and_snapshots_see_each_event_once() {
         let dir = tempfile::tempdir().unwrap();
-        let log: SharedEventStream =
-            Arc::new(EmbeddedLog::open(dir.path().join("log"), LogOptions::default()).unwrap());
-        log.create_stream(&def()).await.unwrap();
-        let storage = Storage::local(dir.path().join("storage")).unwrap();
+        let (log, storage) = log_and_storage(dir.path()).await;
         log.append("telemetry", "a", batch("a", &[1_000, 3_601_000]))
             .await
             .unwrap();
@@ -983,10 +1219,7 @@ mod tests {
     async fn after_a_crash_a_complete_flush_is_committed_and_a_partial_one_deleted() {
         for (files, kept) in [(1, true), (2, false)] {
             let dir = tempfile::tempdir().unwrap();
-            let log: SharedEventStream =
-                Arc::new(EmbeddedLog::open(dir.path().join("log"), LogOptions::default()).unwrap());
-            log.create_stream(&def()).await.unwrap();
-            let storage = Storage::local(dir.path().join("storage")).unwrap();
+            let (log, storage) = log_and_storage(dir.path()).await;
             let receipt = log
                 .append("telemetry", "a", batch("a", &[1, 2, 3]))
                 .await

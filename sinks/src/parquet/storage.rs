@@ -102,6 +102,17 @@ impl Storage {
         &self.store
     }
 
+    /// The same storage through a store that wraps this one's (tests that
+    /// hold or fail its calls).
+    #[cfg(test)]
+    pub(crate) fn wrapped(
+        mut self,
+        wrap: impl FnOnce(Arc<dyn ObjectStore>) -> Arc<dyn ObjectStore>,
+    ) -> Self {
+        self.store = wrap(self.store);
+        self
+    }
+
     /// Makes files just put durable, with the folders that name them, and
     /// returns how many folders it fsynced. The object store writes a file
     /// and renames it into place but fsyncs neither, so until this returns
