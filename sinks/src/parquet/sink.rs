@@ -704,38 +704,9 @@ mod tests {
         let blocker = dir.path().join("storage/telemetry/date=1970-01-01/hour=01");
         std::fs::create_dir_all(blocker.parent().unwrap()).unwrap();
         std::fs::write(&blocker, b"not a folder").unwrap();
-        let parquet_lag = || {
-            log.lag("telemetry")
-                .unwrap()
-                .into_iter()
-                .find(|l| l.consumer == SINK_CONSUMER)
-                .map(|l| l.events)
-        };
-        let settles = |what: &'static str, events: u64| {
-            let parquet_lag = &parquet_lag;
-            async move {
-                let deadline = std::time::Instant::now() + Duration::from_secs(20);
-                while parquet_lag() != Some(events) {
-                    assert!(
-                        std::time::Instant::now() < deadline,
-                        "{what}: lag {:?}",
-                        parquet_lag()
-                    );
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-            }
-        };
+        let parquet_lag = || parquet_lag(&log);
 
-        let sinks = ParquetSinks::new(
-            storage.clone(),
-            log.clone(),
-            SinkOptions {
-                flush_rows: 10,
-                flush_interval: Duration::from_secs(3600),
-                ..SinkOptions::default()
-            },
-        );
-        sinks.start(&def()).unwrap();
+        let sinks = flushing_every_ten(&storage, &log);
         let mut sent: Vec<i64> = Vec::new();
         // Hour 00, ten events at a time: a flush each, or a few together.
         for i in 0..5 {
@@ -743,7 +714,7 @@ mod tests {
             sent.extend(&ts);
             log.append("telemetry", "a", batch("a", &ts)).await.unwrap();
         }
-        settles("hour 00", 0).await;
+        until("hour 00 stored", || parquet_lag() == Some(0)).await;
         let hour_00_files = storage
             .snapshot(log.as_ref(), "telemetry")
             .await
@@ -768,14 +739,10 @@ mod tests {
             + seen.tail.iter().map(|b| b.num_rows()).sum::<usize>();
         assert_eq!(rows, sent.len());
         std::fs::remove_file(&blocker).unwrap();
-        settles("hour 01", 0).await;
+        until("hour 01 stored", || parquet_lag() == Some(0)).await;
         sinks.shutdown().await;
 
-        let files = storage
-            .snapshot(log.as_ref(), "telemetry")
-            .await
-            .unwrap()
-            .files;
+        let files = parquet_files(&storage, &log).await;
         let hour = |h: &str| {
             files
                 .iter()
@@ -786,27 +753,8 @@ mod tests {
             hour("hour=00") > hour_00_files && hour("hour=01") >= 1,
             "{files:?}"
         );
-        let mut stored: Vec<i64> = Vec::new();
-        for f in &files {
-            let file = std::fs::File::open(f).unwrap();
-            for b in ParquetRecordBatchReaderBuilder::try_new(file)
-                .unwrap()
-                .build()
-                .unwrap()
-            {
-                let b = b.unwrap();
-                let ts = b
-                    .column_by_name(TS)
-                    .unwrap()
-                    .as_any()
-                    .downcast_ref::<TimestampMillisecondArray>()
-                    .unwrap();
-                stored.extend(ts.values().iter());
-            }
-        }
-        stored.sort_unstable();
         sent.sort_unstable();
-        assert_eq!(stored, sent);
+        assert_eq!(stored_times(&files), sent);
     }
 
     /// A flush writes only once the one before it has committed, while the
@@ -827,23 +775,8 @@ mod tests {
             *held.inner.lock().unwrap() = Some(inner);
             held.clone()
         });
-        let parquet_lag = || {
-            log.lag("telemetry")
-                .unwrap()
-                .into_iter()
-                .find(|l| l.consumer == SINK_CONSUMER)
-                .map(|l| l.events)
-        };
-        let sinks = ParquetSinks::new(
-            storage.clone(),
-            log.clone(),
-            SinkOptions {
-                flush_rows: 10,
-                flush_interval: Duration::from_secs(3600),
-                ..SinkOptions::default()
-            },
-        );
-        sinks.start(&def()).unwrap();
+        let parquet_lag = || parquet_lag(&log);
+        let sinks = flushing_every_ten(&storage, &log);
         let mut sent: Vec<i64> = (0..10).map(|j| 1_000 + j).collect();
         log.append("telemetry", "a", batch("a", &sent))
             .await
@@ -865,13 +798,47 @@ mod tests {
         until("every event stored", || parquet_lag() == Some(0)).await;
         sinks.shutdown().await;
 
-        let mut stored: Vec<i64> = Vec::new();
-        for f in storage
+        let files = parquet_files(&storage, &log).await;
+        assert_eq!(stored_times(&files), sent);
+    }
+
+    /// The Parquet sink's lag on `telemetry`.
+    fn parquet_lag(log: &SharedEventStream) -> Option<u64> {
+        log.lag("telemetry")
+            .unwrap()
+            .into_iter()
+            .find(|l| l.consumer == SINK_CONSUMER)
+            .map(|l| l.events)
+    }
+
+    /// A started sink for `telemetry` that flushes every ten events.
+    fn flushing_every_ten(storage: &Storage, log: &SharedEventStream) -> ParquetSinks {
+        let sinks = ParquetSinks::new(
+            storage.clone(),
+            log.clone(),
+            SinkOptions {
+                flush_rows: 10,
+                flush_interval: Duration::from_secs(3600),
+                ..SinkOptions::default()
+            },
+        );
+        sinks.start(&def()).unwrap();
+        sinks
+    }
+
+    /// The Parquet files of `telemetry`.
+    async fn parquet_files(storage: &Storage, log: &SharedEventStream) -> Vec<std::path::PathBuf> {
+        storage
             .snapshot(log.as_ref(), "telemetry")
             .await
             .unwrap()
             .files
-        {
+    }
+
+    /// Every event time in the files, read back by parquet's reader, sorted.
+    fn stored_times(files: &[std::path::PathBuf]) -> Vec<i64> {
+        let mut times = Vec::new();
+        for f in files {
             let rows = read_back(std::fs::read(f).unwrap().into(), &def().schema());
             let ts = rows
                 .column_by_name(TS)
@@ -879,10 +846,10 @@ mod tests {
                 .as_any()
                 .downcast_ref::<TimestampMillisecondArray>()
                 .unwrap();
-            stored.extend(ts.values().iter());
+            times.extend(ts.values().iter());
         }
-        stored.sort_unstable();
-        assert_eq!(stored, sent);
+        times.sort_unstable();
+        times
     }
 
     /// Waits until `done`, failing after 20 s with `what`.
