@@ -671,8 +671,8 @@ fn parquet_behind(row: &Value) -> String {
     format!("{behind}, {after}")
 }
 
-/// The longest an ingest run waits for the Parquet sink to store the
-/// events of the run before it.
+/// The longest the bench waits, after an ingest run, for the Parquet sink
+/// to store that run's events before the next run starts.
 const STORED_WITHIN: Duration = Duration::from_secs(120);
 
 /// The Parquet sink's lag on the simulator's stream, from `/metrics`

@@ -190,7 +190,6 @@ impl Worker {
     async fn run(mut self, mut stop: watch::Receiver<bool>) {
         const FIRST_PAUSE: Duration = Duration::from_millis(200);
         let mut backoff = FIRST_PAUSE;
-        let mut failed_at: Option<Instant> = None;
         loop {
             let started = Instant::now();
             match self.run_until_error(&mut stop).await {
@@ -202,10 +201,9 @@ impl Worker {
                     }
                     // A sink that ran for a minute since its last failure
                     // starts over with short pauses.
-                    if failed_at.is_some_and(|_| started.elapsed() >= Duration::from_secs(60)) {
+                    if started.elapsed() >= Duration::from_secs(60) {
                         backoff = FIRST_PAUSE;
                     }
-                    failed_at = Some(Instant::now());
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
                         _ = stop.changed() => {}
@@ -424,10 +422,8 @@ impl Flush {
 
 /// Waits for the flush in flight, if any, and takes it.
 async fn settle(in_flight: &mut Option<JoinHandle<Result<()>>>) -> Result<()> {
-    match in_flight.take() {
-        Some(flush) => flush
-            .await
-            .map_err(|e| Error::Internal(format!("parquet flush task failed: {e}")))?,
+    match in_flight {
+        Some(_) => finished(in_flight).await,
         None => Ok(()),
     }
 }
